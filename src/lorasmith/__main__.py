@@ -1,0 +1,5 @@
+import sys
+
+from lorasmith.cli import main
+
+sys.exit(main())

@@ -1,0 +1,434 @@
+"""Typed run configuration: YAML file + dotted ``key=value`` overrides, checked before any model loads.
+
+Every field has a type, a default and the docstring under it; ``lorasmith config`` prints them all.
+Unknown keys fail with the nearest valid name; contradictions fail in ``__post_init__``.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import itertools
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from lorasmith.errors import ConfigError
+
+DEMO = "demo"
+"""Value of ``data.train`` that selects the built-in, generated field-extraction demo data."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "smollm2-135m-instruct"
+    """Base model: a Hugging Face id, a local folder, a .gguf file, or the built-in alias smollm2-135m-instruct."""
+    gguf_file: str | None = None
+    """GGUF file name inside `name` when `name` is a folder or hub repo holding GGUF files."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) to load."""
+    trust_remote_code: bool = False
+    """Run model code shipped with a hub repo. Off unless you trust that repo."""
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+    """Attention kernel; auto picks flash_attention_2 on a supported GPU when installed, else sdpa."""
+    chat_template: str | None = None
+    """Path to a Jinja chat template that replaces the tokenizer's own."""
+
+
+@dataclass
+class DataConfig:
+    train: str = DEMO
+    """Training conversations: an OpenAI-messages JSONL file, or `demo` for the built-in generated task."""
+    val: str | None = None
+    """Validation conversations (JSONL). Leave empty to split `val_fraction` off the training file."""
+    val_fraction: float = 0.0
+    """Fraction of the training records held out for validation when `val` is not given."""
+    split_seed: int = 0
+    """Seed of the train/validation split."""
+    max_length: int = 1024
+    """Longest tokenized conversation; longer ones are truncated (the start is kept)."""
+    train_on: Literal["assistant", "last_assistant", "all"] = "assistant"
+    """Which messages carry loss: every assistant turn, only the last one, or every message."""
+    skip_bad_records: bool = False
+    """Skip (and count) invalid records instead of stopping on the first file with errors."""
+
+    def __post_init__(self):
+        if self.val and self.val_fraction:
+            raise ConfigError(
+                "data.val and data.val_fraction are both set",
+                hint="give a validation file or a fraction to split off, not both",
+            )
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.max_length < 16:
+            raise ConfigError(f"data.max_length must be at least 16, got {self.max_length}")
+
+
+@dataclass
+class LoraConfig:
+    r: int = 16
+    """LoRA rank."""
+    alpha: float = 32.0
+    """LoRA scaling numerator: updates are scaled by alpha / r (alpha / sqrt(r) with rslora)."""
+    dropout: float = 0.0
+    """Dropout on the LoRA input. Off by default: on CPU its random masks cost 20% of a training step."""
+    target_modules: list[str] | str = "all-linear"
+    """Module names to adapt, or `all-linear` (every linear layer except the LM head)."""
+    use_dora: bool = False
+    """Weight-decomposed LoRA (DoRA)."""
+    use_rslora: bool = False
+    """Rank-stabilised scaling alpha / sqrt(r)."""
+
+    def __post_init__(self):
+        if self.r < 1:
+            raise ConfigError(f"lora.r must be >= 1, got {self.r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+        if isinstance(self.target_modules, list) and not self.target_modules:
+            raise ConfigError("lora.target_modules is empty", hint="use all-linear or name modules, e.g. [q_proj, v_proj]")
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = 1.0
+    """Passes over the training data (fractions allowed). Ignored when max_steps > 0."""
+    max_steps: int = 0
+    """Optimizer steps to run; 0 means derive from epochs."""
+    micro_batch_size: int = 8
+    """Conversations per forward/backward pass."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step (effective batch = micro_batch_size x grad_accum)."""
+    lr: float = 2e-4
+    """Peak learning rate of AdamW."""
+    weight_decay: float = 0.0
+    """AdamW weight decay on the LoRA weights."""
+    warmup_ratio: float = 0.05
+    """Fraction of the steps spent warming the learning rate up linearly from 0."""
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    """Learning-rate decay after warmup."""
+    group_by_length: bool = True
+    """Batch conversations of similar length together (less padding); batch order stays shuffled."""
+    max_grad_norm: float = 1.0
+    """Clip the gradient norm to this value (0 disables clipping); the pre-clip norm is logged."""
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """Compute precision: auto = bf16 where the CPU/GPU supports it, else fp32."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, about a third more compute."""
+    seed: int = 42
+    """Seed of LoRA initialisation, dropout and data order."""
+    log_every: int = 1
+    """Write a metrics line every N optimizer steps."""
+    eval_every: int = 0
+    """Validation loss every N steps (0: only before and after training)."""
+    save_every: int = 0
+    """Checkpoint every N steps (0: only at the end)."""
+    keep_checkpoints: int = 2
+    """How many of the newest checkpoints to keep."""
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    """A NaN/inf loss or gradient norm: stop (keep the last good checkpoint) or skip that update."""
+    max_skipped_steps: int = 5
+    """With on_nonfinite=skip, stop after this many non-finite steps in a row."""
+
+    def __post_init__(self):
+        if self.max_steps < 0:
+            raise ConfigError(f"train.max_steps must be >= 0, got {self.max_steps}")
+        if self.max_steps == 0 and self.epochs <= 0:
+            raise ConfigError("train.epochs must be > 0 when train.max_steps is 0")
+        for key in ("micro_batch_size", "grad_accum", "log_every", "keep_checkpoints", "max_skipped_steps"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"train.{key} must be >= 1, got {getattr(self, key)}")
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr must be > 0, got {self.lr}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.max_grad_norm < 0:
+            raise ConfigError(f"train.max_grad_norm must be >= 0, got {self.max_grad_norm}")
+
+
+@dataclass
+class EvalConfig:
+    exact_match: int = 0
+    """Greedy-generate the last assistant turn of the first N validation conversations and score exact
+    match, before and after training (0: off, -1: all)."""
+    samples: int = 3
+    """Validation conversations whose answers are shown and saved before and after training."""
+    max_new_tokens: int = 128
+    """Longest generated answer."""
+    batch_size: int = 16
+    """Conversations generated at once."""
+    max_batches: int = 0
+    """Validation-loss batches to evaluate (0: the whole validation set)."""
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "runs"
+    """Folder that holds the run folders."""
+    name: str | None = None
+    """Run folder name; default: the config file's stem plus a timestamp."""
+    overwrite: bool = False
+    """Replace an existing run folder of the same name."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The base model."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Training and validation data."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """The adapter."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """The optimisation."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Evaluation before and after training."""
+    output: OutputConfig = field(default_factory=OutputConfig)
+    """Where the run is written."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --- field docs --------------------------------------------------------------------------------
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring written under each field of dataclass ``cls``."""
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body
+    docs: dict[str, str] = {}
+    for node, nxt in itertools.pairwise(body):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "|".join(str(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        name = " or ".join(_type_name(a) for a in args)
+        return f"{name} (optional)" if type(None) in typing.get_args(tp) else name
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def describe(cls: type = Config) -> str:
+    """Every key with its type, default and doc, as ``lorasmith config`` prints it."""
+    lines: list[str] = []
+    default = cls()
+    for section in dataclasses.fields(cls):
+        sub = type(getattr(default, section.name))
+        lines.append(f"{section.name}:  # {field_docs(cls).get(section.name, '')}")
+        docs = field_docs(sub)
+        sub_hints = typing.get_type_hints(sub)
+        for f in dataclasses.fields(sub):
+            value = getattr(getattr(default, section.name), f.name)
+            shown = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+            lines.append(f"  {f.name}: {shown}  # ({_type_name(sub_hints[f.name])}) {docs.get(f.name, '')}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+# --- loading and overrides ---------------------------------------------------------------------
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; convert the few things YAML gets wrong."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(e)
+        raise ConfigError(f"config key {key}: {value!r} is not a {_type_name(tp)}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            near = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+            hint = f"did you mean {near[0]!r}?" if near else None
+            raise ConfigError(f"config key {key}: {value!r} is not one of {', '.join(map(str, choices))}", hint=hint)
+        return value
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"config key {key}: expected a list, got {value!r}")
+        return [_coerce(v, item, key) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key {key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"config key {key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # PyYAML reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"config key {key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"config key {key}: expected a string, got {value!r}")
+    return value
+
+
+def _set(tree: dict[str, dict[str, Any]], dotted: str, value: Any, where: str) -> None:
+    sections = {f.name: f for f in dataclasses.fields(Config)}
+    parts = dotted.split(".")
+    if len(parts) != 2 or parts[0] not in sections:
+        _unknown(dotted, where)
+    section, key = parts
+    sub = typing.get_type_hints(Config)[section]
+    if key not in {f.name for f in dataclasses.fields(sub)}:
+        _unknown(dotted, where)
+    tree.setdefault(section, {})[key] = value
+
+
+def all_keys() -> list[str]:
+    hints = typing.get_type_hints(Config)
+    return [f"{s.name}.{f.name}" for s in dataclasses.fields(Config) for f in dataclasses.fields(hints[s.name])]
+
+
+# Names other fine-tuning tools use for our keys (HF TrainingArguments, peft, Axolotl, TRL).
+_ALIASES = {
+    "learning_rate": "train.lr",
+    "num_train_epochs": "train.epochs",
+    "num_epochs": "train.epochs",
+    "batch_size": "train.micro_batch_size",
+    "per_device_train_batch_size": "train.micro_batch_size",
+    "gradient_accumulation_steps": "train.grad_accum",
+    "warmup": "train.warmup_ratio",
+    "lr_scheduler": "train.scheduler",
+    "lr_scheduler_type": "train.scheduler",
+    "clip": "train.max_grad_norm",
+    "rank": "lora.r",
+    "lora_r": "lora.r",
+    "lora_alpha": "lora.alpha",
+    "lora_dropout": "lora.dropout",
+    "max_seq_length": "data.max_length",
+    "sequence_len": "data.max_length",
+    "output_dir": "output.dir",
+    "base_model": "model.name",
+}
+
+
+def _unknown(dotted: str, where: str) -> None:
+    last = dotted.split(".")[-1]
+    # A right name under the wrong section (`lr` for `train.lr`), then other tools' names, then spelling.
+    near = [k for k in all_keys() if k.endswith("." + last)][:1]
+    near = near or ([_ALIASES[last]] if last in _ALIASES else [])
+    near = near or difflib.get_close_matches(dotted, all_keys(), n=1, cutoff=0.5)
+    raise ConfigError(
+        f"unknown config key {dotted!r} ({where})",
+        hint=(f"did you mean {near[0]!r}? " if near else "") + "`lorasmith config` lists every key",
+    )
+
+
+def _flatten(raw: Any, where: str) -> dict[str, Any]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: the top level must be a mapping of sections (model:, data:, ...)")
+    flat: dict[str, Any] = {}
+    for section, body in raw.items():
+        if isinstance(body, dict):
+            for key, value in body.items():
+                flat[f"{section}.{key}"] = value
+        else:
+            flat[str(section)] = body
+    return flat
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not key=value", hint="e.g. train.lr=1e-4 lora.r=8")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read ``path`` (YAML), apply ``key=value`` overrides, check every key and value."""
+    tree: dict[str, dict[str, Any]] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(
+                f"config file not found: {path}", hint="check the path, or run `lorasmith train` alone for the demo"
+            )
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            loc = f"{path}:{mark.line + 1}" if mark else str(path)
+            raise ConfigError(f"{loc}: invalid YAML ({getattr(e, 'problem', e)})") from None
+        for dotted, value in _flatten(raw, str(path)).items():
+            _set(tree, dotted, value, str(path))
+    for text in overrides:
+        dotted, value = parse_override(text)
+        _set(tree, dotted, value, "command line")
+    return build(tree)
+
+
+def build(tree: dict[str, dict[str, Any]]) -> Config:
+    hints = typing.get_type_hints(Config)
+    sections = {}
+    for name, cls in hints.items():
+        sub_hints = typing.get_type_hints(cls)
+        values = {k: _coerce(v, sub_hints[k], f"{name}.{k}") for k, v in tree.get(name, {}).items()}
+        sections[name] = cls(**values)
+    cfg = Config(**sections)
+    _check_across_sections(cfg)
+    return cfg
+
+
+def _check_across_sections(cfg: Config) -> None:
+    if cfg.eval.exact_match and not (cfg.data.val or cfg.data.val_fraction or cfg.data.train == DEMO):
+        raise ConfigError(
+            "eval.exact_match needs validation data",
+            hint="set data.val to a file or data.val_fraction to e.g. 0.1",
+        )
+
+
+def builtin_recipe(name: str) -> Path:
+    """A config shipped inside the package (``recipes/NAME.yaml``)."""
+    return Path(__file__).parent / "recipes" / f"{name}.yaml"
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True)

@@ -1,0 +1,54 @@
+"""Batched greedy generation of the next assistant turn."""
+
+from __future__ import annotations
+
+import torch
+
+from lorasmith.data.masking import render
+from lorasmith.models.hardware import Precision
+
+
+def prompt_and_reference(messages: list[dict]) -> tuple[list[dict], str]:
+    """Split a conversation before its last assistant turn: (history to prompt with, reference answer)."""
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    return messages[:last], messages[last]["content"]
+
+
+def stop_token_ids(tokenizer, model) -> list[int]:
+    ids = {tokenizer.eos_token_id}
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
+    return sorted(i for i in ids if i is not None)
+
+
+@torch.no_grad()
+def generate(
+    model, tokenizer, histories: list[list[dict]], *, precision: Precision, max_new_tokens: int = 128, batch_size: int = 16
+) -> list[str]:
+    """Greedy answers, one per history, decoded without special tokens."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # generation appends on the right
+    answers: list[str] = []
+    eos = stop_token_ids(tokenizer, model)
+    try:
+        for start in range(0, len(histories), batch_size):
+            prompts = [render(tokenizer, h, add_generation_prompt=True) for h in histories[start : start + batch_size]]
+            enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            with precision.autocast():
+                out = model.generate(
+                    **enc,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    eos_token_id=eos,
+                    pad_token_id=tokenizer.pad_token_id,
+                    use_cache=True,
+                )
+            new = out[:, enc["input_ids"].shape[1] :]
+            answers += [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+    return answers

@@ -1,0 +1,58 @@
+"""Validation loss, perplexity, token accuracy and generation exact match."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from lorasmith.data.batching import collate
+from lorasmith.data.dataset import TokenizedSet
+from lorasmith.evaluation.generate import generate, prompt_and_reference
+from lorasmith.models.hardware import Precision
+from lorasmith.training.loss import weighted_loss
+
+
+@torch.no_grad()
+def validation_loss(
+    model, data: TokenizedSet, *, pad_id: int, precision: Precision, batch_size: int, max_batches: int = 0
+) -> dict:
+    """Token-weighted mean loss over the validation set (same normalisation as training)."""
+    if not data.encoded:
+        return {}
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    order = sorted(range(len(data.encoded)), key=lambda i: len(data.encoded[i].input_ids))  # less padding
+    loss = weight = correct = positions = 0.0
+    try:
+        for n, s in enumerate(range(0, len(order), batch_size)):
+            if max_batches and n >= max_batches:
+                break
+            batch = collate([data.encoded[i] for i in order[s : s + batch_size]], pad_id).to(device)
+            parts = weighted_loss(model, batch, precision)
+            loss += float(parts.loss_sum)
+            weight += parts.weight_sum
+            correct += parts.correct
+            positions += parts.positions
+    finally:
+        model.train(was_training)
+    mean = loss / weight
+    return {"loss": mean, "perplexity": math.exp(min(mean, 50.0)), "token_accuracy": correct / positions}
+
+
+def exact_match(
+    model, tokenizer, data: TokenizedSet, *, limit: int, precision: Precision, max_new_tokens: int, batch_size: int
+) -> dict:
+    """Greedy answer to the last user turn == the reference answer (whitespace-stripped)."""
+    convs = data.conversations if limit < 0 else data.conversations[:limit]
+    histories, refs = zip(*(prompt_and_reference(c.messages) for c in convs))
+    answers = generate(
+        model, tokenizer, list(histories), precision=precision, max_new_tokens=max_new_tokens, batch_size=batch_size
+    )
+    hits = [a.strip() == r.strip() for a, r in zip(answers, refs)]
+    return {
+        "exact_match": sum(hits) / len(hits),
+        "n": len(hits),
+        "answers": [{"id": c.id, "answer": a, "reference": r, "match": h} for c, a, r, h in zip(convs, answers, refs, hits)],
+    }

@@ -1,0 +1,93 @@
+"""`lorasmith chat`: talk to a base model, or a base model plus a trained adapter."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from lorasmith import config as config_mod
+from lorasmith.config import ModelConfig
+from lorasmith.errors import LorasmithError
+from lorasmith.evaluation.generate import stop_token_ids
+from lorasmith.models.hardware import choose_precision, default_device
+from lorasmith.models.loading import ensure_pad_token, load_model, load_tokenizer
+
+
+def base_model_of(adapter: Path) -> str:
+    """The base model an adapter was trained on: from its run's config, else from adapter_config.json."""
+    run_cfg = adapter.parent / "config.yaml"
+    if run_cfg.is_file():
+        return config_mod.load(run_cfg).model.name
+    meta = adapter / "adapter_config.json"
+    if not meta.is_file():
+        raise LorasmithError(f"{adapter} is not a PEFT adapter folder (no adapter_config.json)")
+    return json.loads(meta.read_text())["base_model_name_or_path"]
+
+
+def load_for_chat(model_name: str | None, adapter: str | None):
+    device = default_device()
+    adapter_dir = Path(adapter) if adapter else None
+    if adapter_dir is not None and not adapter_dir.is_dir():
+        raise LorasmithError(f"--adapter {adapter_dir}: no such folder")
+    mcfg = ModelConfig(name=model_name or (base_model_of(adapter_dir) if adapter_dir else ModelConfig.name))
+    tokenizer = load_tokenizer(mcfg)
+    if adapter_dir is not None and (adapter_dir / "tokenizer_config.json").is_file():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(adapter_dir)  # carries the chat template it was trained with
+        ensure_pad_token(tokenizer)
+    model = load_model(mcfg, device=device, attn_implementation="sdpa")
+    if adapter_dir is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter_dir)
+    model.eval()
+    return model, tokenizer, choose_precision("auto", device)
+
+
+@torch.no_grad()
+def reply(model, tokenizer, messages: list[dict], precision, max_new_tokens: int, stream: bool = False) -> str:
+    from transformers import TextStreamer
+
+    enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    enc = {k: v.to(next(model.parameters()).device) for k, v in enc.items()}
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
+    with precision.autocast():
+        out = model.generate(
+            **enc,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=stop_token_ids(tokenizer, model),
+            pad_token_id=tokenizer.pad_token_id,
+            streamer=streamer,
+        )
+    return tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+
+
+def run_chat(model_name: str | None, adapter: str | None, prompt: str | None, system: str | None, max_new_tokens: int) -> int:
+    model, tokenizer, precision = load_for_chat(model_name, adapter)
+    history: list[dict] = [{"role": "system", "content": system}] if system else []
+    if prompt is not None:
+        print(reply(model, tokenizer, [*history, {"role": "user", "content": prompt}], precision, max_new_tokens))
+        return 0
+    print("chat: type a message; /reset clears the history, /exit (or Ctrl-D) quits.", file=sys.stderr)
+    while True:
+        try:
+            text = input("you> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return 0
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            return 0
+        if text == "/reset":
+            history = history[:1] if system else []
+            continue
+        history.append({"role": "user", "content": text})
+        print("assistant> ", end="", flush=True)
+        answer = reply(model, tokenizer, history, precision, max_new_tokens, stream=True)
+        history.append({"role": "assistant", "content": answer})

@@ -1,0 +1,56 @@
+"""Weighted next-token loss computed only at trained positions.
+
+The LM head of a chat model is large (SmolLM2: 49,152 x 576); applying it to every position of
+a batch and masking afterwards spends most of that matmul, and a (batch x length x vocab) float
+tensor, on positions whose loss is thrown away. We run the decoder, gather the hidden states of
+the positions that carry weight, and apply the head to those alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from lorasmith.data.batching import Batch
+from lorasmith.models.hardware import Precision
+
+
+@dataclass
+class LossParts:
+    loss_sum: torch.Tensor
+    """Sum over trained positions of weight x cross-entropy (a graph node when training)."""
+    weight_sum: float
+    correct: int
+    """Trained positions whose argmax prediction is the target."""
+    positions: int
+
+
+def causal_lm(model):
+    """The ``*ForCausalLM`` inside a PEFT wrapper (LoRA layers are injected in place)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def weighted_loss(model, batch: Batch, precision: Precision) -> LossParts:
+    lm = causal_lm(model)
+    decoder = getattr(lm, lm.base_model_prefix)
+    head = lm.get_output_embeddings()
+    weights = batch.weights[:, 1:]
+    keep = weights > 0
+    targets = batch.input_ids[:, 1:][keep]
+    with precision.autocast():
+        hidden = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).last_hidden_state
+        logits = head(hidden[:, :-1][keep])
+    logits = logits.float()
+    cap = getattr(lm.config, "final_logit_softcapping", None)
+    if cap:  # Gemma-2 style soft-capping lives in the model's forward, which we bypass
+        logits = torch.tanh(logits / cap) * cap
+    ce = F.cross_entropy(logits, targets, reduction="none")
+    w = weights[keep]
+    return LossParts(
+        loss_sum=(ce * w).sum(),
+        weight_sum=float(w.sum()),
+        correct=int((logits.detach().argmax(-1) == targets).sum()),
+        positions=int(keep.sum()),
+    )

@@ -1,0 +1,480 @@
+"""The LoRA fine-tuning recipe: one readable workflow from config to adapter.
+
+Features: chat-template tokenization with exact assistant masks, dynamic padding with length
+grouping, LoRA/DoRA/rsLoRA through peft, bf16 autocast where the hardware has it, AdamW with
+warmup + cosine/linear decay, gradient accumulation with the loss normalised over the whole
+effective batch, gradient clipping, NaN/inf guard, atomic checkpoints, exact resume, clean stop on
+SIGINT/SIGTERM, validation loss, and generation before/after training.
+
+Why our own loop rather than HF Trainer: each optimizer step must be under our control, to
+skip a non-finite update, normalise the loss over the whole accumulated batch, apply the LM head
+to labelled positions only, and resume at the exact micro-batch. Trainer hides those inside
+``training_step``; the loop below is short enough to read in one sitting.
+
+Limits: one process (multi-GPU runs go through accelerate in a later release); no packing yet.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from lorasmith import atomic
+from lorasmith.config import DEMO, Config, to_yaml
+from lorasmith.data import demo
+from lorasmith.data.batching import collate, plan_epoch
+from lorasmith.data.dataset import TokenizedSet, read_split, tokenize
+from lorasmith.errors import LorasmithError, TrainingError
+from lorasmith.evaluation.generate import generate, prompt_and_reference
+from lorasmith.evaluation.metrics import exact_match, validation_loss
+from lorasmith.models.hardware import choose_attention, choose_precision, default_device
+from lorasmith.models.loading import load_model, load_tokenizer
+from lorasmith.training import checkpoint
+from lorasmith.training.checkpoint import TrainerState
+from lorasmith.training.loss import weighted_loss
+from lorasmith.training.run_folder import MetricsLog, find_resume_dir, new_run_dir, write_status
+
+log = logging.getLogger(__name__)
+
+
+def train(cfg: Config, *, config_path: str | None = None, resume: str | None = None, force_resume: bool = False) -> Path:
+    """Run the whole recipe; return the run folder."""
+    # 1. Hardware first: a precision the machine cannot run fails before anything is loaded.
+    device = default_device()
+    precision = choose_precision(cfg.train.precision, device)
+    attention = choose_attention(cfg.model.attn_implementation, device)
+    seed_everything(cfg.train.seed)
+
+    # 2. Tokenizer before data: masks and lengths depend on its chat template.
+    tokenizer = load_tokenizer(cfg.model)
+
+    # 3. Data: read, validate, split, tokenize. Errors here leave no run folder behind.
+    split = read_split(cfg.data)
+    train_set = tokenize(tokenizer, split.train, cfg.data)
+    val_set = tokenize(tokenizer, split.val, cfg.data) if split.val else TokenizedSet([], [])
+    log.info(
+        "data: %d train conversations (%d tokens, %d trained), %d validation",
+        len(train_set.encoded),
+        train_set.num_tokens,
+        train_set.num_trained_tokens,
+        len(val_set.encoded),
+    )
+    fingerprint = run_fingerprint(cfg)
+
+    # 4. Run folder, decided before the model loads so every later failure is recorded in it.
+    if resume:
+        run_dir = find_resume_dir(cfg, config_path, resume)
+        ckpt = Path(resume) if (Path(resume) / "trainer_state.json").is_file() else checkpoint.latest(run_dir)
+        if ckpt is None:
+            raise LorasmithError(f"--resume: {run_dir} has no complete checkpoint", hint="start a new run instead")
+        resumed = checkpoint.load_state(ckpt)
+        check_resumable(resumed.fingerprint, fingerprint, force_resume)
+    else:
+        run_dir, ckpt, resumed = new_run_dir(cfg, config_path), None, None
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic.write_text(run_dir / "config.yaml", to_yaml(cfg))
+    atomic.write_json(
+        run_dir / "data_split.json",
+        {
+            "train": [c.id for c in train_set.conversations],
+            "val": [c.id for c in val_set.conversations],
+            "left_out": split.skipped + train_set.dropped + val_set.dropped,
+        },
+    )
+    write_status(run_dir, "running", pid=os.getpid(), precision=precision.name, attention=attention, device=str(device))
+    file_log = logging.FileHandler(run_dir / "train.log")
+    file_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger("lorasmith").addHandler(file_log)
+    try:
+        _train_in(
+            run_dir, cfg, tokenizer, train_set, val_set, device, precision, attention, ckpt, resumed, fingerprint, config_path
+        )
+    except BaseException as e:
+        if not isinstance(e, SystemExit) or e.code not in (0, None):
+            write_status(
+                run_dir,
+                "interrupted" if isinstance(e, (KeyboardInterrupt, SystemExit)) else "failed",
+                error=str(e) or type(e).__name__,
+            )
+        raise
+    finally:
+        logging.getLogger("lorasmith").removeHandler(file_log)
+        file_log.close()
+    return run_dir
+
+
+def _train_in(run_dir, cfg, tokenizer, train_set, val_set, device, precision, attention, ckpt, resumed, fingerprint, config_path):
+    # 5. Model and adapter.
+    model = load_model(cfg.model, device=device, attn_implementation=attention)
+    if cfg.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = add_lora(model, cfg)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    if trainable == 0:
+        raise TrainingError("no trainable parameter: lora.target_modules matched no layer of this model")
+    log.info(
+        "LoRA: %s trainable of %s parameters (%.2f%%); precision %s, attention %s",
+        f"{trainable:,}",
+        f"{total:,}",
+        100 * trainable / total,
+        precision.name,
+        attention,
+    )
+
+    # 6. Optimizer and schedule over the planned number of steps.
+    mb = cfg.train.micro_batch_size
+    mb_per_epoch = math.ceil(len(train_set.encoded) / mb)
+    total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * mb_per_epoch / cfg.train.grad_accum))
+    optimizer, scheduler = build_optimizer(model, cfg, total_steps)
+    scaler = torch.amp.GradScaler(device.type) if precision.needs_grad_scaler else None
+    state = TrainerState(step=0, micro_batches_done=0, tokens_seen=0, skipped_steps=0, fingerprint=fingerprint)
+    if ckpt is not None:
+        checkpoint.restore(ckpt, model, optimizer, scheduler)
+        state = resumed
+        log.info("resumed from %s at step %d", ckpt, state.step)
+
+    pad_id = tokenizer.pad_token_id
+    ev = cfg.eval
+    metrics = MetricsLog(run_dir / "metrics.jsonl")
+    show = val_set if val_set.conversations else train_set
+    sample_convs = show.conversations[: ev.samples]
+
+    # 7. Before training: a finite, sane loss and the base model's answers.
+    before = evaluate(model, tokenizer, val_set, cfg, precision, pad_id) if state.step == 0 else None
+    if before is not None:
+        preflight_loss(before, model)
+        before["samples"] = answers_for(model, tokenizer, sample_convs, cfg, precision)
+        atomic.write_json(run_dir / "eval_before.json", before)
+        metrics.write(step=0, **{f"eval_{k}": v for k, v in before.items() if isinstance(v, float)})
+        report_eval("before training", before)
+
+    # 8. The loop.
+    stopper = GracefulStop()
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True, disable=None)
+    nonfinite_in_row = 0
+    epoch_cache: dict[int, list[list[int]]] = {}
+    lengths = [len(e.input_ids) for e in train_set.encoded]
+    try:
+        while state.step < total_steps:
+            t0 = time.perf_counter()
+            batches = []
+            for _ in range(cfg.train.grad_accum):
+                epoch, pos = divmod(state.micro_batches_done + len(batches), mb_per_epoch)
+                if epoch not in epoch_cache:
+                    epoch_cache = {epoch: plan_epoch(lengths, mb, cfg.train.seed, epoch, cfg.train.group_by_length)}
+                batches.append(collate([train_set.encoded[i] for i in epoch_cache[epoch][pos]], pad_id).to(device))
+            step_loss = accumulate_gradients(model, batches, precision, scaler)
+            if scaler:
+                scaler.unscale_(optimizer)
+            max_norm = cfg.train.max_grad_norm or float("inf")
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+            finite = math.isfinite(step_loss) and (math.isfinite(grad_norm) or scaler is not None)
+            if finite:
+                if scaler:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                nonfinite_in_row = 0
+            else:
+                nonfinite_in_row += 1
+                state.skipped_steps += 1
+                if cfg.train.on_nonfinite == "stop" or nonfinite_in_row > cfg.train.max_skipped_steps:
+                    metrics.write(step=state.step + 1, loss=step_loss, grad_norm=grad_norm, nonfinite=True)
+                    raise TrainingError(
+                        f"non-finite loss or gradient at step {state.step + 1} (loss={step_loss}, grad norm={grad_norm}); "
+                        "the last good checkpoint is kept",
+                        hint="lower train.lr, use train.precision=fp32, check the data, or set train.on_nonfinite=skip",
+                    )
+                log.warning("step %d: non-finite loss/gradient, update skipped (%d in a row)", state.step + 1, nonfinite_in_row)
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            state.step += 1
+            state.micro_batches_done += len(batches)
+            real_tokens = sum(b.num_real_tokens for b in batches)
+            state.tokens_seen += real_tokens
+            dt = time.perf_counter() - t0
+            if state.step % cfg.train.log_every == 0 or state.step == total_steps:
+                metrics.write(
+                    step=state.step,
+                    loss=step_loss,
+                    lr=scheduler.get_last_lr()[0],
+                    grad_norm=grad_norm,
+                    tokens_per_s=real_tokens / dt,
+                    step_s=dt,
+                    tokens_seen=state.tokens_seen,
+                    epoch=state.micro_batches_done / mb_per_epoch,
+                    skipped=not finite,
+                )
+            bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{real_tokens / dt:.0f}")
+            bar.update(1)
+            if cfg.train.eval_every and state.step % cfg.train.eval_every == 0 and state.step < total_steps and val_set.encoded:
+                val = validation_loss(
+                    model, val_set, pad_id=pad_id, precision=precision, batch_size=ev.batch_size, max_batches=ev.max_batches
+                )
+                metrics.write(step=state.step, **{f"eval_{k}": v for k, v in val.items()})
+                bar.write(f"step {state.step}: eval loss {val['loss']:.4f}")
+            if cfg.train.save_every and state.step % cfg.train.save_every == 0 and state.step < total_steps:
+                checkpoint.save(run_dir, model, optimizer, scheduler, state, cfg.train.keep_checkpoints)
+            if stopper.signum is not None:
+                break
+    finally:
+        bar.close()
+        metrics.close()
+        stopper.restore()
+
+    # 9. Final checkpoint (also on a signal, so the run can resume).
+    checkpoint.save(run_dir, model, optimizer, scheduler, state, cfg.train.keep_checkpoints)
+    if stopper.signum is not None:
+        resume_cmd = f"lorasmith train {config_path or ''} --resume {run_dir}".replace("  ", " ")
+        print(
+            f"\nstopped by {signal.Signals(stopper.signum).name} after step {state.step}; resume with:\n  {resume_cmd}",
+            file=sys.stderr,
+        )
+        write_status(run_dir, "interrupted", step=state.step, resume=resume_cmd)
+        raise SystemExit(128 + stopper.signum)
+
+    # 10. After training: the same evaluation, then the adapter, written atomically.
+    after = evaluate(model, tokenizer, val_set, cfg, precision, pad_id)
+    after["samples"] = answers_for(model, tokenizer, sample_convs, cfg, precision)
+    atomic.write_json(run_dir / "eval_after.json", after)
+    final_log = MetricsLog(run_dir / "metrics.jsonl")
+    final_log.write(step=state.step, **{f"eval_{k}": v for k, v in after.items() if isinstance(v, float)})
+    final_log.close()
+    with atomic.folder(run_dir / "adapter") as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    before = before or _read_json(run_dir / "eval_before.json")
+    atomic.write_json(run_dir / "samples.json", side_by_side(sample_convs, before, after))
+    report_eval("after training", after)
+    print_comparison(before, after, sample_convs)
+    write_status(run_dir, "complete", step=state.step, tokens_seen=state.tokens_seen, adapter=str(run_dir / "adapter"))
+    print(
+        f"\nrun folder: {run_dir}\nadapter:    {run_dir / 'adapter'}\ntry it:     lorasmith chat --adapter {run_dir / 'adapter'}"
+    )
+
+
+# --- helpers --------------------------------------------------------------------------------------
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def accumulate_gradients(model, batches, precision, scaler=None) -> float:
+    """Backward over the micro-batches of one optimizer step; return the step's mean loss.
+
+    Each micro-batch's loss sum is divided by the trained weight of the whole effective batch,
+    so the gradient is the same however the batch is split into micro-batches.
+    """
+    total_weight = sum(b.weight_sum for b in batches)
+    loss_sum = 0.0
+    for batch in batches:
+        parts = weighted_loss(model, batch, precision)
+        loss = parts.loss_sum / total_weight
+        (scaler.scale(loss) if scaler else loss).backward()
+        loss_sum += float(parts.loss_sum.detach())
+    return loss_sum / total_weight
+
+
+def add_lora(model, cfg: Config):
+    from peft import LoraConfig, get_peft_model
+
+    lc = cfg.lora
+    peft_cfg = LoraConfig(
+        r=lc.r,
+        lora_alpha=lc.alpha,
+        lora_dropout=lc.dropout,
+        target_modules=lc.target_modules,
+        use_dora=lc.use_dora,
+        use_rslora=lc.use_rslora,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(model, peft_cfg)
+    except ValueError as e:  # peft: "Target modules {...} not found in the base model"
+        raise LorasmithError(f"lora.target_modules: {e}", hint="use all-linear, or names printed by `print(model)`") from None
+
+
+def build_optimizer(model, cfg: Config, total_steps: int):
+    from transformers import get_scheduler
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, betas=(0.9, 0.999), eps=1e-8)
+    name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[cfg.train.scheduler]
+    warmup = int(cfg.train.warmup_ratio * total_steps)
+    return optimizer, get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+
+
+def evaluate(model, tokenizer, val_set: TokenizedSet, cfg: Config, precision, pad_id: int) -> dict:
+    ev = cfg.eval
+    out: dict = {}
+    if val_set.encoded:
+        out.update(
+            validation_loss(
+                model, val_set, pad_id=pad_id, precision=precision, batch_size=ev.batch_size, max_batches=ev.max_batches
+            )
+        )
+    if ev.exact_match and val_set.conversations:
+        em = exact_match(
+            model,
+            tokenizer,
+            val_set,
+            limit=ev.exact_match,
+            precision=precision,
+            max_new_tokens=ev.max_new_tokens,
+            batch_size=ev.batch_size,
+        )
+        out["exact_match"] = em["exact_match"]
+        out["exact_match_n"] = em["n"]
+        out["exact_match_answers"] = em["answers"]
+    return out
+
+
+def preflight_loss(before: dict, model) -> None:
+    """A loss far above ln(vocab) means the model, tokenizer or masks do not fit together."""
+    if "loss" not in before:
+        return
+    vocab = model.get_base_model().config.vocab_size
+    if not math.isfinite(before["loss"]):
+        raise TrainingError(
+            f"the base model's validation loss is {before['loss']}", hint="check the model files and train.precision"
+        )
+    if before["loss"] > 2 * math.log(vocab):
+        log.warning(
+            "validation loss before training %.2f is far above ln(vocab)=%.2f: tokenizer and model may not match",
+            before["loss"],
+            math.log(vocab),
+        )
+
+
+def answers_for(model, tokenizer, convs, cfg: Config, precision) -> list[str]:
+    if not convs:
+        return []
+    histories = [prompt_and_reference(c.messages)[0] for c in convs]
+    return generate(
+        model, tokenizer, histories, precision=precision, max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size
+    )
+
+
+def side_by_side(convs, before: dict, after: dict) -> list[dict]:
+    rows = []
+    for i, c in enumerate(convs):
+        history, reference = prompt_and_reference(c.messages)
+        rows.append(
+            {
+                "id": c.id,
+                "prompt": history[-1]["content"],
+                "reference": reference,
+                "before": before.get("samples", [None] * len(convs))[i],
+                "after": after["samples"][i],
+            }
+        )
+    return rows
+
+
+def report_eval(label: str, result: dict) -> None:
+    parts = []
+    if "loss" in result:
+        parts.append(f"val loss {result['loss']:.4f} (ppl {result['perplexity']:.2f}, token acc {result['token_accuracy']:.1%})")
+    if "exact_match" in result:
+        parts.append(f"exact match {result['exact_match']:.1%} of {result['exact_match_n']}")
+    if parts:
+        print(f"{label}: " + ", ".join(parts), file=sys.stderr)
+
+
+def print_comparison(before: dict, after: dict, convs) -> None:
+    if "exact_match" in before and "exact_match" in after:
+        print(f"\nheld-out exact match: before {before['exact_match']:.1%} -> after {after['exact_match']:.1%}")
+    if "loss" in before and "loss" in after:
+        print(f"validation loss:      before {before['loss']:.4f} -> after {after['loss']:.4f}")
+    for row in side_by_side(convs, before, after):
+        print("\n" + "-" * 80)
+        print(f"prompt:    {_one_line(row['prompt'])}")
+        print(f"reference: {_one_line(row['reference'])}")
+        print(f"before:    {_one_line(row['before'])}")
+        print(f"after:     {_one_line(row['after'])}")
+
+
+def _one_line(text, width: int = 200) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _read_json(path: Path) -> dict:
+    import json
+
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def run_fingerprint(cfg: Config) -> dict:
+    """What must not change between a run and its resumption."""
+    files = demo.demo_files() if cfg.data.train == DEMO else (cfg.data.train, cfg.data.val)
+    return {
+        "model": cfg.model.name,
+        "data": {str(f): _file_hash(f) for f in files if f},
+        "lora": asdict(cfg.lora),
+        "data_config": {k: v for k, v in asdict(cfg.data).items() if k != "skip_bad_records"},
+        "batch": [cfg.train.micro_batch_size, cfg.train.grad_accum],
+        "schedule": [cfg.train.lr, cfg.train.scheduler, cfg.train.warmup_ratio, cfg.train.epochs, cfg.train.max_steps],
+        "seed": cfg.train.seed,
+        "group_by_length": cfg.train.group_by_length,
+    }
+
+
+def _file_hash(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def check_resumable(saved: dict, now: dict, force: bool) -> None:
+    changed = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+    if not changed:
+        return
+    detail = "; ".join(f"{k}: {saved.get(k)} -> {now.get(k)}" for k in changed)
+    if force:
+        log.warning("resuming although the run changed (%s)", detail)
+        return
+    raise LorasmithError(
+        f"cannot resume: the run changed since the checkpoint ({detail})",
+        hint="restore the original config/data, or pass --force-resume to resume anyway",
+    )
+
+
+class GracefulStop:
+    """SIGINT/SIGTERM finish the current step; the loop then checkpoints and exits 130/143."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint...", file=sys.stderr)
+
+    def restore(self) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)

@@ -1,0 +1,67 @@
+"""Shared fixtures: the real SmolLM2 tokenizer and a tiny random Llama (2 layers, hidden 64)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def smol_dir() -> Path:
+    """Folder of the converted embedded model (converted once into the user's lorasmith cache)."""
+    from lorasmith.models.builtin import resolve_local
+
+    return resolve_local("smollm2-135m-instruct", None)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(smol_dir):
+    from lorasmith.config import ModelConfig
+    from lorasmith.models.loading import load_tokenizer
+
+    return load_tokenizer(ModelConfig(name=str(smol_dir)))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
+    """A random 2-layer Llama with SmolLM2's tokenizer and chat template, saved like a hub folder."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def demo_rows():
+    from lorasmith.data.demo import generate
+
+    train, val = generate(n_train=48, n_val=8, seed=1)
+    return train, val
