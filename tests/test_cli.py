@@ -111,7 +111,7 @@ def test_resume_refuses_a_changed_run(tmp_path, tiny_model_dir, data_files, caps
         (lambda d: d.write_text('{"messages": [\n'), ":1: invalid JSON"),
         (lambda d: d.write_text('{"messages": [{"role": "bot", "content": "x"}]}\n'), "unknown role 'bot'"),
         (lambda d: d.write_text('{"messages": []}\n'), "`messages` is empty"),
-        (lambda d: d.write_text('{"conversation": []}\n'), 'no "messages" field'),
+        (lambda d: d.write_text('{"conversation": []}\n'), "unrecognised record"),
         (lambda d: d.unlink(), "data file not found"),
     ],
 )

@@ -32,11 +32,17 @@ def encoded(tokenizer, demo_rows):
 
 def test_plan_is_a_deterministic_partition():
     lengths = [5, 50, 7, 90, 12, 33, 64, 3, 8, 41]
-    a = plan_epoch(lengths, 3, seed=1, epoch=0, group_by_length=True)
-    assert a == plan_epoch(lengths, 3, seed=1, epoch=0, group_by_length=True)
-    assert sorted(i for b in a for i in b) == list(range(10))
-    assert a != plan_epoch(lengths, 3, seed=1, epoch=1, group_by_length=True)
-    assert sorted(i for b in plan_epoch(lengths, 4, 1, 0, False) for i in b) == list(range(10))
+    for order in ("length", "shuffle", "curriculum"):
+        a = plan_epoch(lengths, 3, seed=1, epoch=0, order=order)
+        assert a == plan_epoch(lengths, 3, seed=1, epoch=0, order=order)
+        assert sorted(i for b in a for i in b) == list(range(10))
+        assert a != plan_epoch(lengths, 3, seed=1, epoch=1, order=order) or order == "curriculum"
+    curriculum = [lengths[i] for b in plan_epoch(lengths, 3, 1, 0, "curriculum") for i in b]
+    assert curriculum == sorted(lengths)
+    grouped = plan_epoch(lengths, 2, seed=1, epoch=0, order="length")
+    padding = sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in grouped)
+    shuffled = plan_epoch(lengths, 2, seed=1, epoch=0, order="shuffle")
+    assert padding <= sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in shuffled)
 
 
 def test_labelled_positions_loss_equals_full_logits_loss(lora_model, encoded, tokenizer):

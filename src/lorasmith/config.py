@@ -41,20 +41,48 @@ class ModelConfig:
     """Path to a Jinja chat template that replaces the tokenizer's own."""
 
 
+FORMATS = Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion"]
+
+
+@dataclass
+class DataSource:
+    path: str
+    """A .jsonl/.json/.parquet/.csv file or a datasets save_to_disk folder."""
+    format: FORMATS = "auto"
+    """Record shape; auto detects it from the first record."""
+    weight: float = 1.0
+    """Sampling weight: take weight x its records (below 1 subsamples, above 1 repeats), by split_seed."""
+    fields: dict[str, str] = field(default_factory=dict)
+    """Canonical name -> this source's key, e.g. {messages: dialog, role: speaker, content: text}."""
+
+    def __post_init__(self):
+        if self.weight <= 0:
+            raise ConfigError(f"data source {self.path}: weight must be > 0, got {self.weight}")
+
+
 @dataclass
 class DataConfig:
-    train: str = DEMO
-    """Training conversations: an OpenAI-messages JSONL file, or `demo` for the built-in generated task."""
+    train: str | list[DataSource] = DEMO
+    """Training data: a file or datasets folder, `demo` (built-in generated task), or a list of
+    sources {path, format, weight, fields} mixed by weight."""
     val: str | None = None
-    """Validation conversations (JSONL). Leave empty to split `val_fraction` off the training file."""
+    """Validation data (any supported file). Leave empty to split `val_fraction` off the training data."""
+    format: FORMATS = "auto"
+    """Record shape of `train` (when a plain path) and `val`: messages, sharegpt, alpaca, prompt_completion."""
+    fields: dict[str, str] = field(default_factory=dict)
+    """Custom key names for `train` (plain path) and `val`, e.g. {messages: dialog}."""
     val_fraction: float = 0.0
     """Fraction of the training records held out for validation when `val` is not given."""
     split_seed: int = 0
     """Seed of the train/validation split."""
     max_length: int = 1024
-    """Longest tokenized conversation; longer ones are truncated (the start is kept)."""
+    """Longest tokenized conversation, in tokens."""
+    over_length: Literal["truncate", "truncate_history", "drop"] = "truncate"
+    """Longer conversations: keep the start; drop the oldest whole turns (system prompt kept); or drop them."""
     train_on: Literal["assistant", "last_assistant", "all"] = "assistant"
     """Which messages carry loss: every assistant turn, only the last one, or every message."""
+    loss_weights: dict[str, float] = field(default_factory=dict)
+    """Per-role loss weights overriding train_on for those roles, e.g. {assistant: 1.0, user: 0.1, system: 0.0}."""
     skip_bad_records: bool = False
     """Skip (and count) invalid records instead of stopping on the first file with errors."""
 
@@ -68,6 +96,11 @@ class DataConfig:
             raise ConfigError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.max_length < 16:
             raise ConfigError(f"data.max_length must be at least 16, got {self.max_length}")
+        for role, w in self.loss_weights.items():
+            if role not in ("system", "user", "assistant", "tool") or w < 0:
+                raise ConfigError(f"data.loss_weights: {role}: {w} (roles: system, user, assistant, tool; weights >= 0)")
+        if isinstance(self.train, list) and not self.train:
+            raise ConfigError("data.train is an empty list of sources")
 
 
 @dataclass
@@ -112,8 +145,9 @@ class TrainConfig:
     """Fraction of the steps spent warming the learning rate up linearly from 0."""
     scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     """Learning-rate decay after warmup."""
-    group_by_length: bool = True
-    """Batch conversations of similar length together (less padding); batch order stays shuffled."""
+    order: Literal["length", "shuffle", "curriculum"] = "length"
+    """Data order per epoch (seeded): length = shuffled, then similar lengths batched together (least padding);
+    shuffle = plain random order; curriculum = first epoch from shortest to longest conversation, then as length."""
     max_grad_norm: float = 1.0
     """Clip the gradient norm to this value (0 disables clipping); the pre-clip norm is logged."""
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
@@ -225,6 +259,8 @@ def _type_name(tp: Any) -> str:
         return f"{name} (optional)" if type(None) in typing.get_args(tp) else name
     if origin is list:
         return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "mapping"
     return getattr(tp, "__name__", str(tp))
 
 
@@ -271,8 +307,36 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             hint = f"did you mean {near[0]!r}?" if near else None
             raise ConfigError(f"config key {key}: {value!r} is not one of {', '.join(map(str, choices))}", hint=hint)
         return value
+    if origin is dict:
+        key_tp, val_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key {key}: expected a mapping like {{name: value}}, got {value!r}")
+        return {_coerce(k, key_tp, key): _coerce(v, val_tp, f"{key}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, str):
+            value = {"path": value}
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key {key}: expected a mapping, got {value!r}")
+        hints = typing.get_type_hints(tp)
+        for k in value:
+            if k not in hints:
+                near = difflib.get_close_matches(str(k), list(hints), n=1)
+                raise ConfigError(
+                    f"config key {key}: unknown field {k!r}",
+                    hint=f"did you mean {near[0]!r}?" if near else f"fields: {', '.join(hints)}",
+                )
+        missing = [
+            f.name
+            for f in dataclasses.fields(tp)
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in value
+        ]
+        if missing:
+            raise ConfigError(f"config key {key}: missing {', '.join(missing)}")
+        return tp(**{k: _coerce(v, hints[k], f"{key}.{k}") for k, v in value.items()})
     if origin is list:
         (item,) = typing.get_args(tp)
+        if isinstance(value, str) and dataclasses.is_dataclass(item):
+            raise ConfigError(f"config key {key}: {value!r} is not a list")
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, list):

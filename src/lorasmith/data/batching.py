@@ -18,17 +18,21 @@ from lorasmith.data.masking import Encoded
 _GROUP_WINDOW = 64
 
 
-def plan_epoch(lengths: list[int], micro_batch_size: int, seed: int, epoch: int, group_by_length: bool) -> list[list[int]]:
-    """Micro-batches (lists of sample indices) for one epoch."""
+def plan_epoch(lengths: list[int], micro_batch_size: int, seed: int, epoch: int, order: str = "length") -> list[list[int]]:
+    """Micro-batches (lists of sample indices) for one epoch; see `train.order` for the orders."""
     rng = random.Random(f"{seed}:{epoch}")
-    order = list(range(len(lengths)))
-    rng.shuffle(order)
-    if group_by_length:
-        window = micro_batch_size * _GROUP_WINDOW
-        order = [i for s in range(0, len(order), window) for i in sorted(order[s : s + window], key=lambda i: -lengths[i])]
-    batches = [order[s : s + micro_batch_size] for s in range(0, len(order), micro_batch_size)]
-    if group_by_length:
-        rng.shuffle(batches)  # so similar-length batches are not run back to back
+    idx = list(range(len(lengths)))
+    rng.shuffle(idx)
+    if order == "curriculum" and epoch == 0:
+        # Shortest first is the difficulty proxy: short samples give low-variance early updates.
+        idx.sort(key=lambda i: lengths[i])  # stable: ties keep their shuffled order
+        return [idx[s : s + micro_batch_size] for s in range(0, len(idx), micro_batch_size)]
+    if order == "shuffle":
+        return [idx[s : s + micro_batch_size] for s in range(0, len(idx), micro_batch_size)]
+    window = micro_batch_size * _GROUP_WINDOW
+    idx = [i for s in range(0, len(idx), window) for i in sorted(idx[s : s + window], key=lambda i: -lengths[i])]
+    batches = [idx[s : s + micro_batch_size] for s in range(0, len(idx), micro_batch_size)]
+    rng.shuffle(batches)  # so similar-length batches are not run back to back
     return batches
 
 

@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import multiprocessing as mp
+import os
 import random
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from lorasmith.config import DEMO, DataConfig
+import numpy as np
+
+from lorasmith.config import DEMO, DataConfig, DataSource
 from lorasmith.data import demo
-from lorasmith.data.masking import Encoded, encode, special_ids
-from lorasmith.data.records import Conversation, read_jsonl
+from lorasmith.data.masking import Encoded, encode_fitted, special_ids
+from lorasmith.data.records import Conversation, read_source
 from lorasmith.errors import DataError
+from lorasmith.paths import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -39,38 +47,73 @@ class TokenizedSet:
         return sum(len(e.input_ids) for e in self.encoded)
 
 
+def sources(cfg: DataConfig) -> list[DataSource]:
+    """The training sources as a list, whichever way the config gave them."""
+    if cfg.train == DEMO:
+        return [DataSource(str(demo.demo_files()[0]), "messages")]
+    if isinstance(cfg.train, str):
+        return [DataSource(cfg.train, cfg.format, 1.0, cfg.fields)]
+    return cfg.train
+
+
+def val_source(cfg: DataConfig) -> DataSource | None:
+    if cfg.train == DEMO and not cfg.val and not cfg.val_fraction:
+        return DataSource(str(demo.demo_files()[1]), "messages")
+    return DataSource(cfg.val, cfg.format, 1.0, cfg.fields) if cfg.val else None
+
+
+def _sample(convs: list[Conversation], weight: float, seed: int) -> list[Conversation]:
+    """weight x the records: whole repeats, then a seeded subsample for the fraction."""
+    whole, frac = int(weight), weight - int(weight)
+    rng = random.Random(seed)
+    extra = rng.sample(convs, round(frac * len(convs))) if frac else []
+    return convs * whole + extra
+
+
 def read_split(cfg: DataConfig) -> Split:
-    """Read the configured files and split off validation data deterministically."""
-    train_path, val_path = demo.demo_files() if cfg.train == DEMO else (cfg.train, cfg.val)
-    train = read_jsonl(train_path, skip_bad=cfg.skip_bad_records)
-    skipped = list(train.problems)
-    if val_path:
-        val = read_jsonl(val_path, skip_bad=cfg.skip_bad_records)
-        skipped += val.problems
-        return Split(train.conversations, val.conversations, skipped)
-    convs = list(train.conversations)
+    """Read the configured sources, mix them by weight, and split off validation data deterministically."""
+    train: list[Conversation] = []
+    skipped: list[str] = []
+    for i, src in enumerate(sources(cfg)):
+        got = read_source(src.path, fmt=src.format, fields=src.fields, skip_bad=cfg.skip_bad_records)
+        skipped += got.problems
+        train += _sample(got.conversations, src.weight, cfg.split_seed + i) if src.weight != 1.0 else got.conversations
+    val_src = val_source(cfg)
+    if val_src:
+        val = read_source(val_src.path, fmt=val_src.format, fields=val_src.fields, skip_bad=cfg.skip_bad_records)
+        return Split(train, val.conversations, skipped + val.problems)
     if not cfg.val_fraction:
-        return Split(convs, [], skipped)
-    order = list(range(len(convs)))
+        return Split(train, [], skipped)
+    order = list(range(len(train)))
     random.Random(cfg.split_seed).shuffle(order)
-    n_val = max(1, round(len(convs) * cfg.val_fraction))
-    if n_val >= len(convs):
-        raise DataError(f"data.val_fraction={cfg.val_fraction} leaves no training data from {len(convs)} conversations")
+    n_val = max(1, round(len(train) * cfg.val_fraction))
+    if n_val >= len(train):
+        raise DataError(f"data.val_fraction={cfg.val_fraction} leaves no training data from {len(train)} conversations")
     val_idx = set(order[:n_val])
-    return Split([c for i, c in enumerate(convs) if i not in val_idx], [convs[i] for i in sorted(val_idx)], skipped)
+    return Split([c for i, c in enumerate(train) if i not in val_idx], [train[i] for i in sorted(val_idx)], skipped)
+
+
+def encode_options(cfg: DataConfig) -> dict:
+    return {
+        "max_length": cfg.max_length,
+        "over_length": cfg.over_length,
+        "train_on": cfg.train_on,
+        "role_weights": cfg.loss_weights,
+    }
 
 
 def tokenize(tokenizer, conversations: list[Conversation], cfg: DataConfig, *, need_trained: bool = True) -> TokenizedSet:
-    """Encode every conversation; drop (and count) those left with nothing to train on."""
-    specials = special_ids(tokenizer)
+    """Encode every conversation (cached, in parallel when large); drop (and count) those left with
+    nothing to train on."""
+    options = encode_options(cfg)
+    encoded, errors = _encode_cached(tokenizer, conversations, options)
     out = TokenizedSet([], [])
-    errors: list[str] = []
     n_truncated = 0
-    for conv in conversations:
-        try:
-            enc = encode(tokenizer, conv.messages, max_length=cfg.max_length, train_on=cfg.train_on, specials=specials)
-        except DataError as e:
-            errors.append(f"{conv.source}: {e.message}")
+    for conv, enc, error in zip(conversations, encoded, errors):
+        if error:
+            continue
+        if enc is None:
+            out.dropped.append(f"{conv.source}: longer than data.max_length={cfg.max_length} (data.over_length=drop)")
             continue
         n_truncated += enc.truncated
         if need_trained and enc.num_trained == 0:
@@ -78,16 +121,106 @@ def tokenize(tokenizer, conversations: list[Conversation], cfg: DataConfig, *, n
             continue
         out.conversations.append(conv)
         out.encoded.append(enc)
-    if errors and not cfg.skip_bad_records:
-        shown = "\n  ".join(errors[:20])
+    problems = [f"{c.source}: {e}" for c, e in zip(conversations, errors) if e]
+    if problems and not cfg.skip_bad_records:
+        shown = "\n  ".join(problems[:20])
         raise DataError(
-            f"{len(errors)} conversation(s) cannot be tokenized:\n  {shown}", hint="set data.skip_bad_records=true to skip them"
+            f"{len(problems)} conversation(s) cannot be tokenized:\n  {shown}", hint="set data.skip_bad_records=true to skip them"
         )
-    out.dropped = errors + out.dropped
+    out.dropped = problems + out.dropped
     if n_truncated:
-        log.warning("%d conversation(s) longer than data.max_length=%d were truncated (start kept)", n_truncated, cfg.max_length)
+        log.warning("%d conversation(s) longer than data.max_length=%d were truncated", n_truncated, cfg.max_length)
     if out.dropped:
         log.warning("left out %d conversation(s); first: %s", len(out.dropped), out.dropped[0])
     if need_trained and not out.encoded:
         raise DataError("no conversation has a token to train on", hint="check data.train_on and data.max_length")
     return out
+
+
+# --- tokenization cache and workers ------------------------------------------------------------------
+
+_CACHE_VERSION = 1  # bump when masking changes what it produces
+_PARALLEL_FROM = 2000  # below this, starting worker processes costs more than it saves
+_WORKER: dict = {}
+
+
+def _cache_key(tokenizer, conversations: list[Conversation], options: dict) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    h.update(
+        json.dumps(
+            [_CACHE_VERSION, options, tokenizer.chat_template, tokenizer.name_or_path, len(tokenizer)], sort_keys=True
+        ).encode()
+    )
+    h.update(json.dumps(sorted(tokenizer.get_vocab().items())[:: max(1, len(tokenizer) // 4096)]).encode())
+    for conv in conversations:
+        h.update(json.dumps(conv.messages, sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def _init_worker(tokenizer, options):
+    _WORKER.update(tokenizer=tokenizer, options=options, specials=special_ids(tokenizer))
+
+
+def _encode_chunk(chunk: list[list[dict]]) -> list[tuple[Encoded | None, str | None]]:
+    out = []
+    for messages in chunk:
+        try:
+            out.append((encode_fitted(_WORKER["tokenizer"], messages, **_WORKER["options"], specials=_WORKER["specials"]), None))
+        except DataError as e:
+            out.append((None, e.message))
+    return out
+
+
+def _encode_all(tokenizer, conversations: list[Conversation], options: dict) -> list[tuple[Encoded | None, str | None]]:
+    chunks = [[c.messages for c in conversations[i : i + 256]] for i in range(0, len(conversations), 256)]
+    workers = min(4, mp.cpu_count())
+    if len(conversations) >= _PARALLEL_FROM and workers > 1 and "fork" in mp.get_all_start_methods():
+        with mp.get_context("fork").Pool(workers, initializer=_init_worker, initargs=(tokenizer, options)) as pool:
+            return [r for chunk in pool.imap(_encode_chunk, chunks) for r in chunk]
+    _init_worker(tokenizer, options)
+    return [r for chunk in map(_encode_chunk, chunks) for r in chunk]
+
+
+def _encode_cached(tokenizer, conversations: list[Conversation], options: dict):
+    """Encoded conversations (None where dropped) and errors, from the cache when the data, tokenizer,
+    template and settings are unchanged."""
+    path = cache_dir() / "tokenized" / f"{_cache_key(tokenizer, conversations, options)}.npz"
+    if path.is_file():
+        try:
+            return _load(path, len(conversations))
+        except (OSError, ValueError, KeyError) as e:
+            log.warning("ignoring unreadable tokenization cache %s (%s)", path, e)
+    results = _encode_all(tokenizer, conversations, options)
+    encoded, errors = [r[0] for r in results], [r[1] for r in results]
+    try:
+        _save(path, encoded, errors)
+    except OSError as e:  # a read-only or full cache must not stop training
+        log.warning("could not write tokenization cache %s (%s)", path, e)
+    return encoded, errors
+
+
+def _save(path: Path, encoded: list[Encoded | None], errors: list[str | None]) -> None:
+    lengths = np.array([len(e.input_ids) if e else -1 for e in encoded], dtype=np.int64)
+    ids = np.array([t for e in encoded if e for t in e.input_ids], dtype=np.int64)
+    weights = np.array([w for e in encoded if e for w in e.weights], dtype=np.float32)
+    truncated = np.array([bool(e and e.truncated) for e in encoded])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
+    np.savez(tmp, lengths=lengths, ids=ids, weights=weights, truncated=truncated, errors=np.array([e or "" for e in errors]))
+    os.replace(tmp, path)
+
+
+def _load(path: Path, n: int):
+    with np.load(path, allow_pickle=False) as z:
+        lengths, ids, weights, truncated, errors = z["lengths"], z["ids"], z["weights"], z["truncated"], z["errors"]
+    if len(lengths) != n:
+        raise ValueError("entry count differs")
+    encoded: list[Encoded | None] = []
+    start = 0
+    for length, trunc in zip(lengths.tolist(), truncated.tolist()):
+        if length < 0:
+            encoded.append(None)
+            continue
+        encoded.append(Encoded(ids[start : start + length].tolist(), weights[start : start + length].tolist(), trunc))
+        start += length
+    return encoded, [e or None for e in errors.tolist()]

@@ -40,9 +40,12 @@ class Encoded:
         return sum(1 for w in self.weights if w > 0)
 
 
-def message_weights(messages: list[dict], train_on: str) -> list[float]:
-    """The loss weight of each message from the `train_on` policy and its own `weight` field."""
-    last_assistant = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+def message_weights(messages: list[dict], train_on: str, role_weights: dict[str, float] | None = None) -> list[float]:
+    """The loss weight of each message: the `train_on` policy, overridden per role by
+    `role_weights`, times the message's own `weight` field."""
+    assistants = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    last_assistant = assistants[-1] if assistants else -1
+    role_weights = role_weights or {}
     out = []
     for i, m in enumerate(messages):
         if train_on == "all":
@@ -51,6 +54,8 @@ def message_weights(messages: list[dict], train_on: str) -> list[float]:
             base = 1.0 if i == last_assistant else 0.0
         else:
             base = 1.0 if m["role"] == "assistant" else 0.0
+        if m["role"] in role_weights and (train_on != "last_assistant" or m["role"] != "assistant" or i == last_assistant):
+            base = role_weights[m["role"]]
         out.append(base * float(m.get("weight", 1.0)))
     return out
 
@@ -102,10 +107,16 @@ def _locate(tokenizer, messages: list[dict], full: str, weights: list[float]) ->
 
 
 def encode(
-    tokenizer, messages: list[dict], *, max_length: int, train_on: str = "assistant", specials: frozenset[int] | None = None
+    tokenizer,
+    messages: list[dict],
+    *,
+    max_length: int,
+    train_on: str = "assistant",
+    role_weights: dict[str, float] | None = None,
+    specials: frozenset[int] | None = None,
 ) -> Encoded:
     """Tokenize one conversation with the model's chat template and weight its tokens."""
-    weights_by_msg = message_weights(messages, train_on)
+    weights_by_msg = message_weights(messages, train_on, role_weights)
     try:
         full = render(tokenizer, messages)
     except Exception as e:  # jinja raises TemplateError subclasses with the template's own message
@@ -157,3 +168,29 @@ def trained_spans(tokenizer, encoded: Encoded) -> list[str]:
     if run:
         spans.append(tokenizer.decode(run))
     return spans
+
+
+def encode_fitted(tokenizer, messages: list[dict], *, max_length: int, over_length: str = "truncate", **kwargs) -> Encoded | None:
+    """:func:`encode` with the over-length policy applied; None when the policy drops the conversation.
+
+    ``truncate_history`` drops the oldest whole exchanges (a user turn and what follows it up to
+    the next user turn), keeping a leading system prompt, until the rest fits; if even the last
+    exchange is too long it falls back to keeping the start.
+    """
+    enc = encode(tokenizer, messages, max_length=max_length, **kwargs)
+    if not enc.truncated or over_length == "truncate":
+        return enc
+    if over_length == "drop":
+        return None
+    head = messages[:1] if messages[0]["role"] == "system" else []
+    rest = messages[len(head) :]
+    while True:
+        starts = [i for i, m in enumerate(rest) if m["role"] == "user"]
+        if len(starts) < 2:
+            return enc  # nothing older left to drop: the kept start is the best we can do
+        rest = rest[starts[1] :]
+        if not any(m["role"] == "assistant" for m in rest):
+            return enc
+        shorter = encode(tokenizer, head + rest, max_length=max_length, **kwargs)
+        if not shorter.truncated:
+            return shorter

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lorasmith.data.formats import RecordError, detect_format, iter_raw, to_messages
 from lorasmith.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -71,45 +71,51 @@ def _canonical(messages: list[dict]) -> list[dict]:
     return out
 
 
-def read_jsonl(path: str | Path, *, skip_bad: bool = False) -> ReadResult:
-    """OpenAI-messages JSONL: one ``{"messages": [{"role": ..., "content": ...}, ...]}`` per line.
+def iter_conversations(path: str | Path, fmt: str = "auto", fields: dict[str, str] | None = None):
+    """Yield ``(where, Conversation | None, problem | None)`` for every record, streaming."""
+    fields = fields or {}
+    stem = Path(path).stem
+    for where, record in iter_raw(path):
+        if fmt == "auto" and not isinstance(record, RecordError):
+            detected = detect_format(record, fields)
+            if detected != "unknown":
+                fmt = detected  # the first recognisable record fixes the format of the file
+        try:
+            messages = to_messages(record, fmt, fields)
+        except RecordError as e:
+            yield where, None, f"{where}: {e}"
+            continue
+        why = check_messages(messages)
+        if why:
+            yield where, None, f"{where}: {why}"
+            continue
+        yield where, Conversation(_canonical(messages), where, f"{stem}:{where.rsplit(':', 1)[1]}"), None
 
-    With ``skip_bad`` invalid records are skipped and listed; otherwise every problem is
-    collected and one DataError names them all (up to MAX_SHOWN_PROBLEMS).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"data file not found: {path}", hint="check data.train / data.val in the config")
+
+def read_source(
+    path: str | Path, *, fmt: str = "auto", fields: dict[str, str] | None = None, skip_bad: bool = False
+) -> ReadResult:
+    """Every conversation of one source. Invalid records are collected: with ``skip_bad`` they are
+    skipped and listed, otherwise one DataError names them all (up to MAX_SHOWN_PROBLEMS)."""
     result = ReadResult()
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                result.problems.append(f"{where}: invalid JSON ({e.msg} at column {e.colno})")
-                continue
-            if not isinstance(record, dict) or "messages" not in record:
-                result.problems.append(
-                    f'{where}: no "messages" field (expected {{"messages": [{{"role": ..., "content": ...}}]}})'
-                )
-                continue
-            why = check_messages(record["messages"])
-            if why:
-                result.problems.append(f"{where}: {why}")
-                continue
-            result.conversations.append(Conversation(_canonical(record["messages"]), where, f"{path.stem}:{lineno}"))
+    for _where, conv, problem in iter_conversations(path, fmt, fields):
+        if problem:
+            result.problems.append(problem)
+        else:
+            result.conversations.append(conv)
     if result.problems and not skip_bad:
-        shown = "\n  ".join(result.problems[:MAX_SHOWN_PROBLEMS])
-        more = len(result.problems) - MAX_SHOWN_PROBLEMS
-        raise DataError(
-            f"{len(result.problems)} invalid record(s) in {path}:\n  {shown}" + (f"\n  ... and {more} more" if more > 0 else ""),
-            hint="fix them, or set data.skip_bad_records=true to skip and count them",
-        )
+        raise_problems(result.problems, str(path))
     if result.problems:
         log.warning("skipped %d invalid record(s) in %s (first: %s)", len(result.problems), path, result.problems[0])
     if not result.conversations:
         raise DataError(f"{path} holds no usable conversation")
     return result
+
+
+def raise_problems(problems: list[str], what: str) -> None:
+    shown = "\n  ".join(problems[:MAX_SHOWN_PROBLEMS])
+    more = len(problems) - MAX_SHOWN_PROBLEMS
+    raise DataError(
+        f"{len(problems)} invalid record(s) in {what}:\n  {shown}" + (f"\n  ... and {more} more" if more > 0 else ""),
+        hint="fix them (`lorasmith data check` lists every problem), or set data.skip_bad_records=true to skip and count them",
+    )

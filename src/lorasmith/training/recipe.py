@@ -32,8 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lorasmith import atomic
-from lorasmith.config import DEMO, Config, to_yaml
-from lorasmith.data import demo
+from lorasmith.config import Config, to_yaml
 from lorasmith.data.batching import collate, plan_epoch
 from lorasmith.data.dataset import TokenizedSet, read_split, tokenize
 from lorasmith.errors import LorasmithError, TrainingError
@@ -71,6 +70,7 @@ def train(cfg: Config, *, config_path: str | None = None, resume: str | None = N
         train_set.num_trained_tokens,
         len(val_set.encoded),
     )
+    overlap = find_overlap(split)
     fingerprint = run_fingerprint(cfg)
 
     # 4. Run folder, decided before the model loads so every later failure is recorded in it.
@@ -176,7 +176,7 @@ def _train_in(run_dir, cfg, tokenizer, train_set, val_set, device, precision, at
             for _ in range(cfg.train.grad_accum):
                 epoch, pos = divmod(state.micro_batches_done + len(batches), mb_per_epoch)
                 if epoch not in epoch_cache:
-                    epoch_cache = {epoch: plan_epoch(lengths, mb, cfg.train.seed, epoch, cfg.train.group_by_length)}
+                    epoch_cache = {epoch: plan_epoch(lengths, mb, cfg.train.seed, epoch, cfg.train.order)}
                 batches.append(collate([train_set.encoded[i] for i in epoch_cache[epoch][pos]], pad_id).to(device))
             step_loss = accumulate_gradients(model, batches, precision, scaler)
             if scaler:
@@ -270,6 +270,25 @@ def _train_in(run_dir, cfg, tokenizer, train_set, val_set, device, precision, at
 
 
 # --- helpers --------------------------------------------------------------------------------------
+
+
+def find_overlap(split) -> dict:
+    """The duplicate and leakage warnings of `lorasmith data check`, logged before training."""
+    from lorasmith.data.check import DuplicateFinder
+
+    finder = DuplicateFinder()
+    for conv in split.train:
+        finder.add_train(conv.source, conv.messages)
+    for conv in split.val:
+        finder.add_val(conv.source, conv.messages)
+    found = finder.found
+    if found.n_exact or found.n_near:
+        log.warning("%d exact and %d near duplicate training conversations (first: %s)", found.n_exact, found.n_near,
+                    (found.exact + found.near)[0])  # fmt: skip
+    if found.n_leakage:
+        log.warning("%d validation conversations are also in training: eval results will look better than they are (%s)",
+                    found.n_leakage, found.leakage[0])  # fmt: skip
+    return {"duplicates": found.exact + found.near, "leakage": found.leakage}
 
 
 def seed_everything(seed: int) -> None:
@@ -427,7 +446,9 @@ def _read_json(path: Path) -> dict:
 
 def run_fingerprint(cfg: Config) -> dict:
     """What must not change between a run and its resumption."""
-    files = demo.demo_files() if cfg.data.train == DEMO else (cfg.data.train, cfg.data.val)
+    from lorasmith.data.dataset import sources, val_source
+
+    files = [s.path for s in sources(cfg.data)] + ([v.path] if (v := val_source(cfg.data)) else [])
     return {
         "model": cfg.model.name,
         "data": {str(f): _file_hash(f) for f in files if f},
@@ -436,15 +457,18 @@ def run_fingerprint(cfg: Config) -> dict:
         "batch": [cfg.train.micro_batch_size, cfg.train.grad_accum],
         "schedule": [cfg.train.lr, cfg.train.scheduler, cfg.train.warmup_ratio, cfg.train.epochs, cfg.train.max_steps],
         "seed": cfg.train.seed,
-        "group_by_length": cfg.train.group_by_length,
+        "order": cfg.train.order,
     }
 
 
 def _file_hash(path) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+    path = Path(path)
+    for file in sorted(path.rglob("*")) if path.is_dir() else [path]:
+        if file.is_file():
+            with open(file, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
     return h.hexdigest()[:16]
 
 

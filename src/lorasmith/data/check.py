@@ -1,0 +1,314 @@
+"""`lorasmith data check`: every problem with file:line, and statistics under the model's chat template.
+
+It streams: records are read one at a time and only small per-record facts (a hash, a length,
+a trained-token count) are kept, so files larger than memory can be checked. Tokenization runs
+in worker processes on multi-core machines.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import multiprocessing as mp
+import re
+import statistics
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lorasmith import atomic
+from lorasmith.config import DataConfig
+from lorasmith.data.masking import encode, encode_fitted, special_ids
+from lorasmith.data.records import Conversation, iter_conversations
+from lorasmith.errors import DataError
+
+log = logging.getLogger(__name__)
+MAX_LISTED = 50
+_CHUNK = 512
+_WORKER: dict = {}
+
+
+def _normalise(text: str) -> str:
+    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
+
+
+def conversation_keys(messages: list[dict]) -> tuple[bytes, bytes]:
+    """(exact key, near key): near ignores case, punctuation and spacing."""
+    exact = "\x1e".join(f"{m['role']}\x1f{m['content']}" for m in messages)
+    near = "\x1e".join(f"{m['role']}\x1f{_normalise(m['content'])}" for m in messages)
+    return hashlib.blake2b(exact.encode(), digest_size=12).digest(), hashlib.blake2b(near.encode(), digest_size=12).digest()
+
+
+@dataclass
+class Duplicates:
+    exact: list[str] = field(default_factory=list)
+    """`where (same as where)` for each exact repeat."""
+    near: list[str] = field(default_factory=list)
+    leakage: list[str] = field(default_factory=list)
+    """Validation records whose conversation is also in training."""
+    n_exact: int = 0
+    n_near: int = 0
+    n_leakage: int = 0
+
+
+class DuplicateFinder:
+    """Remembers 24 bytes per conversation; reports repeats within train and train/val overlap."""
+
+    def __init__(self):
+        self._exact: dict[bytes, str] = {}
+        self._near: dict[bytes, str] = {}
+        self.found = Duplicates()
+
+    def add_train(self, where: str, messages: list[dict]) -> None:
+        exact, near = conversation_keys(messages)
+        if exact in self._exact:
+            self.found.n_exact += 1
+            if len(self.found.exact) < MAX_LISTED:
+                self.found.exact.append(f"{where} repeats {self._exact[exact]}")
+        elif near in self._near:
+            self.found.n_near += 1
+            if len(self.found.near) < MAX_LISTED:
+                self.found.near.append(f"{where} nearly repeats {self._near[near]}")
+        self._exact.setdefault(exact, where)
+        self._near.setdefault(near, where)
+
+    def add_val(self, where: str, messages: list[dict]) -> None:
+        _, near = conversation_keys(messages)
+        if near in self._near:
+            self.found.n_leakage += 1
+            if len(self.found.leakage) < MAX_LISTED:
+                self.found.leakage.append(f"{where} is also in training at {self._near[near]}")
+
+
+def _init_worker(tokenizer, options):
+    _WORKER.update(tokenizer=tokenizer, options=options, specials=special_ids(tokenizer))
+
+
+def _measure(chunk: list[tuple[str, list[dict]]]) -> list[tuple[str, int, int, bool, str | None]]:
+    """(where, tokens before the policy, trained tokens after it, dropped, template error) per conversation."""
+    tok, options, specials = _WORKER["tokenizer"], _WORKER["options"], _WORKER["specials"]
+    max_length, policy = options["max_length"], options["over_length"]
+    kwargs = {"train_on": options["train_on"], "role_weights": options["role_weights"], "specials": specials}
+    out = []
+    for where, messages in chunk:
+        try:
+            full = encode(tok, messages, max_length=1 << 30, **kwargs)
+            dropped = False
+            if len(full.input_ids) <= max_length:
+                trained = full.num_trained
+            elif policy == "truncate":
+                trained = sum(1 for w in full.weights[:max_length] if w > 0)
+            else:
+                fitted = encode_fitted(tok, messages, max_length=max_length, over_length=policy, **kwargs)
+                dropped, trained = fitted is None, fitted.num_trained if fitted else 0
+        except DataError as e:
+            out.append((where, 0, 0, False, e.message))
+            continue
+        out.append((where, len(full.input_ids), trained, dropped, None))
+    return out
+
+
+@dataclass
+class CheckReport:
+    files: list[str]
+    records: int = 0
+    valid: int = 0
+    errors: list[str] = field(default_factory=list)
+    n_errors: int = 0
+    duplicates: Duplicates = field(default_factory=Duplicates)
+    lengths: list[int] = field(default_factory=list, repr=False)
+    trained: list[int] = field(default_factory=list, repr=False)
+    over_length: list[str] = field(default_factory=list)
+    n_over_length: int = 0
+    no_trained: list[str] = field(default_factory=list)
+    n_no_trained: int = 0
+    n_val: int = 0
+
+    @property
+    def n_warnings(self) -> int:
+        d = self.duplicates
+        return d.n_exact + d.n_near + d.n_leakage + self.n_over_length + self.n_no_trained
+
+    @property
+    def exit_code(self) -> int:
+        return 2 if self.n_errors else 1 if self.n_warnings else 0
+
+    def add_error(self, problem: str) -> None:
+        self.n_errors += 1
+        if len(self.errors) < MAX_LISTED * 4:
+            self.errors.append(problem)
+
+
+def _percentile(sorted_values: list[int], q: float) -> int:
+    if not sorted_values:
+        return 0
+    return sorted_values[min(len(sorted_values) - 1, int(q * (len(sorted_values) - 1) + 0.5))]
+
+
+def _stats(values: list[int]) -> dict:
+    v = sorted(values)
+    if not v:
+        return {}
+    return {"min": v[0], "median": statistics.median(v), "mean": round(sum(v) / len(v), 1), "p90": _percentile(v, 0.9),
+            "p99": _percentile(v, 0.99), "max": v[-1], "total": sum(v)}  # fmt: skip
+
+
+def _chunks(stream: Iterator, report: CheckReport, finder: DuplicateFinder, is_val: bool) -> Iterator[list]:
+    chunk = []
+    for where, conv, problem in stream:
+        report.records += 1
+        if problem:
+            report.add_error(problem)
+            continue
+        report.valid += 1
+        assert isinstance(conv, Conversation)
+        if is_val:
+            report.n_val += 1
+            finder.add_val(where, conv.messages)
+        else:
+            finder.add_train(where, conv.messages)
+        chunk.append((where, conv.messages))
+        if len(chunk) >= _CHUNK:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def run_check(tokenizer, cfg: DataConfig, train_sources, val_source=None, workers: int | None = None) -> CheckReport:
+    """Check every record of the sources. ``train_sources``/``val_source`` are DataSource objects."""
+    report = CheckReport(files=[s.path for s in train_sources] + ([val_source.path] if val_source else []))
+    finder = DuplicateFinder()
+    options = {
+        "max_length": cfg.max_length,
+        "over_length": cfg.over_length,
+        "train_on": cfg.train_on,
+        "role_weights": cfg.loss_weights,
+    }
+    streams = [(iter_conversations(s.path, s.format, s.fields), False) for s in train_sources]
+    if val_source:
+        streams.append((iter_conversations(val_source.path, val_source.format, val_source.fields), True))
+
+    def all_chunks():
+        for stream, is_val in streams:
+            yield from _chunks(stream, report, finder, is_val)
+
+    workers = workers if workers is not None else min(4, mp.cpu_count())
+    if workers > 1 and "fork" in mp.get_all_start_methods():
+        with mp.get_context("fork").Pool(workers, initializer=_init_worker, initargs=(tokenizer, options)) as pool:
+            results = pool.imap(_measure, all_chunks())
+            _collect(results, report, cfg)
+    else:
+        _init_worker(tokenizer, options)
+        _collect(map(_measure, all_chunks()), report, cfg)
+    report.duplicates = finder.found
+    return report
+
+
+def _collect(results, report: CheckReport, cfg: DataConfig) -> None:
+    for chunk in results:
+        for where, n_tokens, n_trained, dropped, error in chunk:
+            if error:
+                report.add_error(f"{where}: {error}")
+                continue
+            report.lengths.append(n_tokens)
+            report.trained.append(n_trained)
+            if n_tokens > cfg.max_length:
+                report.n_over_length += 1
+                if len(report.over_length) < MAX_LISTED:
+                    report.over_length.append(f"{where}: {n_tokens} tokens")
+            if n_trained == 0:
+                report.n_no_trained += 1
+                if len(report.no_trained) < MAX_LISTED:
+                    why = "dropped by data.over_length=drop" if dropped else "no trained token left"
+                    report.no_trained.append(f"{where}: {why}")
+
+
+def to_json(report: CheckReport, cfg: DataConfig) -> dict:
+    d = report.duplicates
+    policy = {"truncate": "truncated (start kept)", "truncate_history": "oldest turns dropped", "drop": "dropped"}[
+        cfg.over_length
+    ]
+    return {
+        "files": report.files,
+        "records": report.records,
+        "valid": report.valid,
+        "validation_records": report.n_val,
+        "errors": {"count": report.n_errors, "first": report.errors},
+        "warnings": {
+            "exact_duplicates": {"count": d.n_exact, "first": d.exact},
+            "near_duplicates": {"count": d.n_near, "first": d.near},
+            "train_val_leakage": {"count": d.n_leakage, "first": d.leakage},
+            "over_max_length": {
+                "count": report.n_over_length,
+                "max_length": cfg.max_length,
+                "policy": policy,
+                "first": report.over_length,
+            },
+            "no_trained_tokens": {"count": report.n_no_trained, "first": report.no_trained},
+        },
+        "token_lengths": _stats(report.lengths),
+        "trained_tokens_per_sample": _stats(report.trained),
+        "exit_code": report.exit_code,
+    }
+
+
+def summary(report: CheckReport, cfg: DataConfig) -> str:
+    j = to_json(report, cfg)
+    lines = [f"checked {report.records} record(s) in {', '.join(report.files)}: {report.valid} valid"]
+    if report.n_errors:
+        lines.append(f"\nERRORS ({report.n_errors}):")
+        lines += [f"  {e}" for e in report.errors[:20]]
+        if report.n_errors > 20:
+            lines.append(f"  ... and {report.n_errors - 20} more (all in the JSON report)")
+    warn = j["warnings"]
+    labels = {"exact_duplicates": "exact duplicates", "near_duplicates": "near duplicates (case/punctuation/spacing)",
+              "train_val_leakage": "validation conversations also in training", "over_max_length": "longer than data.max_length",
+              "no_trained_tokens": "samples with no trained token"}  # fmt: skip
+    if report.n_warnings:
+        lines.append("\nWARNINGS:")
+        for key, label in labels.items():
+            if warn[key]["count"]:
+                extra = f" -> {warn[key]['policy']}" if key == "over_max_length" else ""
+                lines.append(f"  {warn[key]['count']} {label}{extra}")
+                lines += [f"    {w}" for w in warn[key]["first"][:5]]
+    if j["token_lengths"]:
+        t, r = j["token_lengths"], j["trained_tokens_per_sample"]
+        lines.append(f"\ntokens per conversation (chat template applied): min {t['min']}, median {t['median']}, "
+                     f"p90 {t['p90']}, p99 {t['p99']}, max {t['max']}; {t['total']} in all")  # fmt: skip
+        lines.append(f"trained tokens per sample: min {r['min']}, median {r['median']}, max {r['max']}; "
+                     f"{r['total']} in all ({r['total'] / max(t['total'], 1):.0%} of tokens)")  # fmt: skip
+    verdict = {0: "clean", 1: "warnings only", 2: "errors"}[report.exit_code]
+    lines.append(f"\nresult: {verdict} (exit {report.exit_code})")
+    return "\n".join(lines)
+
+
+def write_outputs(report: CheckReport, cfg: DataConfig, json_path: Path | None, plot_path: Path | None) -> list[str]:
+    written = []
+    if json_path:
+        atomic.write_json(json_path, to_json(report, cfg))
+        written.append(str(json_path))
+    if plot_path and report.lengths:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            log.warning("matplotlib is not installed: no histogram (pip install 'lorasmith[plots]')")
+            return written
+        fig, ax = plt.subplots(figsize=(8, 4))
+        ax.hist(report.lengths, bins=50, color="#4477aa", alpha=0.85, label="tokens per conversation")
+        ax.hist(report.trained, bins=50, color="#ee6677", alpha=0.6, label="trained tokens")
+        ax.axvline(cfg.max_length, color="black", linestyle="--", label=f"max_length={cfg.max_length}")
+        ax.set_xlabel("tokens")
+        ax.set_ylabel("conversations")
+        ax.set_title(f"{report.valid} conversations")
+        ax.legend()
+        fig.tight_layout()
+        tmp = plot_path.with_name(f".{plot_path.name}.tmp.png")
+        fig.savefig(tmp, dpi=100)
+        plt.close(fig)
+        tmp.replace(plot_path)
+        written.append(str(plot_path))
+    return written
