@@ -291,14 +291,15 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        errors = []
         for arg in args:
             if arg is type(None):
                 continue
             try:
                 return _coerce(value, arg, key)
             except ConfigError as e:
-                errors.append(e)
+                # The member of the same shape as the value (a list for a list) has the useful message.
+                if isinstance(value, list) and typing.get_origin(arg) is list:
+                    raise e from None
         raise ConfigError(f"config key {key}: {value!r} is not a {_type_name(tp)}")
     if origin is Literal:
         choices = typing.get_args(tp)

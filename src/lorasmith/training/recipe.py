@@ -91,6 +91,7 @@ def train(cfg: Config, *, config_path: str | None = None, resume: str | None = N
             "train": [c.id for c in train_set.conversations],
             "val": [c.id for c in val_set.conversations],
             "left_out": split.skipped + train_set.dropped + val_set.dropped,
+            **overlap,
         },
     )
     write_status(run_dir, "running", pid=os.getpid(), precision=precision.name, attention=attention, device=str(device))
