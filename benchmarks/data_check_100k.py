@@ -39,7 +39,9 @@ def main() -> None:
         )  # fmt: skip
         wall = time.perf_counter() - start
         print(proc.stdout[-1500:])
-        print(f"{args.n} conversations ({size_mb:.1f} MB) checked in {wall:.1f} s = {args.n / wall:.0f} conversations/s (exit {proc.returncode})")
+        print(
+            f"{args.n} conversations ({size_mb:.1f} MB) checked in {wall:.1f} s = {args.n / wall:.0f} conversations/s (exit {proc.returncode})"
+        )
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ import csv
 import json
 
 import pytest
+from tests.conftest import write_jsonl
 
 from lorasmith import config
 from lorasmith.cli import main
@@ -13,7 +14,6 @@ from lorasmith.data.dataset import read_split, tokenize
 from lorasmith.data.masking import encode, encode_fitted, trained_spans
 from lorasmith.data.records import read_source
 from lorasmith.errors import ConfigError
-from tests.conftest import write_jsonl
 
 EXPECTED = [
     {"role": "system", "content": "Be brief."},
