@@ -33,10 +33,9 @@ def main() -> None:
                 f.write(json.dumps(conversation(rng)) + "\n")
         size_mb = data.stat().st_size / 2**20
         start = time.perf_counter()
-        proc = subprocess.run(
-            [sys.executable, "-m", "lorasmith", "data", "check", "--data", str(data), "--report", str(Path(tmp) / "r.json"), "--no-plot"],
-            capture_output=True, text=True,
-        )  # fmt: skip
+        report = Path(tmp) / "r.json"
+        cmd = [sys.executable, "-m", "lorasmith", "data", "check", "--data", str(data), "--report", str(report), "--no-plot"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
         wall = time.perf_counter() - start
         print(proc.stdout[-1500:])
         print(

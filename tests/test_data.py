@@ -60,8 +60,12 @@ def test_every_format_reads_to_the_same_messages(tmp_path):
 def test_prompt_completion_and_field_mapping(tmp_path):
     path = write_jsonl(tmp_path / "pc.jsonl", [{"prompt": "Capital of France?", "completion": "Paris."}])
     assert _plain(read_source(path).conversations[0]) == EXPECTED[1:]
-    conv_pc = {"prompt": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
-                          {"role": "user", "content": "Capital?"}], "completion": [{"role": "assistant", "content": "Paris."}]}  # fmt: skip
+    prompt = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello"},
+        {"role": "user", "content": "Capital?"},
+    ]
+    conv_pc = {"prompt": prompt, "completion": [{"role": "assistant", "content": "Paris."}]}
     conv = read_source(write_jsonl(tmp_path / "cpc.jsonl", [conv_pc])).conversations[0]
     assert [m["weight"] for m in conv.messages] == [0.0, 0.0, 0.0, 1.0]  # few-shot answers in the prompt are not trained
     custom = {"dialog": [{"speaker": "user", "text": "Capital of France?"}, {"speaker": "assistant", "text": "Paris."}]}
