@@ -38,9 +38,8 @@ def main() -> None:
         proc = subprocess.run(cmd, capture_output=True, text=True)
         wall = time.perf_counter() - start
         print(proc.stdout[-1500:])
-        print(
-            f"{args.n} conversations ({size_mb:.1f} MB) checked in {wall:.1f} s = {args.n / wall:.0f} conversations/s (exit {proc.returncode})"
-        )
+        rate = args.n / wall
+        print(f"{args.n} conversations ({size_mb:.1f} MB) in {wall:.1f} s = {rate:.0f} conversations/s (exit {proc.returncode})")
 
 
 if __name__ == "__main__":
