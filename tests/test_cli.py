@@ -154,12 +154,12 @@ def test_chat_one_shot_with_adapter(tmp_path, tiny_model_dir, data_files, capsys
 
 
 def test_failed_run_is_marked_failed(tmp_path, tiny_model_dir, data_files, monkeypatch):
-    from lorasmith.training import recipe
+    from lorasmith.training import step
 
     def boom(*a, **k):
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(recipe, "accumulate_gradients", boom)
+    monkeypatch.setattr(step, "accumulate_gradients", boom)
     out = tmp_path / "runs"
     with pytest.raises(RuntimeError):
         main(_args(tiny_model_dir, data_files, out, "eval.samples=0"))

@@ -6,7 +6,8 @@ from lorasmith.data.batching import collate, plan_epoch
 from lorasmith.data.masking import encode
 from lorasmith.models.hardware import Precision
 from lorasmith.training.loss import weighted_loss
-from lorasmith.training.recipe import accumulate_gradients, add_lora
+from lorasmith.training.recipe import add_lora
+from lorasmith.training.step import accumulate_gradients
 
 FP32 = Precision("fp32", "cpu")
 

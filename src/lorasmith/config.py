@@ -133,10 +133,14 @@ class TrainConfig:
     """Passes over the training data (fractions allowed). Ignored when max_steps > 0."""
     max_steps: int = 0
     """Optimizer steps to run; 0 means derive from epochs."""
-    micro_batch_size: int = 8
-    """Conversations per forward/backward pass."""
+    micro_batch_size: int | Literal["auto"] = 8
+    """Conversations per forward/backward pass, or auto: the largest that fits train.memory_budget_gb."""
     grad_accum: int = 1
     """Micro-batches per optimizer step (effective batch = micro_batch_size x grad_accum)."""
+    effective_batch_size: int = 0
+    """Conversations per optimizer step; required with micro_batch_size=auto, else micro_batch_size x grad_accum."""
+    memory_budget_gb: float = 0.0
+    """Memory the micro_batch_size=auto probe may fill (0: 90% of available RAM on CPU, of free memory on a GPU)."""
     lr: float = 2e-4
     """Peak learning rate of AdamW."""
     weight_decay: float = 0.0
@@ -174,9 +178,23 @@ class TrainConfig:
             raise ConfigError(f"train.max_steps must be >= 0, got {self.max_steps}")
         if self.max_steps == 0 and self.epochs <= 0:
             raise ConfigError("train.epochs must be > 0 when train.max_steps is 0")
-        for key in ("micro_batch_size", "grad_accum", "log_every", "keep_checkpoints", "max_skipped_steps"):
+        for key in ("grad_accum", "log_every", "keep_checkpoints", "max_skipped_steps"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"train.{key} must be >= 1, got {getattr(self, key)}")
+        if self.micro_batch_size == "auto":
+            if self.effective_batch_size < 1:
+                raise ConfigError(
+                    "train.micro_batch_size=auto needs train.effective_batch_size",
+                    hint="e.g. train.effective_batch_size=16: the probe picks the micro-batch, accumulation makes up the rest",
+                )
+        elif self.micro_batch_size < 1:
+            raise ConfigError(f"train.micro_batch_size must be >= 1 or auto, got {self.micro_batch_size}")
+        elif self.effective_batch_size and self.effective_batch_size != self.micro_batch_size * self.grad_accum:
+            raise ConfigError(
+                f"train.effective_batch_size={self.effective_batch_size} contradicts micro_batch_size x grad_accum = "
+                f"{self.micro_batch_size} x {self.grad_accum}",
+                hint="set one of them, or use micro_batch_size=auto with effective_batch_size",
+            )
         if self.lr <= 0:
             raise ConfigError(f"train.lr must be > 0, got {self.lr}")
         if not 0.0 <= self.warmup_ratio < 1.0:

@@ -32,3 +32,5 @@ class ModelLoadError(LorasmithError):
 
 class TrainingError(LorasmithError):
     """A run that had to stop (non-finite loss, out of memory with no smaller batch left...)."""
+
+    exit_code = 1

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from lorasmith import atomic
-from lorasmith.errors import LorasmithError
+from lorasmith.errors import LorasmithError, TrainingError
 
 log = logging.getLogger(__name__)
 MARKER = "COMPLETE"
@@ -33,6 +33,8 @@ class TrainerState:
     skipped_steps: int
     fingerprint: dict
     """What the run must match to resume: model, data, and the config keys that shape training."""
+    split: int = 1
+    """Pieces each planned micro-batch is cut into (the auto probe and OOM recovery raise it)."""
 
 
 def _rng_state() -> dict:
@@ -57,13 +59,21 @@ def _restore_rng(state: dict) -> None:
 
 def save(run_dir: Path, model, optimizer, scheduler, state: TrainerState, keep: int) -> Path:
     target = run_dir / "checkpoints" / f"step-{state.step:07d}"
-    with atomic.folder(target) as tmp:
-        model.save_pretrained(tmp / "adapter", safe_serialization=True)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save(_rng_state(), tmp / "rng.pt")
-        (tmp / "trainer_state.json").write_text(json.dumps(asdict(state), indent=2))
-        (tmp / MARKER).write_text("")
+    try:
+        with atomic.folder(target) as tmp:
+            model.save_pretrained(tmp / "adapter", safe_serialization=True)
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            torch.save(_rng_state(), tmp / "rng.pt")
+            (tmp / "trainer_state.json").write_text(json.dumps(asdict(state), indent=2))
+            (tmp / MARKER).write_text("")
+    except OSError as e:
+        last = latest(run_dir)
+        raise TrainingError(
+            f"could not write checkpoint {target.name}: {e.strerror or e}; "
+            + (f"the last complete checkpoint {last.name} is intact" if last else "no earlier checkpoint exists"),
+            hint=f"free disk space under {run_dir}, then continue with --resume {run_dir}",
+        ) from None
     _prune(run_dir / "checkpoints", keep)
     return target
 

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from lorasmith import atomic
 from lorasmith.config import Config, to_yaml
-from lorasmith.data.batching import collate, plan_epoch
+from lorasmith.data.batching import collate
 from lorasmith.data.dataset import TokenizedSet, read_split, tokenize
 from lorasmith.errors import LorasmithError, TrainingError
 from lorasmith.evaluation.generate import generate, prompt_and_reference
@@ -43,7 +43,9 @@ from lorasmith.models.loading import load_model, load_tokenizer
 from lorasmith.training import checkpoint
 from lorasmith.training.checkpoint import TrainerState
 from lorasmith.training.loss import weighted_loss
-from lorasmith.training.run_folder import MetricsLog, find_resume_dir, new_run_dir, write_status
+from lorasmith.training.memory import available_memory, probe_micro_batch
+from lorasmith.training.run_folder import MetricsLog, check_writable, find_resume_dir, new_run_dir, write_status
+from lorasmith.training.step import Stepper
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +85,7 @@ def train(cfg: Config, *, config_path: str | None = None, resume: str | None = N
         check_resumable(resumed.fingerprint, fingerprint, force_resume)
     else:
         run_dir, ckpt, resumed = new_run_dir(cfg, config_path), None, None
+    check_writable(run_dir.parent)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic.write_text(run_dir / "config.yaml", to_yaml(cfg))
     atomic.write_json(
@@ -126,6 +129,8 @@ def _train_in(run_dir, cfg, tokenizer, train_set, val_set, device, precision, at
     total = sum(p.numel() for p in model.parameters())
     if trainable == 0:
         raise TrainingError("no trainable parameter: lora.target_modules matched no layer of this model")
+    # Adapter + two AdamW moments in fp32, per kept checkpoint and the final adapter, plus slack.
+    check_writable(run_dir, need_bytes=trainable * 4 * 3 * (cfg.train.keep_checkpoints + 1) + 64 * 2**20)
     log.info(
         "LoRA: %s trainable of %s parameters (%.2f%%); precision %s, attention %s",
         f"{trainable:,}",
@@ -135,103 +140,80 @@ def _train_in(run_dir, cfg, tokenizer, train_set, val_set, device, precision, at
         attention,
     )
 
-    # 6. Optimizer and schedule over the planned number of steps.
-    mb = cfg.train.micro_batch_size
-    mb_per_epoch = math.ceil(len(train_set.encoded) / mb)
-    total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * mb_per_epoch / cfg.train.grad_accum))
+    # 6. Batch plan, optimizer and schedule. The plan fixes the data order whatever memory allows.
+    pad_id = tokenizer.pad_token_id
+    tc = cfg.train
+    plan_mb, plan_accum = (tc.effective_batch_size, 1) if tc.micro_batch_size == "auto" else (tc.micro_batch_size, tc.grad_accum)
+    probe_total = math.ceil(len(train_set.encoded) / plan_mb)
+    total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * probe_total / plan_accum))
     optimizer, scheduler = build_optimizer(model, cfg, total_steps)
     scaler = torch.amp.GradScaler(device.type) if precision.needs_grad_scaler else None
+    stepper = Stepper(model, optimizer, scheduler, scaler, precision, tc, train_set, pad_id, device, plan_mb, plan_accum)
     state = TrainerState(step=0, micro_batches_done=0, tokens_seen=0, skipped_steps=0, fingerprint=fingerprint)
     if ckpt is not None:
         checkpoint.restore(ckpt, model, optimizer, scheduler)
         state = resumed
+        truncate_metrics(run_dir / "metrics.jsonl", state.step)
         log.info("resumed from %s at step %d", ckpt, state.step)
+    elif tc.micro_batch_size == "auto":
+        state.split = plan_mb // auto_micro_batch(model, train_set, pad_id, precision, device, tc)
 
-    pad_id = tokenizer.pad_token_id
     ev = cfg.eval
     metrics = MetricsLog(run_dir / "metrics.jsonl")
     show = val_set if val_set.conversations else train_set
     sample_convs = show.conversations[: ev.samples]
 
-    # 7. Before training: a finite, sane loss and the base model's answers.
-    before = evaluate(model, tokenizer, val_set, cfg, precision, pad_id) if state.step == 0 else None
-    if before is not None:
+    # 7. Pre-flight: a finite, sane loss on real data, and the base model's answers.
+    before = None
+    if state.step == 0:
+        before = evaluate(model, tokenizer, val_set, cfg, precision, pad_id)
+        if "loss" not in before:
+            before["train_batch_loss"] = first_batch_loss(model, train_set, pad_id, precision)
         preflight_loss(before, model)
         before["samples"] = answers_for(model, tokenizer, sample_convs, cfg, precision)
         atomic.write_json(run_dir / "eval_before.json", before)
         metrics.write(step=0, **{f"eval_{k}": v for k, v in before.items() if isinstance(v, float)})
         report_eval("before training", before)
 
-    # 8. The loop.
+    # 8. The loop: a step, its log line, then evaluation, checkpoint and signals at step boundaries.
     stopper = GracefulStop()
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
     bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True, disable=None)
-    nonfinite_in_row = 0
-    epoch_cache: dict[int, list[list[int]]] = {}
-    lengths = [len(e.input_ids) for e in train_set.encoded]
+
+    def on_oom(step, size):
+        metrics.write(step=step, oom=True, micro_batch_size=size)
+
     try:
         while state.step < total_steps:
             t0 = time.perf_counter()
-            batches = []
-            for _ in range(cfg.train.grad_accum):
-                epoch, pos = divmod(state.micro_batches_done + len(batches), mb_per_epoch)
-                if epoch not in epoch_cache:
-                    epoch_cache = {epoch: plan_epoch(lengths, mb, cfg.train.seed, epoch, cfg.train.order)}
-                batches.append(collate([train_set.encoded[i] for i in epoch_cache[epoch][pos]], pad_id).to(device))
-            step_loss = accumulate_gradients(model, batches, precision, scaler)
-            if scaler:
-                scaler.unscale_(optimizer)
-            max_norm = cfg.train.max_grad_norm or float("inf")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-            finite = math.isfinite(step_loss) and (math.isfinite(grad_norm) or scaler is not None)
-            if finite:
-                if scaler:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                nonfinite_in_row = 0
-            else:
-                nonfinite_in_row += 1
-                state.skipped_steps += 1
-                if cfg.train.on_nonfinite == "stop" or nonfinite_in_row > cfg.train.max_skipped_steps:
-                    metrics.write(step=state.step + 1, loss=step_loss, grad_norm=grad_norm, nonfinite=True)
+            number = state.step + 1
+            result = stepper.step(state, on_oom=on_oom)
+            dt = time.perf_counter() - t0
+            if not result.finite:
+                metrics.write(step=number, loss=result.loss, grad_norm=result.grad_norm, nonfinite=True)
+                if state.step < number:  # the stepper stops short of a step it will not skip
                     raise TrainingError(
-                        f"non-finite loss or gradient at step {state.step + 1} (loss={step_loss}, grad norm={grad_norm}); "
-                        "the last good checkpoint is kept",
+                        f"non-finite loss or gradient at step {number} (loss={result.loss}, grad norm={result.grad_norm}); "
+                        "no checkpoint was written after it: the last good one is kept",
                         hint="lower train.lr, use train.precision=fp32, check the data, or set train.on_nonfinite=skip",
                     )
-                log.warning("step %d: non-finite loss/gradient, update skipped (%d in a row)", state.step + 1, nonfinite_in_row)
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            state.step += 1
-            state.micro_batches_done += len(batches)
-            real_tokens = sum(b.num_real_tokens for b in batches)
-            state.tokens_seen += real_tokens
-            dt = time.perf_counter() - t0
-            if state.step % cfg.train.log_every == 0 or state.step == total_steps:
+                log.warning("step %d: non-finite loss/gradient, update skipped (%d in a row)", number, stepper.nonfinite_in_row)
+            if state.step % tc.log_every == 0 or state.step == total_steps:
                 metrics.write(
-                    step=state.step,
-                    loss=step_loss,
-                    lr=scheduler.get_last_lr()[0],
-                    grad_norm=grad_norm,
-                    tokens_per_s=real_tokens / dt,
-                    step_s=dt,
-                    tokens_seen=state.tokens_seen,
-                    epoch=state.micro_batches_done / mb_per_epoch,
-                    skipped=not finite,
-                )
-            bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{real_tokens / dt:.0f}")
+                    step=state.step, loss=result.loss, lr=scheduler.get_last_lr()[0], grad_norm=result.grad_norm,
+                    tokens_per_s=result.real_tokens / dt, step_s=dt, tokens_seen=state.tokens_seen,
+                    epoch=state.micro_batches_done / stepper.per_epoch, micro_batch_size=result.micro_batch_size,
+                    skipped=not result.finite,
+                )  # fmt: skip
+            bar.set_postfix(loss=f"{result.loss:.4f}", tok_s=f"{result.real_tokens / dt:.0f}")
             bar.update(1)
-            if cfg.train.eval_every and state.step % cfg.train.eval_every == 0 and state.step < total_steps and val_set.encoded:
-                val = validation_loss(
-                    model, val_set, pad_id=pad_id, precision=precision, batch_size=ev.batch_size, max_batches=ev.max_batches
-                )
+            if tc.eval_every and state.step % tc.eval_every == 0 and state.step < total_steps and val_set.encoded:
+                val = validation_loss(model, val_set, pad_id=pad_id, precision=precision, batch_size=ev.batch_size,
+                                      max_batches=ev.max_batches)  # fmt: skip
                 metrics.write(step=state.step, **{f"eval_{k}": v for k, v in val.items()})
                 bar.write(f"step {state.step}: eval loss {val['loss']:.4f}")
-            if cfg.train.save_every and state.step % cfg.train.save_every == 0 and state.step < total_steps:
-                checkpoint.save(run_dir, model, optimizer, scheduler, state, cfg.train.keep_checkpoints)
+            if tc.save_every and state.step % tc.save_every == 0 and state.step < total_steps:
+                checkpoint.save(run_dir, model, optimizer, scheduler, state, tc.keep_checkpoints)
             if stopper.signum is not None:
                 break
     finally:
@@ -240,19 +222,22 @@ def _train_in(run_dir, cfg, tokenizer, train_set, val_set, device, precision, at
         stopper.restore()
 
     # 9. Final checkpoint (also on a signal, so the run can resume).
-    checkpoint.save(run_dir, model, optimizer, scheduler, state, cfg.train.keep_checkpoints)
+    checkpoint.save(run_dir, model, optimizer, scheduler, state, tc.keep_checkpoints)
     if stopper.signum is not None:
         resume_cmd = f"lorasmith train {config_path or ''} --resume {run_dir}".replace("  ", " ")
-        print(
-            f"\nstopped by {signal.Signals(stopper.signum).name} after step {state.step}; resume with:\n  {resume_cmd}",
-            file=sys.stderr,
-        )
+        name = signal.Signals(stopper.signum).name
+        print(f"\nstopped by {name} after step {state.step}; resume with:\n  {resume_cmd}", file=sys.stderr)
         write_status(run_dir, "interrupted", step=state.step, resume=resume_cmd)
         raise SystemExit(128 + stopper.signum)
 
     # 10. After training: the same evaluation, then the adapter, written atomically.
     after = evaluate(model, tokenizer, val_set, cfg, precision, pad_id)
     after["samples"] = answers_for(model, tokenizer, sample_convs, cfg, precision)
+    answers = after["samples"] + [a["answer"] for a in after.get("exact_match_answers", [])]
+    after["degenerate_answers"] = [a for a in answers if is_degenerate(a)]
+    if after["degenerate_answers"]:
+        log.warning("%d of %d answers after training are empty or repetitive, e.g. %r: check the lr and the data",
+                    len(after["degenerate_answers"]), len(answers), after["degenerate_answers"][0][:120])  # fmt: skip
     atomic.write_json(run_dir / "eval_after.json", after)
     final_log = MetricsLog(run_dir / "metrics.jsonl")
     final_log.write(step=state.step, **{f"eval_{k}": v for k, v in after.items() if isinstance(v, float)})
@@ -296,22 +281,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def accumulate_gradients(model, batches, precision, scaler=None) -> float:
-    """Backward over the micro-batches of one optimizer step; return the step's mean loss.
-
-    Each micro-batch's loss sum is divided by the trained weight of the whole effective batch,
-    so the gradient is the same however the batch is split into micro-batches.
-    """
-    total_weight = sum(b.weight_sum for b in batches)
-    loss_sum = 0.0
-    for batch in batches:
-        parts = weighted_loss(model, batch, precision)
-        loss = parts.loss_sum / total_weight
-        (scaler.scale(loss) if scaler else loss).backward()
-        loss_sum += float(parts.loss_sum.detach())
-    return loss_sum / total_weight
 
 
 def add_lora(model, cfg: Config):
@@ -369,21 +338,73 @@ def evaluate(model, tokenizer, val_set: TokenizedSet, cfg: Config, precision, pa
     return out
 
 
+def auto_micro_batch(model, train_set, pad_id, precision, device, tc) -> int:
+    """Probe the largest micro-batch of the longest conversations that fits the memory budget."""
+    budget = int(tc.memory_budget_gb * 2**30) if tc.memory_budget_gb else int(0.9 * available_memory(device))
+    longest = sorted(train_set.encoded, key=lambda e: -len(e.input_ids))
+
+    def run(n):
+        parts = weighted_loss(model, collate(longest[:n], pad_id).to(device), precision)
+        (parts.loss_sum / max(parts.weight_sum, 1.0)).backward()
+        model.zero_grad(set_to_none=True)
+
+    best, measured = probe_micro_batch(run, tc.effective_batch_size, budget, device)
+    for m in measured:
+        log.info("micro-batch probe: %s", m)
+    if best == 0:
+        raise TrainingError(
+            f"one conversation of {len(longest[0].input_ids)} tokens does not fit the memory budget ({budget / 2**30:.1f} GiB)",
+            hint="raise train.memory_budget_gb, lower data.max_length, or enable train.gradient_checkpointing",
+        )
+    log.info(
+        "micro_batch_size=auto: %d x %d accumulation = %d per step",
+        best,
+        tc.effective_batch_size // best,
+        tc.effective_batch_size,
+    )
+    return best
+
+
+def first_batch_loss(model, train_set, pad_id, precision) -> float:
+    with torch.no_grad():
+        parts = weighted_loss(model, collate(train_set.encoded[:4], pad_id).to(next(model.parameters()).device), precision)
+    return float(parts.loss_sum) / parts.weight_sum
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop lines logged after the checkpoint we resume from: they will be logged again."""
+    if not path.is_file():
+        return
+    import json
+
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+    atomic.write_text(path, "".join(line + "\n" for line in keep))
+
+
 def preflight_loss(before: dict, model) -> None:
     """A loss far above ln(vocab) means the model, tokenizer or masks do not fit together."""
-    if "loss" not in before:
+    loss = before.get("loss", before.get("train_batch_loss"))
+    if loss is None:
         return
     vocab = model.get_base_model().config.vocab_size
-    if not math.isfinite(before["loss"]):
-        raise TrainingError(
-            f"the base model's validation loss is {before['loss']}", hint="check the model files and train.precision"
-        )
-    if before["loss"] > 2 * math.log(vocab):
+    if not math.isfinite(loss):
+        raise TrainingError(f"the base model's loss on real data is {loss}", hint="check the model files and train.precision")
+    if loss > 2 * math.log(vocab):
         log.warning(
-            "validation loss before training %.2f is far above ln(vocab)=%.2f: tokenizer and model may not match",
-            before["loss"],
-            math.log(vocab),
+            "loss before training %.2f is far above ln(vocab)=%.2f: tokenizer and model may not match", loss, math.log(vocab)
         )
+
+
+def is_degenerate(text: str) -> bool:
+    """Empty, or stuck in a loop: one 3-word phrase makes up most of a long answer."""
+    words = text.split()
+    if not words:
+        return True
+    if len(words) < 12:
+        return False
+    grams = [" ".join(words[i : i + 3]) for i in range(len(words) - 2)]
+    top = max(grams.count(g) for g in set(grams))
+    return top * 3 > 0.5 * len(words)
 
 
 def answers_for(model, tokenizer, convs, cfg: Config, precision) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -26,6 +27,23 @@ def new_run_dir(cfg: Config, config_path: str | None) -> Path:
             )
         shutil.rmtree(path)
     return path
+
+
+def check_writable(folder: Path, need_bytes: int = 0) -> None:
+    """Fail now, not after an hour of training, if results cannot be written."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        raise LorasmithError(f"cannot write to {folder}: {e.strerror or e}", hint="set output.dir to a writable folder") from None
+    free = shutil.disk_usage(folder).free
+    if need_bytes and free < need_bytes:
+        raise LorasmithError(
+            f"only {free / 2**20:.0f} MiB free under {folder}; checkpoints and adapter need about {need_bytes / 2**20:.0f} MiB",
+            hint="free disk space, set output.dir elsewhere, or lower train.keep_checkpoints",
+        )
 
 
 def find_resume_dir(cfg: Config, config_path: str | None, resume: str) -> Path:

@@ -1,0 +1,127 @@
+"""Out-of-memory detection and recovery, and the micro-batch probe behind `micro_batch_size: auto`.
+
+Why our own: peers search for a batch size once before training (Accelerate's
+``find_executable_batch_size``) and crash on the long batch that comes later. Here an OOM in any
+step splits that step's micro-batches in two (accumulating twice as many), so the effective
+batch, and the result, stay the same, and the same step is retried.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_CPU_OOM_MESSAGES = ("out of memory", "can't allocate memory", "defaultcpuallocator", "cannot allocate memory")
+
+
+def is_oom(err: BaseException) -> bool:
+    if isinstance(err, torch.OutOfMemoryError):
+        return True
+    if isinstance(err, (RuntimeError, MemoryError)):
+        text = str(err).lower()
+        return isinstance(err, MemoryError) or any(m in text for m in _CPU_OOM_MESSAGES)
+    return False
+
+
+def release_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def split_indices(indices: list[int], parts: int) -> list[list[int]]:
+    """``indices`` cut into at most ``parts`` contiguous, near-equal, non-empty pieces."""
+    parts = min(parts, len(indices))
+    size, extra = divmod(len(indices), parts)
+    out, start = [], 0
+    for p in range(parts):
+        end = start + size + (p < extra)
+        out.append(indices[start:end])
+        start = end
+    return out
+
+
+def _rss_bytes() -> int:
+    with open(f"/proc/{os.getpid()}/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes free for new allocations on ``device``."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return free
+    with open("/proc/meminfo") as f:
+        info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
+    return info.get("MemAvailable", info.get("MemFree", 0))
+
+
+def peak_extra_memory(fn: Callable[[], None], device: torch.device) -> int:
+    """Peak bytes that ``fn`` adds on top of what was in use before it ran.
+
+    CUDA: the allocator's own peak counter. CPU: resident memory sampled every 2 ms on a thread
+    (the allocator has no peak counter there), which can miss a spike shorter than that.
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    base = _rss_bytes()
+    peak = [base]
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_bytes())
+            time.sleep(0.002)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        thread.join()
+    return max(peak[0], _rss_bytes()) - base
+
+
+def probe_micro_batch(
+    run_batch: Callable[[int], None], effective: int, budget: int, device: torch.device
+) -> tuple[int, list[dict]]:
+    """Largest micro-batch (a divisor of ``effective``) whose step fits ``budget`` bytes.
+
+    ``run_batch(n)`` runs forward and backward on the ``n`` longest samples. Sizes grow until one
+    does not fit; returns the best size and what each probe measured.
+    """
+    sizes = [d for d in range(1, effective + 1) if effective % d == 0]
+    best, measured = 0, []
+    for n in sizes:
+        try:
+            used = peak_extra_memory(lambda n=n: run_batch(n), device)
+        except BaseException as e:
+            if not is_oom(e):
+                raise
+            release_memory()
+            measured.append({"micro_batch_size": n, "oom": True})
+            break
+        release_memory()
+        measured.append({"micro_batch_size": n, "peak_bytes": used})
+        if used > budget:
+            break
+        best = n
+        # Memory grows about linearly in n: stop before a size that would clearly not fit.
+        nxt = next((d for d in sizes if d > n), None)
+        if nxt is not None and used * nxt / n > budget * 1.5:
+            break
+    return best, measured

@@ -1,0 +1,131 @@
+"""One optimizer step: the planned micro-batches, out-of-memory retry, clipping, the NaN/inf guard."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+
+from lorasmith.config import TrainConfig
+from lorasmith.data.batching import collate, plan_epoch
+from lorasmith.data.dataset import TokenizedSet
+from lorasmith.errors import TrainingError
+from lorasmith.models.hardware import Precision
+from lorasmith.training.checkpoint import TrainerState
+from lorasmith.training.loss import weighted_loss
+from lorasmith.training.memory import is_oom, release_memory, split_indices
+
+log = logging.getLogger(__name__)
+
+
+def accumulate_gradients(model, batches, precision: Precision, scaler=None) -> float:
+    """Backward over the micro-batches of one optimizer step; return the step's mean loss.
+
+    Each micro-batch's loss sum is divided by the trained weight of the whole effective batch,
+    so the gradient is the same however the batch is split into micro-batches.
+    """
+    total_weight = sum(b.weight_sum for b in batches)
+    loss_sum = 0.0
+    for batch in batches:
+        parts = weighted_loss(model, batch, precision)
+        loss = parts.loss_sum / total_weight
+        (scaler.scale(loss) if scaler else loss).backward()
+        loss_sum += float(parts.loss_sum.detach())
+    return loss_sum / total_weight
+
+
+@dataclass
+class StepResult:
+    loss: float
+    grad_norm: float
+    finite: bool
+    real_tokens: int
+    micro_batch_size: int
+    """Largest micro-batch actually run (smaller than planned after an out-of-memory split)."""
+
+
+class Stepper:
+    """Runs optimizer steps over a deterministic plan of micro-batches.
+
+    The plan has ``plan_accum`` micro-batches of ``plan_mb`` samples per step; ``state.split``
+    cuts each into that many pieces (set by the auto probe and doubled on each OOM), so the
+    data order and the effective batch never depend on memory.
+    """
+
+    def __init__(self, model, optimizer, scheduler, scaler, precision: Precision, cfg: TrainConfig, data: TokenizedSet,
+                 pad_id: int, device: torch.device, plan_mb: int, plan_accum: int):  # fmt: skip
+        self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
+        self.precision, self.cfg, self.data, self.pad_id, self.device = precision, cfg, data, pad_id, device
+        self.plan_mb, self.plan_accum = plan_mb, plan_accum
+        self.per_epoch = math.ceil(len(data.encoded) / plan_mb)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self._lengths = [len(e.input_ids) for e in data.encoded]
+        self._plans: dict[int, list[list[int]]] = {}
+        self.nonfinite_in_row = 0
+
+    def total_steps(self) -> int:
+        return self.cfg.max_steps or max(1, math.ceil(self.cfg.epochs * self.per_epoch / self.plan_accum))
+
+    def planned(self, done: int) -> list[list[int]]:
+        """Sample indices of the micro-batches of the step that starts after ``done`` micro-batches."""
+        out = []
+        for k in range(done, done + self.plan_accum):
+            epoch, pos = divmod(k, self.per_epoch)
+            if epoch not in self._plans:
+                self._plans = {epoch: plan_epoch(self._lengths, self.plan_mb, self.cfg.seed, epoch, self.cfg.order)}
+            out.append(self._plans[epoch][pos])
+        return out
+
+    def step(self, state: TrainerState, on_oom=None) -> StepResult:
+        planned = self.planned(state.micro_batches_done)
+        while True:
+            pieces = [p for idx in planned for p in split_indices(idx, state.split)]
+            batches = [collate([self.data.encoded[i] for i in p], self.pad_id).to(self.device) for p in pieces]
+            try:
+                loss = accumulate_gradients(self.model, batches, self.precision, self.scaler)
+                break
+            except BaseException as e:
+                if not is_oom(e):
+                    raise
+                del batches
+                self.optimizer.zero_grad(set_to_none=True)
+                release_memory()
+                if max(len(p) for p in pieces) <= 1:
+                    raise TrainingError(
+                        f"out of memory at step {state.step + 1} even with one conversation per micro-batch",
+                        hint="lower data.max_length, enable train.gradient_checkpointing, or use a quantized base (QLoRA)",
+                    ) from None
+                state.split *= 2
+                size = max(len(p) for idx in planned for p in split_indices(idx, state.split))
+                log.warning(
+                    "out of memory at step %d: retrying with micro-batch %d (effective batch unchanged)", state.step + 1, size
+                )
+                if on_oom:
+                    on_oom(state.step + 1, size)
+
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm or float("inf")))
+        # With fp16 loss scaling an inf gradient is routine: the scaler skips that update itself.
+        finite = math.isfinite(loss) and (math.isfinite(grad_norm) or self.scaler is not None)
+        if finite:
+            if self.scaler:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+            self.nonfinite_in_row = 0
+        else:
+            self.nonfinite_in_row += 1
+            state.skipped_steps += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        result = StepResult(loss, grad_norm, finite, sum(b.num_real_tokens for b in batches), max(len(p) for p in pieces))
+        if not finite and (self.cfg.on_nonfinite == "stop" or self.nonfinite_in_row > self.cfg.max_skipped_steps):
+            return result  # the caller stops before the scheduler and the state move on
+        self.scheduler.step()
+        state.step += 1
+        state.micro_batches_done += len(planned)
+        state.tokens_seen += result.real_tokens
+        return result

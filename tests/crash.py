@@ -1,0 +1,62 @@
+"""Run `lorasmith` in a subprocess with a fault injected at a chosen point (used by test_reliability).
+
+    python tests/crash.py MODE N -- lorasmith-args...
+
+MODE: kill-before-step (SIGKILL before step N+1), term-before-step (SIGTERM before step N+1),
+kill-in-checkpoint (SIGKILL while checkpoint N is half written), kill-in-adapter (SIGKILL while the
+final adapter is half written).
+"""
+
+import os
+import signal
+import sys
+
+import torch
+
+from lorasmith import atomic
+from lorasmith.training import checkpoint, step
+
+mode, n = sys.argv[1], int(sys.argv[2])
+args = sys.argv[sys.argv.index("--") + 1 :]
+
+if mode in ("kill-before-step", "term-before-step"):
+    original_step = step.Stepper.step
+    sig = signal.SIGKILL if mode == "kill-before-step" else signal.SIGTERM
+
+    def patched_step(self, state, on_oom=None):
+        if state.step == n:
+            os.kill(os.getpid(), sig)
+        return original_step(self, state, on_oom)
+
+    step.Stepper.step = patched_step
+elif mode == "kill-in-checkpoint":
+    original_save = torch.save
+
+    def patched_save(obj, path, *a, **k):
+        original_save(obj, path, *a, **k)
+        if f"step-{n:07d}" in str(path) and str(path).endswith("scheduler.pt"):
+            os.kill(os.getpid(), signal.SIGKILL)  # optimizer and scheduler written, RNG and marker not
+
+    checkpoint.torch.save = patched_save
+elif mode == "kill-in-adapter":
+    original_folder = atomic.folder
+
+    class KillingFolder:
+        def __init__(self, path):
+            self.path, self.inner = path, original_folder(path)
+
+        def __enter__(self):
+            return self.inner.__enter__()
+
+        def __exit__(self, *exc):
+            if self.path.name == "adapter":
+                os.kill(os.getpid(), signal.SIGKILL)
+            return self.inner.__exit__(*exc)
+
+    atomic.folder = KillingFolder
+else:
+    raise SystemExit(f"unknown mode {mode}")
+
+from lorasmith.cli import main  # noqa: E402
+
+sys.exit(main(args))
