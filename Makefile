@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.lorasmith-installed
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test lint bench clean
 
 setup: $(STAMP)
 
@@ -24,6 +24,10 @@ demo: setup
 test: setup
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/pip install --quiet -c requirements/constraints.txt -e ".[bench]"
+	$(BIN)/lorasmith bench --out bench-results
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks

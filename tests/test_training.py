@@ -78,3 +78,41 @@ def test_bf16_loss_is_close_to_fp32(lora_model, encoded, tokenizer):
         fp32 = weighted_loss(lora_model, batch, FP32)
         bf16 = weighted_loss(lora_model, batch, Precision("bf16", "cpu"))
     assert float(bf16.loss_sum) / bf16.weight_sum == pytest.approx(float(fp32.loss_sum) / fp32.weight_sum, rel=2e-2)
+
+
+def test_token_cap_pieces_are_a_partition_within_the_cap():
+    from lorasmith.training.memory import cap_tokens
+
+    lengths = [100, 30, 250, 40, 90, 10, 60, 300]
+    pieces = cap_tokens([list(range(8))], lengths, max_tokens=300)
+    assert sorted(i for p in pieces for i in p) == list(range(8))
+    assert all(len(p) * max(lengths[i] for i in p) <= 300 or len(p) == 1 for p in pieces)
+    assert cap_tokens([[0, 1]], lengths, 0) == [[0, 1]]
+
+
+def _run(tiny_model_dir, tmp_path, demo_rows, name, *extra):
+    import json
+
+    from tests.conftest import write_jsonl
+
+    from lorasmith.cli import main
+
+    train, val = demo_rows
+    t, v = write_jsonl(tmp_path / "t.jsonl", train), write_jsonl(tmp_path / "v.jsonl", val)
+    args = ["train", f"model.name={tiny_model_dir}", f"data.train={t}", f"data.val={v}", f"output.dir={tmp_path}",
+            f"output.name={name}", "train.max_steps=4", "train.lr=5e-3", "eval.samples=0", *extra]  # fmt: skip
+    assert main(args) == 0
+    rows = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r], json.loads((tmp_path / name / "eval_after.json").read_text())["loss"]
+
+
+def test_token_cap_does_not_change_the_result(tmp_path, tiny_model_dir, demo_rows):
+    capped, _ = _run(tiny_model_dir, tmp_path, demo_rows, "capped", "train.precision=fp32", "train.max_batch_tokens=300")
+    whole, _ = _run(tiny_model_dir, tmp_path, demo_rows, "whole", "train.precision=fp32", "train.max_batch_tokens=0")
+    assert capped == pytest.approx(whole, rel=1e-5)
+
+
+def test_bf16_base_weights_match_fp32_eval_loss(tmp_path, tiny_model_dir, demo_rows):
+    _, bf16 = _run(tiny_model_dir, tmp_path, demo_rows, "bf16", "train.precision=bf16", "train.base_dtype=bf16")
+    _, fp32 = _run(tiny_model_dir, tmp_path, demo_rows, "fp32", "train.precision=fp32")
+    assert bf16 == pytest.approx(fp32, rel=1e-2)

@@ -35,7 +35,9 @@ def cmd_train(args) -> int:
     from lorasmith import config
     from lorasmith.training.recipe import train
 
-    cfg = config.load(args.config or config.builtin_recipe("demo"), args.overrides)
+    # No config: the demo recipe, unless the command line brings its own data (then plain defaults).
+    own_data = any(o.split("=", 1)[0] == "data.train" for o in args.overrides)
+    cfg = config.load(args.config or (None if own_data else config.builtin_recipe("demo")), args.overrides)
     train(cfg, config_path=args.config, resume=args.resume, force_resume=args.force_resume)
     return 0
 
@@ -80,6 +82,17 @@ def cmd_data_check(args) -> int:
     for path in write_outputs(report, cfg.data, json_path, plot_path):
         print(f"wrote {path}")
     return report.exit_code
+
+
+def cmd_bench(args) -> int:
+    from pathlib import Path
+
+    from lorasmith.benchmark.runner import run_bench, to_markdown
+
+    result = run_bench(args.model, args.configs.split(","), args.steps, args.warmup, args.repeats, Path(args.out), args.extra)
+    print(to_markdown(result))
+    print(f"wrote {Path(args.out) / 'results.json'} and results.md")
+    return 0
 
 
 def cmd_config(args) -> int:
@@ -149,6 +162,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", help="length histogram PNG path (default: <data stem>.lengths.png)")
     p.add_argument("--no-plot", action="store_true", help="skip the histogram")
     p.set_defaults(func=cmd_data_check)
+
+    p = sub.add_parser(
+        "bench",
+        help="measure training speed and memory against the seed recipe and peer configurations, side by side",
+        description="Runs each configuration in its own process on the same model, generated data and number of steps, "
+        "alternating order across repeats, and reports real tokens/s, s/step, peak RSS, eval loss and GFLOP/s.",
+    )
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--configs", default="seed,hf-dynamic,trl-packing,lorasmith", help="comma-separated, in run order")
+    p.add_argument("--steps", type=int, default=8, help="optimizer steps per configuration (effective batch 8)")
+    p.add_argument("--warmup", type=int, default=2, help="first steps not timed")
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--out", default="bench-results")
+    p.add_argument("extra", nargs="*", help="overrides for the lorasmith configuration, e.g. train.precision=fp32")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("config", help="list every config key with its default and meaning, or print a resolved config")
     p.add_argument("config", nargs="?", help="YAML file to resolve (with overrides) instead of listing the keys")

@@ -41,6 +41,18 @@ class ModelConfig:
     """Path to a Jinja chat template that replaces the tokenizer's own."""
 
 
+@dataclass
+class QuantizationConfig:
+    bits: Literal[0, 4, 8] = 0
+    """Hold the frozen base in 4-bit (QLoRA) or 8-bit with bitsandbytes; 0 = no quantization."""
+    type: Literal["nf4", "fp4"] = "nf4"
+    """4-bit data type: NormalFloat4 (the QLoRA paper's) or plain FP4."""
+    double_quant: bool = True
+    """Quantize the 4-bit quantization constants too (saves ~0.4 bits per parameter)."""
+    compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """Dtype 4-bit weights are dequantized to for matmuls; auto follows train.precision."""
+
+
 FORMATS = Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion"]
 
 
@@ -137,6 +149,9 @@ class TrainConfig:
     """Conversations per forward/backward pass, or auto: the largest that fits train.memory_budget_gb."""
     grad_accum: int = 1
     """Micro-batches per optimizer step (effective batch = micro_batch_size x grad_accum)."""
+    max_batch_tokens: int = 2048
+    """Cap on a micro-batch's padded size (rows x longest row): larger planned micro-batches run in pieces
+    whose gradients are accumulated (same result), bounding activation memory. 0 = no cap."""
     effective_batch_size: int = 0
     """Conversations per optimizer step; required with micro_batch_size=auto, else micro_batch_size x grad_accum."""
     memory_budget_gb: float = 0.0
@@ -156,6 +171,9 @@ class TrainConfig:
     """Clip the gradient norm to this value (0 disables clipping); the pre-clip norm is logged."""
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     """Compute precision: auto = bf16 where the CPU/GPU supports it, else fp32."""
+    base_dtype: Literal["auto", "fp32", "bf16"] = "auto"
+    """Dtype the frozen base weights are held in; auto = bf16 when training in bf16 (half the memory, no
+    per-step weight casts), else fp32. LoRA weights and optimizer state stay fp32."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about a third more compute."""
     seed: int = 42
@@ -178,6 +196,8 @@ class TrainConfig:
             raise ConfigError(f"train.max_steps must be >= 0, got {self.max_steps}")
         if self.max_steps == 0 and self.epochs <= 0:
             raise ConfigError("train.epochs must be > 0 when train.max_steps is 0")
+        if self.max_batch_tokens < 0:
+            raise ConfigError(f"train.max_batch_tokens must be >= 0, got {self.max_batch_tokens}")
         for key in ("grad_accum", "log_every", "keep_checkpoints", "max_skipped_steps"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"train.{key} must be >= 1, got {getattr(self, key)}")
@@ -232,6 +252,8 @@ class OutputConfig:
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     """The base model."""
+    quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
+    """QLoRA: the base model quantized with bitsandbytes (pip install 'lorasmith[qlora]')."""
     data: DataConfig = field(default_factory=DataConfig)
     """Training and validation data."""
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -501,6 +523,8 @@ def build(tree: dict[str, dict[str, Any]]) -> Config:
 
 
 def _check_across_sections(cfg: Config) -> None:
+    if cfg.quantization.bits and cfg.lora.use_dora and cfg.quantization.bits == 8:
+        raise ConfigError("lora.use_dora with quantization.bits=8 is not supported by peft", hint="use 4-bit or plain LoRA")
     if cfg.eval.exact_match and not (cfg.data.val or cfg.data.val_fraction or cfg.data.train == DEMO):
         raise ConfigError(
             "eval.exact_match needs validation data",

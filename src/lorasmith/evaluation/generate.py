@@ -6,6 +6,7 @@ import torch
 
 from lorasmith.data.masking import render
 from lorasmith.models.hardware import Precision
+from lorasmith.models.quantization import evaluating
 
 
 def prompt_and_reference(messages: list[dict]) -> tuple[list[dict], str]:
@@ -27,28 +28,26 @@ def generate(
 ) -> list[str]:
     """Greedy answers, one per history, decoded without special tokens."""
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # generation appends on the right
     answers: list[str] = []
     eos = stop_token_ids(tokenizer, model)
     try:
-        for start in range(0, len(histories), batch_size):
-            prompts = [render(tokenizer, h, add_generation_prompt=True) for h in histories[start : start + batch_size]]
-            enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            with precision.autocast():
-                out = model.generate(
-                    **enc,
-                    max_new_tokens=max_new_tokens,
-                    do_sample=False,
-                    eos_token_id=eos,
-                    pad_token_id=tokenizer.pad_token_id,
-                    use_cache=True,
-                )
-            new = out[:, enc["input_ids"].shape[1] :]
-            answers += [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
+        with evaluating(model):
+            for start in range(0, len(histories), batch_size):
+                prompts = [render(tokenizer, h, add_generation_prompt=True) for h in histories[start : start + batch_size]]
+                enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+                with precision.autocast():
+                    out = model.generate(
+                        **enc,
+                        max_new_tokens=max_new_tokens,
+                        do_sample=False,
+                        eos_token_id=eos,
+                        pad_token_id=tokenizer.pad_token_id,
+                        use_cache=True,
+                    )
+                new = out[:, enc["input_ids"].shape[1] :]
+                answers += [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
     finally:
         tokenizer.padding_side = side
-        model.train(was_training)
     return answers

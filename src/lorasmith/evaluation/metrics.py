@@ -10,6 +10,7 @@ from lorasmith.data.batching import collate
 from lorasmith.data.dataset import TokenizedSet
 from lorasmith.evaluation.generate import generate, prompt_and_reference
 from lorasmith.models.hardware import Precision
+from lorasmith.models.quantization import evaluating
 from lorasmith.training.loss import weighted_loss
 
 
@@ -21,11 +22,9 @@ def validation_loss(
     if not data.encoded:
         return {}
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     order = sorted(range(len(data.encoded)), key=lambda i: len(data.encoded[i].input_ids))  # less padding
     loss = weight = correct = positions = 0.0
-    try:
+    with evaluating(model):
         for n, s in enumerate(range(0, len(order), batch_size)):
             if max_batches and n >= max_batches:
                 break
@@ -35,8 +34,6 @@ def validation_loss(
             weight += parts.weight_sum
             correct += parts.correct
             positions += parts.positions
-    finally:
-        model.train(was_training)
     mean = loss / weight
     return {"loss": mean, "perplexity": math.exp(min(mean, 50.0)), "token_accuracy": correct / positions}
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 from pathlib import Path
 
 import torch
 
-from lorasmith.config import ModelConfig
+from lorasmith.config import ModelConfig, QuantizationConfig
 from lorasmith.errors import ModelLoadError
 from lorasmith.models.builtin import resolve_local
 
@@ -72,10 +73,38 @@ def ensure_pad_token(tok) -> None:
         raise ModelLoadError("tokenizer has neither a pad, unk nor eos token")
 
 
-def load_model(cfg: ModelConfig, *, device: torch.device, attn_implementation: str, dtype: torch.dtype = torch.float32):
+def bnb_config(q: QuantizationConfig, compute: torch.dtype):
+    """transformers' BitsAndBytesConfig for the quantization section, or a clear error."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelLoadError(
+            f"quantization.bits={q.bits} needs bitsandbytes, which is not installed",
+            hint="pip install 'lorasmith[qlora]'  (or set quantization.bits=0 for plain LoRA)",
+        )
+    from transformers import BitsAndBytesConfig
+
+    if q.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type=q.type, bnb_4bit_use_double_quant=q.double_quant, bnb_4bit_compute_dtype=compute
+    )
+
+
+def load_model(
+    cfg: ModelConfig,
+    *,
+    device: torch.device,
+    attn_implementation: str,
+    dtype: torch.dtype = torch.float32,
+    quantization: QuantizationConfig | None = None,
+    compute_dtype: torch.dtype = torch.float32,
+):
     from transformers import AutoModelForCausalLM
 
     source, is_hub = _source(cfg)
+    extra = {}
+    if quantization is not None and quantization.bits:
+        extra["quantization_config"] = bnb_config(quantization, compute_dtype)
+        extra["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": str(device)}
     try:
         model = AutoModelForCausalLM.from_pretrained(
             source,
@@ -83,14 +112,22 @@ def load_model(cfg: ModelConfig, *, device: torch.device, attn_implementation: s
             trust_remote_code=cfg.trust_remote_code,
             dtype=dtype,
             attn_implementation=attn_implementation,
-            use_safetensors=None,
+            **extra,
         )
+    except (RuntimeError, NotImplementedError) as e:
+        if not extra:
+            raise
+        raise ModelLoadError(
+            f"bitsandbytes cannot load {cfg.name} in {quantization.bits}-bit on {device}: {str(e).splitlines()[0]}",
+            hint="set quantization.bits=0 for plain LoRA, or run on a CUDA GPU",
+        ) from e
     except (OSError, ValueError) as e:
         raise _hub_error(cfg.name, e) if is_hub else ModelLoadError(f"cannot load model from {source}: {e}") from e
     # The training loop never reads the KV cache; transformers also only isolates packed
     # sequences (position_ids restarts) when the cache is off.
     model.config.use_cache = False
-    model.to(device)
+    if not extra:
+        model.to(device)
     log.info(
         "loaded %s (%.1fM parameters, attention=%s)",
         cfg.name,

@@ -49,6 +49,27 @@ def split_indices(indices: list[int], parts: int) -> list[list[int]]:
     return out
 
 
+def cap_tokens(pieces: list[list[int]], lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """Cut pieces further so each one's padded size (rows x longest) stays within ``max_tokens``.
+
+    A single sample longer than the cap stays a piece of its own.
+    """
+    if not max_tokens:
+        return pieces
+    out = []
+    for piece in pieces:
+        current: list[int] = []
+        for i in sorted(piece, key=lambda i: -lengths[i]):  # longest first: a row's width is known
+            width = lengths[current[0]] if current else lengths[i]
+            if current and (len(current) + 1) * width > max_tokens:
+                out.append(current)
+                current = []
+            current.append(i)
+        if current:
+            out.append(current)
+    return out
+
+
 def _rss_bytes() -> int:
     with open(f"/proc/{os.getpid()}/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

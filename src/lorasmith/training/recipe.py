@@ -39,7 +39,7 @@ from lorasmith.errors import LorasmithError, TrainingError
 from lorasmith.evaluation.generate import generate, prompt_and_reference
 from lorasmith.evaluation.metrics import exact_match, validation_loss
 from lorasmith.models.hardware import choose_attention, choose_precision, default_device
-from lorasmith.models.loading import load_model, load_tokenizer
+from lorasmith.models.loading import bnb_config, load_model, load_tokenizer
 from lorasmith.training import checkpoint
 from lorasmith.training.checkpoint import TrainerState
 from lorasmith.training.loss import weighted_loss
@@ -56,6 +56,8 @@ def train(cfg: Config, *, config_path: str | None = None, resume: str | None = N
     device = default_device()
     precision = choose_precision(cfg.train.precision, device)
     attention = choose_attention(cfg.model.attn_implementation, device)
+    if cfg.quantization.bits:
+        bnb_config(cfg.quantization, torch.float32)  # bitsandbytes missing: say so before reading any data
     seed_everything(cfg.train.seed)
 
     # 2. Tokenizer before data: masks and lengths depend on its chat template.
@@ -121,8 +123,27 @@ def train(cfg: Config, *, config_path: str | None = None, resume: str | None = N
 
 def _train_in(run_dir, cfg, tokenizer, train_set, val_set, device, precision, attention, ckpt, resumed, fingerprint, config_path):
     # 5. Model and adapter.
-    model = load_model(cfg.model, device=device, attn_implementation=attention)
-    if cfg.train.gradient_checkpointing:
+    quant = cfg.quantization
+    compute = precision.autocast_dtype or torch.float32
+    if quant.compute_dtype != "auto":
+        compute = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[quant.compute_dtype]
+    base_dtype = torch.bfloat16 if cfg.train.base_dtype == "bf16" else torch.float32
+    if cfg.train.base_dtype == "auto" and precision.name == "bf16" and not quant.bits:
+        base_dtype = torch.bfloat16
+    model = load_model(
+        cfg.model, device=device, attn_implementation=attention, dtype=base_dtype, quantization=quant, compute_dtype=compute
+    )
+    if quant.bits:
+        from peft import prepare_model_for_kbit_training
+
+        # Casts the few unquantized weights (norms, embeddings) to fp32 for stable training.
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=cfg.train.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+        log.info("base quantized to %d-bit%s with bitsandbytes", quant.bits, f" {quant.type}" if quant.bits == 4 else "")
+    elif cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = add_lora(model, cfg)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -131,6 +152,7 @@ def _train_in(run_dir, cfg, tokenizer, train_set, val_set, device, precision, at
         raise TrainingError("no trainable parameter: lora.target_modules matched no layer of this model")
     # Adapter + two AdamW moments in fp32, per kept checkpoint and the final adapter, plus slack.
     check_writable(run_dir, need_bytes=trainable * 4 * 3 * (cfg.train.keep_checkpoints + 1) + 64 * 2**20)
+    log.info("frozen base weights in %s; LoRA weights and optimizer state in fp32", str(base_dtype).removeprefix("torch."))
     log.info(
         "LoRA: %s trainable of %s parameters (%.2f%%); precision %s, attention %s",
         f"{trainable:,}",
@@ -207,6 +229,9 @@ def _train_in(run_dir, cfg, tokenizer, train_set, val_set, device, precision, at
                 )  # fmt: skip
             bar.set_postfix(loss=f"{result.loss:.4f}", tok_s=f"{result.real_tokens / dt:.0f}")
             bar.update(1)
+            if bar.disable and (state.step % max(1, total_steps // 20) == 0 or state.step == total_steps):
+                # No terminal (a log file, CI): a plain progress line every 5% instead of the bar.
+                log.info("step %d/%d  loss %.4f  %.0f tok/s", state.step, total_steps, result.loss, result.real_tokens / dt)
             if tc.eval_every and state.step % tc.eval_every == 0 and state.step < total_steps and val_set.encoded:
                 val = validation_loss(model, val_set, pad_id=pad_id, precision=precision, batch_size=ev.batch_size,
                                       max_batches=ev.max_batches)  # fmt: skip
@@ -473,10 +498,12 @@ def run_fingerprint(cfg: Config) -> dict:
     files = [s.path for s in sources(cfg.data)] + ([v.path] if (v := val_source(cfg.data)) else [])
     return {
         "model": cfg.model.name,
+        "quantization": asdict(cfg.quantization),
         "data": {str(f): _file_hash(f) for f in files if f},
         "lora": asdict(cfg.lora),
         "data_config": {k: v for k, v in asdict(cfg.data).items() if k != "skip_bad_records"},
         "batch": [cfg.train.micro_batch_size, cfg.train.grad_accum],
+        "precision": [cfg.train.precision, cfg.train.base_dtype],
         "schedule": [cfg.train.lr, cfg.train.scheduler, cfg.train.warmup_ratio, cfg.train.epochs, cfg.train.max_steps],
         "seed": cfg.train.seed,
         "order": cfg.train.order,

@@ -15,7 +15,7 @@ from lorasmith.errors import TrainingError
 from lorasmith.models.hardware import Precision
 from lorasmith.training.checkpoint import TrainerState
 from lorasmith.training.loss import weighted_loss
-from lorasmith.training.memory import is_oom, release_memory, split_indices
+from lorasmith.training.memory import cap_tokens, is_oom, release_memory, split_indices
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,7 @@ class Stepper:
         planned = self.planned(state.micro_batches_done)
         while True:
             pieces = [p for idx in planned for p in split_indices(idx, state.split)]
+            pieces = cap_tokens(pieces, self._lengths, self.cfg.max_batch_tokens)
             batches = [collate([self.data.encoded[i] for i in p], self.pad_id).to(self.device) for p in pieces]
             try:
                 loss = accumulate_gradients(self.model, batches, self.precision, self.scaler)

@@ -1,0 +1,194 @@
+"""One benchmark configuration, run in its own process so its peak memory is its own.
+
+    python -m lorasmith.benchmark.child CONFIG MODEL_DIR TRAIN VAL STEPS WARMUP OUT.json
+
+Every configuration trains the same model on the same data for the same number of optimizer
+steps and reports per-step wall time, the real (non-pad) tokens of each step, peak RSS, and the
+validation loss afterwards, computed the same way for all (lorasmith's assistant-only loss).
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from lorasmith.config import Config, DataConfig, ModelConfig, build
+from lorasmith.data.dataset import read_split, tokenize
+from lorasmith.evaluation.metrics import validation_loss
+from lorasmith.models.hardware import Precision
+from lorasmith.models.loading import load_model, load_tokenizer
+
+SEED_TARGETS = ["q_proj", "k_proj", "v_proj"]  # the seed recipe adapts attention projections only
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _data(model_dir: str, train: str, val: str):
+    tok = load_tokenizer(ModelConfig(name=model_dir))
+    cfg = DataConfig(train=train, val=val, max_length=512)
+    split = read_split(cfg)
+    return tok, tokenize(tok, split.train, cfg), tokenize(tok, split.val, cfg)
+
+
+def _val_loss(model, tok, val_set) -> float:
+    return validation_loss(model, val_set, pad_id=tok.pad_token_id, precision=Precision("fp32", "cpu"), batch_size=8)["loss"]
+
+
+def run_hf_trainer(name: str, model_dir: str, train: str, val: str, steps: int) -> dict:
+    """(a) the seed recipe: pad to 512, q/k/v, 2 x 4, fp32; (b) the same with dynamic padding + length grouping."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    tok, train_set, val_set = _data(model_dir, train, val)
+    rows = [
+        {"input_ids": e.input_ids, "labels": [t if w > 0 else -100 for t, w in zip(e.input_ids, e.weights)]}
+        for e in train_set.encoded
+    ]
+    pad_to_max = name == "seed"
+    real_tokens: list[int] = []
+
+    def collate(batch):
+        width = 512 if pad_to_max else max(len(r["input_ids"]) for r in batch)
+        ids = torch.full((len(batch), width), tok.pad_token_id)
+        labels = torch.full((len(batch), width), -100)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, r in enumerate(batch):
+            n = len(r["input_ids"])
+            ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(r["input_ids"]), torch.tensor(r["labels"]), 1
+        real_tokens.append(int(mask.sum()))
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+    times: list[float] = []
+    tokens: list[int] = []
+
+    class Timer(TrainerCallback):
+        # Trainer fetches all micro-batches of a step before on_step_begin (to count the
+        # step's items), so a step's tokens are those collated since the previous step ended.
+        counted = 0
+
+        def on_step_begin(self, args, state, control, **kw):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            times.append(time.perf_counter() - self.t0)
+            tokens.append(sum(real_tokens[Timer.counted :]))
+            Timer.counted = len(real_tokens)
+
+    model = load_model(ModelConfig(name=model_dir), device=torch.device("cpu"), attn_implementation="sdpa")
+    model = get_peft_model(
+        model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=SEED_TARGETS, task_type="CAUSAL_LM")
+    )
+    with tempfile.TemporaryDirectory() as out:
+        args = TrainingArguments(
+            output_dir=out, per_device_train_batch_size=2, gradient_accumulation_steps=4, max_steps=steps, learning_rate=2e-4,
+            logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, bf16=False, dataloader_num_workers=0,
+            remove_unused_columns=False, disable_tqdm=True, seed=42,
+            train_sampling_strategy="random" if pad_to_max else "group_by_length",
+        )  # fmt: skip
+        Trainer(model=model, args=args, train_dataset=rows, data_collator=collate, callbacks=[Timer()]).train()
+    return {"step_s": times, "real_tokens": tokens, "eval_loss": _val_loss(model, tok, val_set)}
+
+
+def run_trl_packing(model_dir: str, train: str, val: str, steps: int) -> dict:
+    """(c) TRL's SFTTrainer with padding-free packing (bfd) into 512-token rows, q/k/v, fp32."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    tok, _train_set, val_set = _data(model_dir, train, val)
+    records = [json.loads(line) for line in Path(train).read_text().splitlines()]
+    model = load_model(ModelConfig(name=model_dir), device=torch.device("cpu"), attn_implementation="sdpa")
+    times: list[float] = []
+    tokens: list[int] = []
+    seen: list[int] = []
+
+    class Timer(TrainerCallback):
+        counted = 0  # see run_hf_trainer: micro-batches are fetched before on_step_begin
+
+        def on_step_begin(self, args, state, control, **kw):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            times.append(time.perf_counter() - self.t0)
+            tokens.append(sum(seen[Timer.counted :]))
+            Timer.counted = len(seen)
+
+    with tempfile.TemporaryDirectory() as out:
+        args = SFTConfig(
+            output_dir=out, per_device_train_batch_size=1, gradient_accumulation_steps=2, max_steps=steps, learning_rate=2e-4,
+            logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, bf16=False, packing=True, max_length=512,
+            dataloader_num_workers=0, disable_tqdm=True, seed=42,
+        )  # fmt: skip
+        lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=SEED_TARGETS, task_type="CAUSAL_LM")
+        trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(records), processing_class=tok,
+                             peft_config=lora, callbacks=[Timer()])  # fmt: skip
+        inner = trainer.data_collator
+
+        def counting(batch):
+            out_batch = inner(batch)
+            mask = out_batch.get("attention_mask")
+            seen.append(int(mask.sum()) if mask is not None else int(out_batch["input_ids"].numel()))
+            return out_batch
+
+        trainer.data_collator = counting
+        trainer.train()
+        model = trainer.model
+    return {"step_s": times, "real_tokens": tokens, "eval_loss": _val_loss(model, tok, val_set)}
+
+
+def run_lorasmith(model_dir: str, train: str, val: str, steps: int, extra: list[str]) -> dict:
+    """(d) lorasmith's defaults (bf16 where the CPU has it, length grouping, head on labelled positions),
+    with the same LoRA targets and effective batch as the others."""
+    from lorasmith.config import parse_override
+    from lorasmith.training.recipe import train as run_train
+
+    tree: dict = {}
+    for o in [f"model.name={model_dir}", f"data.train={train}", f"data.val={val}", "data.max_length=512",
+              f"lora.target_modules={','.join(SEED_TARGETS)}", "train.micro_batch_size=8", f"train.max_steps={steps}",
+              "eval.samples=0", "output.overwrite=true", "output.name=bench", *extra]:  # fmt: skip
+        k, v = parse_override(o)
+        section, key = k.split(".")
+        tree.setdefault(section, {})[key] = v
+    with tempfile.TemporaryDirectory() as out:
+        tree["output"]["dir"] = out
+        cfg: Config = build(tree)
+        run = run_train(cfg)
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        steps_rows = [r for r in rows if "step_s" in r]
+        after = json.loads((run / "eval_after.json").read_text())
+        status = json.loads((run / "run.json").read_text())
+    return {
+        "step_s": [r["step_s"] for r in steps_rows],
+        "real_tokens": [round(r["tokens_per_s"] * r["step_s"]) for r in steps_rows],
+        "eval_loss": after["loss"],
+        "precision": status.get("precision"),
+    }
+
+
+def main() -> None:
+    name, model_dir, train, val, steps, out, *extra = sys.argv[1:]
+    torch.manual_seed(0)
+    if name in ("seed", "hf-dynamic"):
+        result = run_hf_trainer(name, model_dir, train, val, int(steps))
+    elif name == "trl-packing":
+        result = run_trl_packing(model_dir, train, val, int(steps))
+    elif name.startswith("lorasmith"):
+        result = run_lorasmith(model_dir, train, val, int(steps), extra)
+    else:
+        raise SystemExit(f"unknown configuration {name}")
+    result["peak_rss_mib"] = _peak_rss_mib()
+    result.setdefault("precision", "fp32")
+    Path(out).write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""`lorasmith bench`: the seed recipe, the peers' best settings and lorasmith, side by side.
+
+Each configuration runs in a fresh process (its own peak RSS), in alternating order over
+repeats (so a machine that slows down over time does not favour one), on the same model, data
+and number of optimizer steps. Reported per configuration: median real (non-pad) tokens/s over
+the steps after warm-up, median seconds per step, peak RSS, validation loss after training (the
+same assistant-only loss for all), achieved GFLOP/s (4 x parameters x real tokens/s: forward,
+and backward to the activations; frozen weights get no gradient) and its share of the matmul
+peak measured here first.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from lorasmith import atomic
+from lorasmith.benchmark import synthetic
+from lorasmith.errors import LorasmithError
+
+CONFIGS = {
+    "seed": "seed recipe: HF Trainer + peft, pad to 512, LoRA q/k/v, 2 x 4, fp32",
+    "hf-dynamic": "HF Trainer, dynamic padding + length grouping (fp32)",
+    "trl-packing": "TRL SFTTrainer, padding-free packing (fp32)",
+    "lorasmith": "lorasmith defaults (same LoRA q/k/v, 8 x 1)",
+}
+
+
+def matmul_peak(dtype: torch.dtype, size: int = 2048, seconds: float = 1.5) -> float:
+    """Best GFLOP/s of a square matmul over ``seconds``."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    torch.matmul(a, b)
+    best, end = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        t0 = time.perf_counter()
+        torch.matmul(a, b)
+        best = max(best, 2 * size**3 / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+def summarise(name: str, runs: list[dict], warmup: int, params: int, peaks: dict) -> dict:
+    rates, secs = [], []
+    for r in runs:
+        for t, n in list(zip(r["step_s"], r["real_tokens"]))[warmup:]:
+            rates.append(n / t)
+            secs.append(t)
+    tok_s = statistics.median(rates)
+    gflops = 4 * params * tok_s / 1e9
+    precision = runs[0].get("precision", "fp32")
+    peak = peaks["bf16" if precision == "bf16" else "fp32"]
+    return {
+        "config": name,
+        "description": CONFIGS.get(name, name),
+        "precision": precision,
+        "real_tok_s": round(tok_s, 1),
+        "s_per_step": round(statistics.median(secs), 3),
+        "peak_rss_mib": round(max(r["peak_rss_mib"] for r in runs)),
+        "eval_loss": round(statistics.mean(r["eval_loss"] for r in runs), 4),
+        "gflop_s": round(gflops, 1),
+        "pct_of_matmul_peak": round(100 * gflops / peak, 1),
+        "measured_steps": len(rates),
+    }
+
+
+def to_markdown(result: dict) -> str:
+    rows, peaks = result["results"], result["matmul_peak_gflops"]
+    base = next((r for r in rows if r["config"] == "seed"), None)
+    lines = [
+        f"Command: `{result['command']}`  ",
+        f"Machine: {result['machine']}; torch {result['torch']}; matmul peak {peaks['bf16']:.0f} GFLOP/s bf16, "
+        f"{peaks['fp32']:.0f} fp32 (measured).  ",
+        f"Data: {result['data']}; {result['steps']} optimizer steps per configuration, the first {result['warmup']} not timed.",
+        "",
+        "| configuration | precision | real tok/s | vs seed | s/step | peak RSS MiB | eval loss | GFLOP/s | % of matmul peak |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        ratio = f"{r['real_tok_s'] / base['real_tok_s']:.2f}x" if base else "-"
+        lines.append(
+            f"| {r['description']} | {r['precision']} | {r['real_tok_s']:.0f} | {ratio} | {r['s_per_step']:.2f} | "
+            f"{r['peak_rss_mib']} | {r['eval_loss']:.4f} | {r['gflop_s']:.0f} | {r['pct_of_matmul_peak']:.0f}% |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def run_bench(model: str, configs: list[str], steps: int, warmup: int, repeats: int, out: Path, extra: list[str]) -> dict:
+    from lorasmith.models.builtin import resolve_local
+
+    unknown = [c for c in configs if c not in CONFIGS and not c.startswith("lorasmith")]
+    if unknown:
+        raise LorasmithError(f"unknown bench configuration(s) {unknown}", hint=f"choose from {', '.join(CONFIGS)}")
+    if "trl-packing" in configs and importlib.util.find_spec("trl") is None:
+        print("trl is not installed: skipping trl-packing (pip install 'lorasmith[bench]')", file=sys.stderr)
+        configs = [c for c in configs if c != "trl-packing"]
+    if steps <= warmup:
+        raise LorasmithError(f"--steps ({steps}) must be larger than --warmup ({warmup})")
+    model_dir = resolve_local(model, None) or model
+    train, val = synthetic.write(out / "data")
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        from transformers import AutoModelForCausalLM
+
+        params = sum(p.numel() for p in AutoModelForCausalLM.from_config(cfg).parameters())
+    peaks = {"bf16": matmul_peak(torch.bfloat16), "fp32": matmul_peak(torch.float32)}
+    print(f"matmul peak: {peaks['bf16']:.0f} GFLOP/s bf16, {peaks['fp32']:.0f} GFLOP/s fp32", file=sys.stderr)
+    runs: dict[str, list[dict]] = {c: [] for c in configs}
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    for r in range(repeats):
+        for name in configs if r % 2 == 0 else list(reversed(configs)):
+            target = out / f"{name}-{r}.json"
+            print(f"[{r + 1}/{repeats}] {name}: {CONFIGS.get(name, name)}", file=sys.stderr)
+            cmd = [
+                sys.executable,
+                "-m",
+                "lorasmith.benchmark.child",
+                name,
+                str(model_dir),
+                str(train),
+                str(val),
+                str(steps),
+                str(target),
+            ]
+            proc = subprocess.run(cmd + extra, env=env, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise LorasmithError(f"bench configuration {name} failed:\n{proc.stderr[-3000:]}")
+            runs[name].append(json.loads(target.read_text()))
+    result = {
+        "command": "lorasmith bench " + " ".join(sys.argv[2:]),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "torch": torch.__version__,
+        "matmul_peak_gflops": peaks,
+        "data": f"{train.parent} (512 train / 32 val generated conversations, lengths median ~124, p90 ~301, max 506 tokens)",
+        "steps": steps,
+        "warmup": warmup,
+        "parameters": params,
+        "results": [summarise(c, runs[c], warmup, params, peaks) for c in configs],
+        "raw": runs,
+    }
+    atomic.write_json(out / "results.json", result)
+    atomic.write_text(out / "results.md", to_markdown(result))
+    return result
