@@ -37,7 +37,12 @@ def main() -> None:
         if (cfg.train.base_dtype == "bf16" or (cfg.train.base_dtype == "auto" and precision.name == "bf16"))
         else None
     )
-    model = load_model(cfg.model, device=torch.device("cpu"), attn_implementation="sdpa", dtype=dtype or torch.float32)
+    model = load_model(
+        cfg.model,
+        device=torch.device("cpu"),
+        attn_implementation="sdpa" if cfg.model.attn_implementation == "auto" else cfg.model.attn_implementation,
+        dtype=dtype or torch.float32,
+    )
     model = add_lora(model, cfg)
     plan = plan_epoch([len(e.input_ids) for e in data.encoded], 8, 0, 0, "length")
     batches = [collate([data.encoded[i] for i in b], tok.pad_token_id) for b in plan[:4]]

@@ -149,6 +149,9 @@ class TrainConfig:
     """Conversations per forward/backward pass, or auto: the largest that fits train.memory_budget_gb."""
     grad_accum: int = 1
     """Micro-batches per optimizer step (effective batch = micro_batch_size x grad_accum)."""
+    packing: bool = False
+    """Padding-free packing: each micro-batch becomes one row with positions restarting per conversation
+    (flash-attention's variable-length kernels on GPU). On CPU length grouping is as fast (see docs/benchmarks.md)."""
     max_batch_tokens: int = 2048
     """Cap on a micro-batch's padded size (rows x longest row): larger planned micro-batches run in pieces
     whose gradients are accumulated (same result), bounding activation memory. 0 = no cap."""

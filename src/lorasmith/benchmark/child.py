@@ -3,8 +3,9 @@
     python -m lorasmith.benchmark.child CONFIG MODEL_DIR TRAIN VAL STEPS WARMUP OUT.json
 
 Every configuration trains the same model on the same data for the same number of optimizer
-steps and reports per-step wall time, the real (non-pad) tokens of each step, peak RSS, and the
-validation loss afterwards, computed the same way for all (lorasmith's assistant-only loss).
+steps and reports per-step wall time, the real (non-pad) tokens of each step, peak RSS during
+training, and the validation loss afterwards, computed the same way for all: the adapter on the
+fp32 base, in fp32, with lorasmith's assistant-only loss.
 """
 
 from __future__ import annotations
@@ -94,7 +95,8 @@ def run_hf_trainer(name: str, model_dir: str, train: str, val: str, steps: int) 
             train_sampling_strategy="random" if pad_to_max else "group_by_length",
         )  # fmt: skip
         Trainer(model=model, args=args, train_dataset=rows, data_collator=collate, callbacks=[Timer()]).train()
-    return {"step_s": times, "real_tokens": tokens, "eval_loss": _val_loss(model, tok, val_set)}
+    peak = _peak_rss_mib()
+    return {"step_s": times, "real_tokens": tokens, "eval_loss": _val_loss(model, tok, val_set), "peak_rss_mib": peak}
 
 
 def run_trl_packing(model_dir: str, train: str, val: str, steps: int) -> dict:
@@ -142,7 +144,8 @@ def run_trl_packing(model_dir: str, train: str, val: str, steps: int) -> dict:
         trainer.data_collator = counting
         trainer.train()
         model = trainer.model
-    return {"step_s": times, "real_tokens": tokens, "eval_loss": _val_loss(model, tok, val_set)}
+    peak = _peak_rss_mib()
+    return {"step_s": times, "real_tokens": tokens, "eval_loss": _val_loss(model, tok, val_set), "peak_rss_mib": peak}
 
 
 def run_lorasmith(model_dir: str, train: str, val: str, steps: int, extra: list[str]) -> dict:
@@ -162,15 +165,22 @@ def run_lorasmith(model_dir: str, train: str, val: str, steps: int, extra: list[
         tree["output"]["dir"] = out
         cfg: Config = build(tree)
         run = run_train(cfg)
+        peak = _peak_rss_mib()  # training's peak, before the evaluation below loads a second model
         rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         steps_rows = [r for r in rows if "step_s" in r]
-        after = json.loads((run / "eval_after.json").read_text())
         status = json.loads((run / "run.json").read_text())
+        # Evaluate like the other configurations: the adapter on the fp32 base, in fp32.
+        from peft import PeftModel
+
+        tok, _, val_set = _data(model_dir, train, val)
+        base = load_model(ModelConfig(name=model_dir), device=torch.device("cpu"), attn_implementation="sdpa")
+        eval_loss = _val_loss(PeftModel.from_pretrained(base, run / "adapter"), tok, val_set)
     return {
         "step_s": [r["step_s"] for r in steps_rows],
         "real_tokens": [round(r["tokens_per_s"] * r["step_s"]) for r in steps_rows],
-        "eval_loss": after["loss"],
+        "eval_loss": eval_loss,
         "precision": status.get("precision"),
+        "peak_rss_mib": peak,
     }
 
 
@@ -185,7 +195,6 @@ def main() -> None:
         result = run_lorasmith(model_dir, train, val, int(steps), extra)
     else:
         raise SystemExit(f"unknown configuration {name}")
-    result["peak_rss_mib"] = _peak_rss_mib()
     result.setdefault("precision", "fp32")
     Path(out).write_text(json.dumps(result))
 

@@ -32,6 +32,22 @@ CONFIGS = {
     "hf-dynamic": "HF Trainer, dynamic padding + length grouping (fp32)",
     "trl-packing": "TRL SFTTrainer, padding-free packing (fp32)",
     "lorasmith": "lorasmith defaults (same LoRA q/k/v, 8 x 1)",
+    "lorasmith-fp32": "lorasmith, fp32",
+    "lorasmith-gc": "lorasmith + gradient checkpointing",
+    "lorasmith-packing": "lorasmith, padding-free packing",
+    "lorasmith-nocap": "lorasmith, no micro-batch token cap",
+    "lorasmith-qlora4": "lorasmith QLoRA, 4-bit NF4 base",
+    "lorasmith-qlora8": "lorasmith, 8-bit base",
+}
+# Overrides that make each lorasmith variant (on top of the bench's shared settings).
+VARIANTS = {
+    "lorasmith": [],
+    "lorasmith-fp32": ["train.precision=fp32"],
+    "lorasmith-gc": ["train.gradient_checkpointing=true"],
+    "lorasmith-packing": ["train.packing=true"],
+    "lorasmith-nocap": ["train.max_batch_tokens=0"],
+    "lorasmith-qlora4": ["quantization.bits=4"],
+    "lorasmith-qlora8": ["quantization.bits=8"],
 }
 
 
@@ -95,7 +111,7 @@ def to_markdown(result: dict) -> str:
 def run_bench(model: str, configs: list[str], steps: int, warmup: int, repeats: int, out: Path, extra: list[str]) -> dict:
     from lorasmith.models.builtin import resolve_local
 
-    unknown = [c for c in configs if c not in CONFIGS and not c.startswith("lorasmith")]
+    unknown = [c for c in configs if c not in CONFIGS]
     if unknown:
         raise LorasmithError(f"unknown bench configuration(s) {unknown}", hint=f"choose from {', '.join(CONFIGS)}")
     if "trl-packing" in configs and importlib.util.find_spec("trl") is None:
@@ -131,7 +147,7 @@ def run_bench(model: str, configs: list[str], steps: int, warmup: int, repeats: 
                 str(steps),
                 str(target),
             ]
-            proc = subprocess.run(cmd + extra, env=env, capture_output=True, text=True)
+            proc = subprocess.run(cmd + VARIANTS.get(name, []) + extra, env=env, capture_output=True, text=True)
             if proc.returncode != 0:
                 raise LorasmithError(f"bench configuration {name} failed:\n{proc.stderr[-3000:]}")
             runs[name].append(json.loads(target.read_text()))

@@ -42,6 +42,9 @@ class Batch:
     attention_mask: torch.Tensor
     weights: torch.Tensor
     """Loss weight of each token as a prediction target (0 on padding and untrained tokens)."""
+    position_ids: torch.Tensor | None = None
+    """Set for a packed row: positions restart at 0 at each conversation, which is how the model
+    keeps packed conversations from attending to each other."""
 
     @property
     def num_real_tokens(self) -> int:
@@ -52,7 +55,8 @@ class Batch:
         return float(self.weights[:, 1:].sum())
 
     def to(self, device: torch.device) -> Batch:
-        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.weights.to(device))
+        pos = None if self.position_ids is None else self.position_ids.to(device)
+        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.weights.to(device), pos)
 
 
 def collate(samples: list[Encoded], pad_id: int) -> Batch:
@@ -71,3 +75,15 @@ def collate(samples: list[Encoded], pad_id: int) -> Batch:
         mask[row, :n] = 1
         weights[row, :n] = torch.tensor(s.weights)
     return Batch(ids, mask, weights)
+
+
+def collate_packed(samples: list[Encoded]) -> Batch:
+    """All samples in one row, without padding (padding-free packing).
+
+    The first token of each conversation is never a target: predicting it from the previous
+    conversation's last token would leak across the boundary.
+    """
+    ids = torch.tensor([t for s in samples for t in s.input_ids]).unsqueeze(0)
+    pos = torch.cat([torch.arange(len(s.input_ids)) for s in samples]).unsqueeze(0)
+    weights = torch.tensor([w if j else 0.0 for s in samples for j, w in enumerate(s.weights)], dtype=torch.float32).unsqueeze(0)
+    return Batch(ids, torch.ones_like(ids), weights, pos)

@@ -40,7 +40,10 @@ def weighted_loss(model, batch: Batch, precision: Precision) -> LossParts:
     keep = weights > 0
     targets = batch.input_ids[:, 1:][keep]
     with precision.autocast():
-        hidden = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).last_hidden_state
+        if batch.position_ids is not None:  # packed: no mask, positions restart per conversation
+            hidden = decoder(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).last_hidden_state
+        else:
+            hidden = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).last_hidden_state
         logits = head(hidden[:, :-1][keep])
     logits = logits.float()
     cap = getattr(lm.config, "final_logit_softcapping", None)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from lorasmith.config import TrainConfig
-from lorasmith.data.batching import collate, plan_epoch
+from lorasmith.data.batching import collate, collate_packed, plan_epoch
 from lorasmith.data.dataset import TokenizedSet
 from lorasmith.errors import TrainingError
 from lorasmith.models.hardware import Precision
@@ -83,7 +83,8 @@ class Stepper:
         while True:
             pieces = [p for idx in planned for p in split_indices(idx, state.split)]
             pieces = cap_tokens(pieces, self._lengths, self.cfg.max_batch_tokens)
-            batches = [collate([self.data.encoded[i] for i in p], self.pad_id).to(self.device) for p in pieces]
+            make = collate_packed if self.cfg.packing else lambda samples: collate(samples, self.pad_id)
+            batches = [make([self.data.encoded[i] for i in p]).to(self.device) for p in pieces]
             try:
                 loss = accumulate_gradients(self.model, batches, self.precision, self.scaler)
                 break
