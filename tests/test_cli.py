@@ -168,3 +168,12 @@ def test_failed_run_is_marked_failed(tmp_path, tiny_model_dir, data_files, monke
     assert status["status"] == "failed" and "disk on fire" in status["error"]
     assert not (run / "adapter").exists()
     assert Path(run / "config.yaml").is_file()
+
+
+def test_unreachable_hub_model_says_how_to_get_it(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # nothing cached
+    assert main(["train", "model.name=someorg/some-chat-model", f"output.dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot fetch 'someorg/some-chat-model'" in err and "--local-dir" in err and "Traceback" not in err
+    assert len([line for line in err.splitlines() if line.startswith("error:")]) == 1

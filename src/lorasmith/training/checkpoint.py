@@ -66,6 +66,8 @@ def save(run_dir: Path, model, optimizer, scheduler, state: TrainerState, keep: 
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
             torch.save(_rng_state(), tmp / "rng.pt")
             (tmp / "trainer_state.json").write_text(json.dumps(asdict(state), indent=2))
+            if (run_dir / "config.yaml").is_file():  # the config this state was trained under
+                shutil.copyfile(run_dir / "config.yaml", tmp / "config.yaml")
             (tmp / MARKER).write_text("")
     except OSError as e:
         last = latest(run_dir)
