@@ -128,7 +128,7 @@ def test_data_check_finds_problems_and_measures(tmp_path, tokenizer, demo_rows):
     vpath = write_jsonl(tmp_path / "v.jsonl", [train[3], val[0]])
     cfg = DataConfig(train=str(path), val=str(vpath), max_length=100)
     for workers in (1, 2):
-        report = run_check(tokenizer, cfg, [DataSource(str(path))], DataSource(str(vpath)), workers=workers)
+        report = run_check(tokenizer, cfg, [DataSource(str(path))], DataSource(str(vpath)), n_workers=workers)
         j = to_json(report, cfg)
         assert j["errors"]["count"] == 2
         assert [e.split(": ")[0] for e in j["errors"]["first"]] == [f"{path}:12", f"{path}:13"]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import multiprocessing as mp
 import re
 import statistics
 from collections.abc import Iterator
@@ -18,14 +17,15 @@ from pathlib import Path
 
 from lorasmith import atomic
 from lorasmith.config import DataConfig
-from lorasmith.data.masking import encode, encode_fitted, special_ids
+from lorasmith.data import workers
+from lorasmith.data.dataset import encode_options
+from lorasmith.data.masking import encode, encode_fitted
 from lorasmith.data.records import Conversation, iter_conversations
 from lorasmith.errors import DataError
 
 log = logging.getLogger(__name__)
 MAX_LISTED = 50
 _CHUNK = 512
-_WORKER: dict = {}
 
 
 def _normalise(text: str) -> str:
@@ -80,13 +80,9 @@ class DuplicateFinder:
                 self.found.leakage.append(f"{where} is also in training at {self._near[near]}")
 
 
-def _init_worker(tokenizer, options):
-    _WORKER.update(tokenizer=tokenizer, options=options, specials=special_ids(tokenizer))
-
-
 def _measure(chunk: list[tuple[str, list[dict]]]) -> list[tuple[str, int, int, bool, str | None]]:
     """(where, tokens before the policy, trained tokens after it, dropped, template error) per conversation."""
-    tok, options, specials = _WORKER["tokenizer"], _WORKER["options"], _WORKER["specials"]
+    tok, options, specials = workers.STATE["tokenizer"], workers.STATE["options"], workers.STATE["specials"]
     max_length, policy = options["max_length"], options["over_length"]
     kwargs = {"train_on": options["train_on"], "role_weights": options["role_weights"], "specials": specials}
     out = []
@@ -175,16 +171,11 @@ def _chunks(stream: Iterator, report: CheckReport, finder: DuplicateFinder, is_v
         yield chunk
 
 
-def run_check(tokenizer, cfg: DataConfig, train_sources, val_source=None, workers: int | None = None) -> CheckReport:
+def run_check(tokenizer, cfg: DataConfig, train_sources, val_source=None, n_workers: int | None = None) -> CheckReport:
     """Check every record of the sources. ``train_sources``/``val_source`` are DataSource objects."""
     report = CheckReport(files=[s.path for s in train_sources] + ([val_source.path] if val_source else []))
     finder = DuplicateFinder()
-    options = {
-        "max_length": cfg.max_length,
-        "over_length": cfg.over_length,
-        "train_on": cfg.train_on,
-        "role_weights": cfg.loss_weights,
-    }
+    options = encode_options(cfg)
     streams = [(iter_conversations(s.path, s.format, s.fields), False) for s in train_sources]
     if val_source:
         streams.append((iter_conversations(val_source.path, val_source.format, val_source.fields), True))
@@ -193,14 +184,8 @@ def run_check(tokenizer, cfg: DataConfig, train_sources, val_source=None, worker
         for stream, is_val in streams:
             yield from _chunks(stream, report, finder, is_val)
 
-    workers = workers if workers is not None else min(4, mp.cpu_count())
-    if workers > 1 and "fork" in mp.get_all_start_methods():
-        with mp.get_context("fork").Pool(workers, initializer=_init_worker, initargs=(tokenizer, options)) as pool:
-            results = pool.imap(_measure, all_chunks())
-            _collect(results, report, cfg)
-    else:
-        _init_worker(tokenizer, options)
-        _collect(map(_measure, all_chunks()), report, cfg)
+    n = n_workers if n_workers is not None else workers.default_workers()
+    _collect(workers.map_chunks(_measure, all_chunks(), tokenizer, options, n), report, cfg)
     report.duplicates = finder.found
     return report
 

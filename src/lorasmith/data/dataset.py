@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import multiprocessing as mp
 import os
 import random
 from dataclasses import dataclass, field
@@ -14,8 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from lorasmith.config import DEMO, DataConfig, DataSource
-from lorasmith.data import demo
-from lorasmith.data.masking import Encoded, encode_fitted, special_ids
+from lorasmith.data import demo, workers
+from lorasmith.data.masking import Encoded, encode_fitted
 from lorasmith.data.records import Conversation, read_source
 from lorasmith.errors import DataError
 from lorasmith.paths import cache_dir
@@ -141,7 +140,6 @@ def tokenize(tokenizer, conversations: list[Conversation], cfg: DataConfig, *, n
 
 _CACHE_VERSION = 1  # bump when masking changes what it produces
 _PARALLEL_FROM = 2000  # below this, starting worker processes costs more than it saves
-_WORKER: dict = {}
 
 
 def _cache_key(tokenizer, conversations: list[Conversation], options: dict) -> str:
@@ -157,15 +155,12 @@ def _cache_key(tokenizer, conversations: list[Conversation], options: dict) -> s
     return h.hexdigest()
 
 
-def _init_worker(tokenizer, options):
-    _WORKER.update(tokenizer=tokenizer, options=options, specials=special_ids(tokenizer))
-
-
 def _encode_chunk(chunk: list[list[dict]]) -> list[tuple[Encoded | None, str | None]]:
     out = []
     for messages in chunk:
         try:
-            out.append((encode_fitted(_WORKER["tokenizer"], messages, **_WORKER["options"], specials=_WORKER["specials"]), None))
+            st = workers.STATE
+            out.append((encode_fitted(st["tokenizer"], messages, **st["options"], specials=st["specials"]), None))
         except DataError as e:
             out.append((None, e.message))
     return out
@@ -173,12 +168,8 @@ def _encode_chunk(chunk: list[list[dict]]) -> list[tuple[Encoded | None, str | N
 
 def _encode_all(tokenizer, conversations: list[Conversation], options: dict) -> list[tuple[Encoded | None, str | None]]:
     chunks = [[c.messages for c in conversations[i : i + 256]] for i in range(0, len(conversations), 256)]
-    workers = min(4, mp.cpu_count())
-    if len(conversations) >= _PARALLEL_FROM and workers > 1 and "fork" in mp.get_all_start_methods():
-        with mp.get_context("fork").Pool(workers, initializer=_init_worker, initargs=(tokenizer, options)) as pool:
-            return [r for chunk in pool.imap(_encode_chunk, chunks) for r in chunk]
-    _init_worker(tokenizer, options)
-    return [r for chunk in map(_encode_chunk, chunks) for r in chunk]
+    n = workers.default_workers() if len(conversations) >= _PARALLEL_FROM else 1
+    return [r for chunk in workers.map_chunks(_encode_chunk, chunks, tokenizer, options, n) for r in chunk]
 
 
 def _encode_cached(tokenizer, conversations: list[Conversation], options: dict):
