@@ -108,12 +108,9 @@ def train(cfg: Config, *, config_path: str | None = None, resume: str | None = N
             run_dir, cfg, tokenizer, train_set, val_set, device, precision, attention, ckpt, resumed, fingerprint, config_path
         )
     except BaseException as e:
-        if not isinstance(e, SystemExit) or e.code not in (0, None):
-            write_status(
-                run_dir,
-                "interrupted" if isinstance(e, (KeyboardInterrupt, SystemExit)) else "failed",
-                error=str(e) or type(e).__name__,
-            )
+        if not isinstance(e, SystemExit):  # a signal stop has already written its status and resume command
+            status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+            write_status(run_dir, status, error=str(e) or type(e).__name__)
         raise
     finally:
         logging.getLogger("lorasmith").removeHandler(file_log)
@@ -152,7 +149,8 @@ def _train_in(run_dir, cfg, tokenizer, train_set, val_set, device, precision, at
         raise TrainingError("no trainable parameter: lora.target_modules matched no layer of this model")
     # Adapter + two AdamW moments in fp32, per kept checkpoint and the final adapter, plus slack.
     check_writable(run_dir, need_bytes=trainable * 4 * 3 * (cfg.train.keep_checkpoints + 1) + 64 * 2**20)
-    log.info("frozen base weights in %s; LoRA weights and optimizer state in fp32", str(base_dtype).removeprefix("torch."))
+    if not quant.bits:
+        log.info("frozen base weights in %s; LoRA weights and optimizer state in fp32", str(base_dtype).removeprefix("torch."))
     log.info(
         "LoRA: %s trainable of %s parameters (%.2f%%); precision %s, attention %s",
         f"{trainable:,}",
