@@ -137,3 +137,23 @@ def test_packed_rows_match_separate_sequences(lora_model, encoded, tokenizer):
         b = weighted_loss(lora_model, collate(samples, tokenizer.pad_token_id), FP32)
     assert a.weight_sum == b.weight_sum
     assert float(a.loss_sum) == pytest.approx(float(b.loss_sum), rel=1e-5)
+
+
+def test_token_budget_plan_fills_batches_and_keeps_the_step_count():
+    from lorasmith.data.batching import token_budget_plan
+
+    lengths = [30, 200, 45, 120, 800, 60, 33, 90, 150, 41, 77, 300]
+    plans = [token_budget_plan(lengths, 400, seed=3, epoch=e) for e in range(3)]
+    for plan in plans:
+        assert sorted(i for b in plan for i in b) == list(range(len(lengths)))
+        assert all(len(b) * max(lengths[i] for i in b) <= 400 or len(b) == 1 for b in plan)
+    assert len({len(p) for p in plans}) == 1  # same number of steps every epoch
+    assert sorted(map(sorted, plans[0])) == sorted(map(sorted, plans[1]))  # same buckets ...
+    assert plans[0] != plans[1]  # ... in another order
+    short = next(b for b in plans[0] if 0 in b)
+    assert len(short) > 1  # short conversations share a batch
+
+
+def test_token_budget_training_runs(tmp_path, tiny_model_dir, demo_rows):
+    losses, _ = _run(tiny_model_dir, tmp_path, demo_rows, "budget", "train.batch_tokens=600", "train.precision=fp32")
+    assert len(losses) == 4 and losses[-1] < losses[0]

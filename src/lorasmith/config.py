@@ -149,6 +149,10 @@ class TrainConfig:
     """Conversations per forward/backward pass, or auto: the largest that fits train.memory_budget_gb."""
     grad_accum: int = 1
     """Micro-batches per optimizer step (effective batch = micro_batch_size x grad_accum)."""
+    batch_tokens: int = 0
+    """Token-budget batching: fill each micro-batch with conversations of similar length up to this many padded
+    tokens, instead of micro_batch_size conversations; the effective batch is then ~batch_tokens x grad_accum
+    tokens (the loss stays normalised by trained tokens). 0 = off."""
     packing: bool = False
     """Padding-free packing: each micro-batch becomes one row with positions restarting per conversation
     (flash-attention's variable-length kernels on GPU). On CPU length grouping is as fast (see docs/benchmarks.md)."""
@@ -204,6 +208,10 @@ class TrainConfig:
         for key in ("grad_accum", "log_every", "keep_checkpoints", "max_skipped_steps"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"train.{key} must be >= 1, got {getattr(self, key)}")
+        if self.batch_tokens < 0:
+            raise ConfigError(f"train.batch_tokens must be >= 0, got {self.batch_tokens}")
+        if self.batch_tokens and self.micro_batch_size == "auto":
+            raise ConfigError("train.batch_tokens and train.micro_batch_size=auto both size the micro-batch", hint="use one")
         if self.micro_batch_size == "auto":
             if self.effective_batch_size < 1:
                 raise ConfigError(

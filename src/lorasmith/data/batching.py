@@ -18,8 +18,12 @@ from lorasmith.data.masking import Encoded
 _GROUP_WINDOW = 64
 
 
-def plan_epoch(lengths: list[int], micro_batch_size: int, seed: int, epoch: int, order: str = "length") -> list[list[int]]:
+def plan_epoch(
+    lengths: list[int], micro_batch_size: int, seed: int, epoch: int, order: str = "length", batch_tokens: int = 0
+) -> list[list[int]]:
     """Micro-batches (lists of sample indices) for one epoch; see `train.order` for the orders."""
+    if batch_tokens:
+        return token_budget_plan(lengths, batch_tokens, seed, epoch)
     rng = random.Random(f"{seed}:{epoch}")
     idx = list(range(len(lengths)))
     rng.shuffle(idx)
@@ -33,6 +37,29 @@ def plan_epoch(lengths: list[int], micro_batch_size: int, seed: int, epoch: int,
     idx = [i for s in range(0, len(idx), window) for i in sorted(idx[s : s + window], key=lambda i: -lengths[i])]
     batches = [idx[s : s + micro_batch_size] for s in range(0, len(idx), micro_batch_size)]
     rng.shuffle(batches)  # so similar-length batches are not run back to back
+    return batches
+
+
+def token_budget_plan(lengths: list[int], budget: int, seed: int, epoch: int) -> list[list[int]]:
+    """Micro-batches filled with conversations of similar length up to ``budget`` padded tokens.
+
+    The buckets come from one length-sorted pass (ties broken by the seed) and stay the same
+    every epoch, so each epoch has the same number of steps and each step similar work; only
+    their order is shuffled per epoch. A conversation longer than the budget is a batch alone.
+    """
+    idx = list(range(len(lengths)))
+    random.Random(f"{seed}:buckets").shuffle(idx)
+    idx.sort(key=lambda i: lengths[i])  # ascending: the newest sample is the widest of its batch
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in idx:
+        if current and (len(current) + 1) * lengths[i] > budget:
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    random.Random(f"{seed}:{epoch}").shuffle(batches)
     return batches
 
 

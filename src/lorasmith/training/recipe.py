@@ -164,11 +164,11 @@ def _train_in(run_dir, cfg, tokenizer, train_set, val_set, device, precision, at
     pad_id = tokenizer.pad_token_id
     tc = cfg.train
     plan_mb, plan_accum = (tc.effective_batch_size, 1) if tc.micro_batch_size == "auto" else (tc.micro_batch_size, tc.grad_accum)
-    probe_total = math.ceil(len(train_set.encoded) / plan_mb)
-    total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * probe_total / plan_accum))
-    optimizer, scheduler = build_optimizer(model, cfg, total_steps)
+    optimizer = build_optimizer(model, cfg)
     scaler = torch.amp.GradScaler(device.type) if precision.needs_grad_scaler else None
-    stepper = Stepper(model, optimizer, scheduler, scaler, precision, tc, train_set, pad_id, device, plan_mb, plan_accum)
+    stepper = Stepper(model, optimizer, None, scaler, precision, tc, train_set, pad_id, device, plan_mb, plan_accum)
+    total_steps = stepper.total_steps()
+    scheduler = stepper.scheduler = build_scheduler(optimizer, cfg, total_steps)
     state = TrainerState(step=0, micro_batches_done=0, tokens_seen=0, skipped_steps=0, fingerprint=fingerprint)
     if ckpt is not None:
         checkpoint.restore(ckpt, model, optimizer, scheduler)
@@ -326,14 +326,17 @@ def add_lora(model, cfg: Config):
         raise LorasmithError(f"lora.target_modules: {e}", hint="use all-linear, or names printed by `print(model)`") from None
 
 
-def build_optimizer(model, cfg: Config, total_steps: int):
+def build_optimizer(model, cfg: Config):
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, betas=(0.9, 0.999), eps=1e-8)
+
+
+def build_scheduler(optimizer, cfg: Config, total_steps: int):
     from transformers import get_scheduler
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, betas=(0.9, 0.999), eps=1e-8)
     name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[cfg.train.scheduler]
     warmup = int(cfg.train.warmup_ratio * total_steps)
-    return optimizer, get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
 
 def evaluate(model, tokenizer, val_set: TokenizedSet, cfg: Config, precision, pad_id: int) -> dict:
@@ -504,7 +507,7 @@ def run_fingerprint(cfg: Config) -> dict:
         "precision": [cfg.train.precision, cfg.train.base_dtype],
         "schedule": [cfg.train.lr, cfg.train.scheduler, cfg.train.warmup_ratio, cfg.train.epochs, cfg.train.max_steps],
         "seed": cfg.train.seed,
-        "order": cfg.train.order,
+        "order": [cfg.train.order, cfg.train.batch_tokens],
     }
 
 

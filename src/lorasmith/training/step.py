@@ -49,7 +49,8 @@ class StepResult:
 class Stepper:
     """Runs optimizer steps over a deterministic plan of micro-batches.
 
-    The plan has ``plan_accum`` micro-batches of ``plan_mb`` samples per step; ``state.split``
+    The plan has ``plan_accum`` micro-batches of ``plan_mb`` samples (or of up to
+    ``train.batch_tokens`` padded tokens) per step; ``state.split``
     cuts each into that many pieces (set by the auto probe and doubled on each OOM), so the
     data order and the effective batch never depend on memory.
     """
@@ -59,10 +60,10 @@ class Stepper:
         self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
         self.precision, self.cfg, self.data, self.pad_id, self.device = precision, cfg, data, pad_id, device
         self.plan_mb, self.plan_accum = plan_mb, plan_accum
-        self.per_epoch = math.ceil(len(data.encoded) / plan_mb)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self._lengths = [len(e.input_ids) for e in data.encoded]
         self._plans: dict[int, list[list[int]]] = {}
+        self.per_epoch = len(self._plan(0))  # the same for every epoch
         self.nonfinite_in_row = 0
 
     def total_steps(self) -> int:
@@ -73,10 +74,14 @@ class Stepper:
         out = []
         for k in range(done, done + self.plan_accum):
             epoch, pos = divmod(k, self.per_epoch)
-            if epoch not in self._plans:
-                self._plans = {epoch: plan_epoch(self._lengths, self.plan_mb, self.cfg.seed, epoch, self.cfg.order)}
-            out.append(self._plans[epoch][pos])
+            out.append(self._plan(epoch)[pos])
         return out
+
+    def _plan(self, epoch: int) -> list[list[int]]:
+        if epoch not in self._plans:
+            cfg = self.cfg
+            self._plans = {epoch: plan_epoch(self._lengths, self.plan_mb, cfg.seed, epoch, cfg.order, cfg.batch_tokens)}
+        return self._plans[epoch]
 
     def step(self, state: TrainerState, on_oom=None) -> StepResult:
         planned = self.planned(state.micro_batches_done)
