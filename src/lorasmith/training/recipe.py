@@ -166,6 +166,7 @@ def _train_in(run_dir, cfg, tokenizer, train_set, val_set, device, precision, at
     plan_mb, plan_accum = (tc.effective_batch_size, 1) if tc.micro_batch_size == "auto" else (tc.micro_batch_size, tc.grad_accum)
     optimizer = build_optimizer(model, cfg)
     scaler = torch.amp.GradScaler(device.type) if precision.needs_grad_scaler else None
+    # The plan (and so the number of steps) comes from the stepper; the schedule needs that number.
     stepper = Stepper(model, optimizer, None, scaler, precision, tc, train_set, pad_id, device, plan_mb, plan_accum)
     total_steps = stepper.total_steps()
     scheduler = stepper.scheduler = build_scheduler(optimizer, cfg, total_steps)
