@@ -21,7 +21,7 @@ from lorasmith.data.batching import collate, plan_epoch
 from lorasmith.data.dataset import read_split, tokenize
 from lorasmith.models.hardware import choose_precision
 from lorasmith.models.loading import load_model, load_tokenizer
-from lorasmith.training.recipe import add_lora
+from lorasmith.training.recipe import add_lora, base_weights_dtype
 from lorasmith.training.step import accumulate_gradients
 
 
@@ -32,16 +32,12 @@ def main() -> None:
         tok = load_tokenizer(cfg.model)
         data = tokenize(tok, read_split(cfg.data).train, cfg.data)
     precision = choose_precision(cfg.train.precision, torch.device("cpu"))
-    dtype = (
-        torch.bfloat16
-        if (cfg.train.base_dtype == "bf16" or (cfg.train.base_dtype == "auto" and precision.name == "bf16"))
-        else None
-    )
+    dtype = base_weights_dtype(cfg, precision)
     model = load_model(
         cfg.model,
         device=torch.device("cpu"),
         attn_implementation="sdpa" if cfg.model.attn_implementation == "auto" else cfg.model.attn_implementation,
-        dtype=dtype or torch.float32,
+        dtype=dtype,
     )
     model = add_lora(model, cfg)
     plan = plan_epoch([len(e.input_ids) for e in data.encoded], 8, 0, 0, "length")
@@ -50,7 +46,7 @@ def main() -> None:
         accumulate_gradients(model, [b], precision)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         accumulate_gradients(model, [batches[3]], precision)
-    print(f"precision {precision.name}, base {dtype or torch.float32}, batch {tuple(batches[3].input_ids.shape)}")
+    print(f"precision {precision.name}, base {dtype}, batch {tuple(batches[3].input_ids.shape)}")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
 
 

@@ -43,10 +43,36 @@ def _val_loss(model, tok, val_set) -> float:
     return validation_loss(model, val_set, pad_id=tok.pad_token_id, precision=Precision("fp32", "cpu"), batch_size=8)["loss"]
 
 
+def step_timer(collated: list[int]):
+    """A TrainerCallback recording each optimizer step's wall time and real tokens.
+
+    ``collated`` is appended to by the data collator, one count per micro-batch. Trainer fetches
+    all micro-batches of a step before on_step_begin (to count the step's items), so a step's
+    tokens are those collated since the previous step ended.
+    """
+    from transformers import TrainerCallback
+
+    class _StepTimer(TrainerCallback):
+        def __init__(self):
+            self.times: list[float] = []
+            self.tokens: list[int] = []
+            self._counted = 0
+
+        def on_step_begin(self, args, state, control, **kw):
+            self._t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            self.times.append(time.perf_counter() - self._t0)
+            self.tokens.append(sum(collated[self._counted :]))
+            self._counted = len(collated)
+
+    return _StepTimer()
+
+
 def run_hf_trainer(name: str, model_dir: str, train: str, val: str, steps: int) -> dict:
     """(a) the seed recipe: pad to 512, q/k/v, 2 x 4, fp32; (b) the same with dynamic padding + length grouping."""
     from peft import LoraConfig, get_peft_model
-    from transformers import Trainer, TrainerCallback, TrainingArguments
+    from transformers import Trainer, TrainingArguments
 
     tok, train_set, val_set = _data(model_dir, train, val)
     rows = [
@@ -67,21 +93,7 @@ def run_hf_trainer(name: str, model_dir: str, train: str, val: str, steps: int) 
         real_tokens.append(int(mask.sum()))
         return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
-    times: list[float] = []
-    tokens: list[int] = []
-
-    class Timer(TrainerCallback):
-        # Trainer fetches all micro-batches of a step before on_step_begin (to count the
-        # step's items), so a step's tokens are those collated since the previous step ended.
-        counted = 0
-
-        def on_step_begin(self, args, state, control, **kw):
-            self.t0 = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kw):
-            times.append(time.perf_counter() - self.t0)
-            tokens.append(sum(real_tokens[Timer.counted :]))
-            Timer.counted = len(real_tokens)
+    timer = step_timer(real_tokens)
 
     model = load_model(ModelConfig(name=model_dir), device=torch.device("cpu"), attn_implementation="sdpa")
     model = get_peft_model(
@@ -94,35 +106,22 @@ def run_hf_trainer(name: str, model_dir: str, train: str, val: str, steps: int) 
             remove_unused_columns=False, disable_tqdm=True, seed=42,
             train_sampling_strategy="random" if pad_to_max else "group_by_length",
         )  # fmt: skip
-        Trainer(model=model, args=args, train_dataset=rows, data_collator=collate, callbacks=[Timer()]).train()
+        Trainer(model=model, args=args, train_dataset=rows, data_collator=collate, callbacks=[timer]).train()
     peak = _peak_rss_mib()
-    return {"step_s": times, "real_tokens": tokens, "eval_loss": _val_loss(model, tok, val_set), "peak_rss_mib": peak}
+    return {"step_s": timer.times, "real_tokens": timer.tokens, "eval_loss": _val_loss(model, tok, val_set), "peak_rss_mib": peak}
 
 
 def run_trl_packing(model_dir: str, train: str, val: str, steps: int) -> dict:
     """(c) TRL's SFTTrainer with padding-free packing (bfd) into 512-token rows, q/k/v, fp32."""
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
     tok, _train_set, val_set = _data(model_dir, train, val)
     records = [json.loads(line) for line in Path(train).read_text().splitlines()]
     model = load_model(ModelConfig(name=model_dir), device=torch.device("cpu"), attn_implementation="sdpa")
-    times: list[float] = []
-    tokens: list[int] = []
     seen: list[int] = []
-
-    class Timer(TrainerCallback):
-        counted = 0  # see run_hf_trainer: micro-batches are fetched before on_step_begin
-
-        def on_step_begin(self, args, state, control, **kw):
-            self.t0 = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kw):
-            times.append(time.perf_counter() - self.t0)
-            tokens.append(sum(seen[Timer.counted :]))
-            Timer.counted = len(seen)
+    timer = step_timer(seen)
 
     with tempfile.TemporaryDirectory() as out:
         args = SFTConfig(
@@ -132,7 +131,7 @@ def run_trl_packing(model_dir: str, train: str, val: str, steps: int) -> dict:
         )  # fmt: skip
         lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=SEED_TARGETS, task_type="CAUSAL_LM")
         trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(records), processing_class=tok,
-                             peft_config=lora, callbacks=[Timer()])  # fmt: skip
+                             peft_config=lora, callbacks=[timer])  # fmt: skip
         inner = trainer.data_collator
 
         def counting(batch):
@@ -145,7 +144,7 @@ def run_trl_packing(model_dir: str, train: str, val: str, steps: int) -> dict:
         trainer.train()
         model = trainer.model
     peak = _peak_rss_mib()
-    return {"step_s": times, "real_tokens": tokens, "eval_loss": _val_loss(model, tok, val_set), "peak_rss_mib": peak}
+    return {"step_s": timer.times, "real_tokens": timer.tokens, "eval_loss": _val_loss(model, tok, val_set), "peak_rss_mib": peak}
 
 
 def run_lorasmith(model_dir: str, train: str, val: str, steps: int, extra: list[str]) -> dict:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -119,8 +118,3 @@ def resolve_local(name: str, gguf_file: str | None) -> Path | None:
             raise ModelLoadError(f"{path} has no config.json", hint=hint)
         return path
     return None
-
-
-def describe_converted(folder: Path) -> dict:
-    marker = folder / "lorasmith_converted.json"
-    return json.loads(marker.read_text()) if marker.is_file() else {}

@@ -13,6 +13,9 @@ from lorasmith.errors import ConfigError
 log = logging.getLogger(__name__)
 
 
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
 @dataclass(frozen=True)
 class Precision:
     name: str
@@ -21,7 +24,7 @@ class Precision:
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
-        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.name)
+        return None if self.name == "fp32" else DTYPES[self.name]
 
     def autocast(self):
         dtype = self.autocast_dtype

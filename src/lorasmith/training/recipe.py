@@ -38,7 +38,7 @@ from lorasmith.data.dataset import TokenizedSet, read_split, tokenize
 from lorasmith.errors import LorasmithError, TrainingError
 from lorasmith.evaluation.generate import generate, prompt_and_reference
 from lorasmith.evaluation.metrics import exact_match, validation_loss
-from lorasmith.models.hardware import choose_attention, choose_precision, default_device
+from lorasmith.models.hardware import DTYPES, choose_attention, choose_precision, default_device
 from lorasmith.models.loading import bnb_config, load_model, load_tokenizer
 from lorasmith.training import checkpoint
 from lorasmith.training.checkpoint import TrainerState
@@ -121,12 +121,8 @@ def train(cfg: Config, *, config_path: str | None = None, resume: str | None = N
 def _train_in(run_dir, cfg, tokenizer, train_set, val_set, device, precision, attention, ckpt, resumed, fingerprint, config_path):
     # 5. Model and adapter.
     quant = cfg.quantization
-    compute = precision.autocast_dtype or torch.float32
-    if quant.compute_dtype != "auto":
-        compute = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[quant.compute_dtype]
-    base_dtype = torch.bfloat16 if cfg.train.base_dtype == "bf16" else torch.float32
-    if cfg.train.base_dtype == "auto" and precision.name == "bf16" and not quant.bits:
-        base_dtype = torch.bfloat16
+    compute = DTYPES[quant.compute_dtype] if quant.compute_dtype != "auto" else precision.autocast_dtype or torch.float32
+    base_dtype = base_weights_dtype(cfg, precision)
     model = load_model(
         cfg.model, device=device, attn_implementation=attention, dtype=base_dtype, quantization=quant, compute_dtype=compute
     )
@@ -325,6 +321,15 @@ def add_lora(model, cfg: Config):
         return get_peft_model(model, peft_cfg)
     except ValueError as e:  # peft: "Target modules {...} not found in the base model"
         raise LorasmithError(f"lora.target_modules: {e}", hint="use all-linear, or names printed by `print(model)`") from None
+
+
+def base_weights_dtype(cfg: Config, precision) -> torch.dtype:
+    """train.base_dtype resolved: auto holds an unquantized base in bf16 when training in bf16."""
+    if cfg.train.base_dtype == "bf16":
+        return torch.bfloat16
+    if cfg.train.base_dtype == "auto" and precision.name == "bf16" and not cfg.quantization.bits:
+        return torch.bfloat16
+    return torch.float32
 
 
 def build_optimizer(model, cfg: Config):
