@@ -19,7 +19,7 @@ from lorasmith import config
 from lorasmith.benchmark import synthetic
 from lorasmith.data.batching import collate, plan_epoch
 from lorasmith.data.dataset import read_split, tokenize
-from lorasmith.models.hardware import choose_precision
+from lorasmith.models.hardware import choose_attention, choose_precision
 from lorasmith.models.loading import load_model, load_tokenizer
 from lorasmith.training.recipe import add_lora, base_weights_dtype
 from lorasmith.training.step import accumulate_gradients
@@ -36,7 +36,7 @@ def main() -> None:
     model = load_model(
         cfg.model,
         device=torch.device("cpu"),
-        attn_implementation="sdpa" if cfg.model.attn_implementation == "auto" else cfg.model.attn_implementation,
+        attn_implementation=choose_attention(cfg.model.attn_implementation, torch.device("cpu"), precision),
         dtype=dtype,
     )
     model = add_lora(model, cfg)

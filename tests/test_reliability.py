@@ -175,7 +175,9 @@ def test_oom_halves_the_micro_batch_and_keeps_the_result(tmp_path, tiny_model_di
     ref, got = _losses(reference), _losses(out / "oom")
     assert got.keys() == ref.keys() and all(got[k] == pytest.approx(ref[k], rel=1e-4) for k in ref)
     a, b = _adapter(reference), _adapter(out / "oom")
-    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    # Padded and unpadded rows take different attention kernels: float noise, not a different step
+    # (a wrongly normalised gradient moves weights by ~lr = 5e-3 per step).
+    assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
 
 
 def test_oom_at_micro_batch_one_is_a_clear_error(tmp_path, tiny_model_dir, data_files, monkeypatch, capsys):

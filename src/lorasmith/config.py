@@ -35,8 +35,9 @@ class ModelConfig:
     """Hub revision (branch, tag or commit) to load."""
     trust_remote_code: bool = False
     """Run model code shipped with a hub repo. Off unless you trust that repo."""
-    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
-    """Attention kernel; auto picks flash_attention_2 on a supported GPU when installed, else sdpa."""
+    attn_implementation: Literal["auto", "sdpa", "sdpa_fp32", "eager", "flash_attention_2"] = "auto"
+    """Attention kernel; auto picks flash_attention_2 on a supported GPU when installed, sdpa_fp32 on a
+    CPU under bf16 (SDPA on fp32 inputs: PyTorch's CPU kernel runs bf16 at half speed), else sdpa."""
     chat_template: str | None = None
     """Path to a Jinja chat template that replaces the tokenizer's own."""
 

@@ -11,6 +11,8 @@ import torch
 
 from lorasmith.config import ModelConfig, QuantizationConfig
 from lorasmith.errors import ModelLoadError
+from lorasmith.models.attention import SDPA_FP32
+from lorasmith.models.attention import register as register_attention
 from lorasmith.models.builtin import resolve_local
 
 log = logging.getLogger(__name__)
@@ -101,6 +103,8 @@ def load_model(
     from transformers import AutoModelForCausalLM
 
     source, is_hub = _source(cfg)
+    if attn_implementation == SDPA_FP32:
+        register_attention()
     extra = {}
     if quantization is not None and quantization.bits:
         extra["quantization_config"] = bnb_config(quantization, compute_dtype)

@@ -55,7 +55,7 @@ def train(cfg: Config, *, config_path: str | None = None, resume: str | None = N
     # 1. Hardware first: a precision the machine cannot run fails before anything is loaded.
     device = default_device()
     precision = choose_precision(cfg.train.precision, device)
-    attention = choose_attention(cfg.model.attn_implementation, device)
+    attention = choose_attention(cfg.model.attn_implementation, device, precision)
     if cfg.quantization.bits:
         bnb_config(cfg.quantization, torch.float32)  # bitsandbytes missing: say so before reading any data
     seed_everything(cfg.train.seed)
