@@ -185,8 +185,8 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about a third more compute."""
     compile: bool = False
-    """torch.compile each decoder layer for training steps (evaluation stays eager). Pays off on long runs:
-    on the bench CPU about 8% faster per step after ~40 s of compiling (docs/benchmarks.md)."""
+    """torch.compile each decoder layer for training steps (evaluation stays eager). Pays off on long runs
+    only: on the bench CPU 3-8% faster per step after 20-40 s of compiling (docs/benchmarks.md)."""
     seed: int = 42
     """Seed of LoRA initialisation, dropout and data order."""
     log_every: int = 1
