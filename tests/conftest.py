@@ -54,6 +54,23 @@ def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
     return folder
 
 
+def tiny_lora(tiny_model_dir: Path, attention: str = "sdpa"):
+    """The tiny Llama with the default LoRA adapter, B made non-zero so the adapter does something."""
+    import torch
+
+    from lorasmith.config import Config, ModelConfig
+    from lorasmith.models.loading import load_model
+    from lorasmith.training.recipe import add_lora
+
+    torch.manual_seed(0)
+    model = load_model(ModelConfig(name=str(tiny_model_dir)), device=torch.device("cpu"), attn_implementation=attention)
+    model = add_lora(model, Config())
+    for name, p in model.named_parameters():  # LoRA B starts at zero
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.02)
+    return model
+
+
 def write_jsonl(path: Path, rows) -> Path:
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8")
     return path

@@ -3,28 +3,16 @@ LoRA input casts off under autocast."""
 
 import pytest
 import torch
+from tests.conftest import tiny_lora
 
-from lorasmith.config import Config, ModelConfig
 from lorasmith.data.batching import collate
 from lorasmith.data.masking import encode
 from lorasmith.models.attention import SDPA_FP32
 from lorasmith.models.hardware import Precision, choose_attention
-from lorasmith.models.loading import load_model
 from lorasmith.training.loss import causal_lm, lora_input_casts_off, weighted_loss
-from lorasmith.training.recipe import add_lora
 
 FP32 = Precision("fp32", "cpu")
 BF16 = Precision("bf16", "cpu")
-
-
-def _lora(tiny_model_dir, attention):
-    torch.manual_seed(0)
-    model = load_model(ModelConfig(name=str(tiny_model_dir)), device=torch.device("cpu"), attn_implementation=attention)
-    model = add_lora(model, Config())
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.02)
-    return model
 
 
 @pytest.fixture
@@ -56,7 +44,7 @@ def test_auto_attention_on_cpu_follows_the_precision():
 def test_sdpa_fp32_matches_sdpa_and_eager_with_and_without_a_padding_mask(tiny_model_dir, batch):
     logits = {}
     for attention in ("eager", "sdpa", SDPA_FP32):
-        lm = causal_lm(_lora(tiny_model_dir, attention))
+        lm = causal_lm(tiny_lora(tiny_model_dir, attention))
         with torch.no_grad():
             logits[attention] = lm(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     real = batch.attention_mask.bool()
@@ -65,8 +53,8 @@ def test_sdpa_fp32_matches_sdpa_and_eager_with_and_without_a_padding_mask(tiny_m
 
 
 def test_sdpa_fp32_under_bf16_stays_close_to_fp32(tiny_model_dir, batch):
-    reference, ref_grads = _loss_and_grads(_lora(tiny_model_dir, "sdpa"), batch, FP32)
-    loss, grads = _loss_and_grads(_lora(tiny_model_dir, SDPA_FP32), batch, BF16)
+    reference, ref_grads = _loss_and_grads(tiny_lora(tiny_model_dir, "sdpa"), batch, FP32)
+    loss, grads = _loss_and_grads(tiny_lora(tiny_model_dir, SDPA_FP32), batch, BF16)
     assert loss == pytest.approx(reference, rel=1e-2)
     for name, g in grads.items():
         cos = torch.nn.functional.cosine_similarity(g.flatten(), ref_grads[name].flatten(), dim=0)
@@ -75,7 +63,7 @@ def test_sdpa_fp32_under_bf16_stays_close_to_fp32(tiny_model_dir, batch):
 
 def test_mask_free_padded_rows_equal_each_row_alone(tiny_model_dir, encoded, batch, tokenizer):
     """Right padding without a padding mask: a padded batch gives each row's own loss and gradients."""
-    model = _lora(tiny_model_dir, SDPA_FP32)
+    model = tiny_lora(tiny_model_dir, SDPA_FP32)
     whole, g_whole = _loss_and_grads(model, batch, FP32)
     rows = [collate([e], tokenizer.pad_token_id) for e in encoded]
     model.zero_grad(set_to_none=True)
@@ -92,7 +80,7 @@ def test_mask_free_padded_rows_equal_each_row_alone(tiny_model_dir, encoded, bat
 
 
 def test_lora_input_casts_off_changes_nothing_under_autocast(tiny_model_dir, batch):
-    model = _lora(tiny_model_dir, SDPA_FP32)
+    model = tiny_lora(tiny_model_dir, SDPA_FP32)
     model.zero_grad(set_to_none=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         causal_lm(model)(input_ids=batch.input_ids).logits.float().square().mean().backward()

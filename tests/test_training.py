@@ -1,12 +1,11 @@
 import pytest
 import torch
+from tests.conftest import tiny_lora
 
-from lorasmith.config import Config, ModelConfig
 from lorasmith.data.batching import collate, plan_epoch
 from lorasmith.data.masking import encode
 from lorasmith.models.hardware import Precision
 from lorasmith.training.loss import weighted_loss
-from lorasmith.training.recipe import add_lora
 from lorasmith.training.step import accumulate_gradients
 
 FP32 = Precision("fp32", "cpu")
@@ -14,15 +13,7 @@ FP32 = Precision("fp32", "cpu")
 
 @pytest.fixture
 def lora_model(tiny_model_dir):
-    from lorasmith.models.loading import load_model
-
-    torch.manual_seed(0)
-    model = load_model(ModelConfig(name=str(tiny_model_dir)), device=torch.device("cpu"), attn_implementation="sdpa")
-    model = add_lora(model, Config())
-    for name, p in model.named_parameters():  # LoRA B starts at zero; make the adapter do something
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.02)
-    return model
+    return tiny_lora(tiny_model_dir)
 
 
 @pytest.fixture

@@ -66,7 +66,7 @@ def choose_precision(requested: str, device: torch.device) -> Precision:
     return Precision(requested, kind)
 
 
-def choose_attention(requested: str, device: torch.device, precision: Precision | None = None) -> str:
+def choose_attention(requested: str, device: torch.device, precision: Precision) -> str:
     """The attention kernel for `model.attn_implementation` (see its docstring for what auto picks)."""
     if requested != "auto":
         if requested == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
@@ -79,6 +79,6 @@ def choose_attention(requested: str, device: torch.device, precision: Precision 
         major, _ = torch.cuda.get_device_capability(device)
         if major >= 8:
             return "flash_attention_2"
-    if device.type == "cpu" and precision is not None and precision.autocast_dtype is not None:
+    if device.type == "cpu" and precision.autocast_dtype is not None:
         return SDPA_FP32  # CPU flash attention runs bf16 at half its fp32 speed: see models/attention.py
     return "sdpa"

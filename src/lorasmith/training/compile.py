@@ -13,13 +13,13 @@ import logging
 
 import torch
 
+from lorasmith.training.loss import causal_lm
+
 log = logging.getLogger(__name__)
 
 
 def decoder_layers(model) -> list[torch.nn.Module]:
     """The repeated blocks, found by transformers' own `_no_split_modules` class names."""
-    from lorasmith.training.loss import causal_lm
-
     names = set(getattr(causal_lm(model), "_no_split_modules", None) or [])
     return [m for m in model.modules() if type(m).__name__ in names]
 
