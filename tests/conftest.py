@@ -54,8 +54,9 @@ def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
     return folder
 
 
-def tiny_lora(tiny_model_dir: Path, attention: str = "sdpa"):
-    """The tiny Llama with the default LoRA adapter, B made non-zero so the adapter does something."""
+def tiny_lora(tiny_model_dir: Path, attention: str = "sdpa", dtype=None):
+    """The tiny Llama with the default LoRA adapter, B made non-zero so the adapter does something;
+    ``dtype`` for the frozen base (LoRA weights stay fp32)."""
     import torch
 
     from lorasmith.config import Config, ModelConfig
@@ -63,7 +64,8 @@ def tiny_lora(tiny_model_dir: Path, attention: str = "sdpa"):
     from lorasmith.training.recipe import add_lora
 
     torch.manual_seed(0)
-    model = load_model(ModelConfig(name=str(tiny_model_dir)), device=torch.device("cpu"), attn_implementation=attention)
+    cpu, dtype = torch.device("cpu"), dtype or torch.float32
+    model = load_model(ModelConfig(name=str(tiny_model_dir)), device=cpu, attn_implementation=attention, dtype=dtype)
     model = add_lora(model, Config())
     for name, p in model.named_parameters():  # LoRA B starts at zero
         if "lora_B" in name:

@@ -93,3 +93,50 @@ def test_lora_input_casts_off_changes_nothing_under_autocast(tiny_model_dir, bat
             torch.testing.assert_close(p.grad, with_casts[name], rtol=0, atol=0)
     layer = next(m for m in model.modules() if hasattr(m, "cast_input_dtype_enabled"))
     assert layer.cast_input_dtype_enabled  # restored afterwards
+
+
+def test_causal_matmul_attention_matches_sdpa_with_grouped_heads():
+    """The compiled short-row path: bf16 matmuls around an fp32 softmax, query heads grouped per key/value head."""
+    from lorasmith.models.attention import causal_matmul_attention
+
+    torch.manual_seed(0)
+    q = torch.randn(2, 6, 40, 16, dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.randn(2, 2, 40, 16, dtype=torch.bfloat16, requires_grad=True) for _ in "kv")
+    grad = torch.randn(2, 40, 6, 16, dtype=torch.bfloat16)
+    out = causal_matmul_attention(q, k, v, scaling=0.25)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q.double(), k.double(), v.double(), is_causal=True, enable_gqa=True, scale=0.25
+    ).transpose(1, 2)
+    want = torch.autograd.grad(ref, (q, k, v), grad.double())
+    for a, b in zip((out, *got), (ref, *want)):
+        assert a.shape == b.shape
+        assert (a.double() - b).abs().max() <= 2e-2 * b.abs().max()
+
+
+def test_compiled_bf16_training_takes_the_matmul_attention_and_stays_close(tiny_model_dir, tokenizer, monkeypatch):
+    import lorasmith.models.attention as attention
+    from lorasmith.training.compile import compile_decoder_layers
+
+    rows = [[{"role": "user", "content": f"Spell {n} in words."}, {"role": "assistant", "content": w}]
+            for n, w in ((3, "three"), (11, "eleven"), (40, "forty"), (1000, "one thousand"))]  # fmt: skip
+    batch = collate([encode(tokenizer, r, max_length=256) for r in rows], tokenizer.pad_token_id)
+
+    # As training holds it under bf16: base weights in bf16 (so are q, k and v), LoRA in fp32.
+    reference, ref_grads = _loss_and_grads(tiny_lora(tiny_model_dir, SDPA_FP32, torch.bfloat16).train(), batch, BF16)
+    shapes = []
+    original = attention.causal_matmul_attention
+
+    def recording(query, *args, **kwargs):
+        shapes.append(tuple(query.shape))
+        return original(query, *args, **kwargs)
+
+    monkeypatch.setattr(attention, "causal_matmul_attention", recording)
+    model = tiny_lora(tiny_model_dir, SDPA_FP32, torch.bfloat16).train()
+    assert compile_decoder_layers(model) == 2
+    loss, grads = _loss_and_grads(model, batch, BF16)
+    assert shapes and batch.input_ids.shape[1] <= attention.SHORT_ROWS  # traced through the matmul path
+    assert loss == pytest.approx(reference, rel=1e-2)
+    for name, g in grads.items():
+        cos = torch.nn.functional.cosine_similarity(g.flatten(), ref_grads[name].flatten(), dim=0)
+        assert cos > 0.99, name

@@ -79,6 +79,10 @@ def test_token_cap_pieces_are_a_partition_within_the_cap():
     assert sorted(i for p in pieces for i in p) == list(range(8))
     assert all(len(p) * max(lengths[i] for i in p) <= 300 or len(p) == 1 for p in pieces)
     assert cap_tokens([[0, 1]], lengths, 0) == [[0, 1]]
+    # Near-equal parts, no one-row remainder: 7 rows of 290 fit under 2048, but 4 + 4 is what runs.
+    assert [len(p) for p in cap_tokens([list(range(8))], [290] * 8, 2048)] == [4, 4]
+    assert [len(p) for p in cap_tokens([list(range(8))], [600] + [100] * 7, 1000)] == [1, 7]
+    assert [len(p) for p in cap_tokens([list(range(9))], [200] * 9, 1000)] == [5, 4]
 
 
 def _run(tiny_model_dir, tmp_path, demo_rows, name, *extra):
@@ -160,3 +164,46 @@ def test_compiled_decoder_layers_give_the_same_training(tmp_path, tiny_model_dir
     eager, e_eval = _run(tiny_model_dir, tmp_path, demo_rows, "eager", "train.precision=fp32")
     assert compiled == pytest.approx(eager, rel=1e-4)
     assert c_eval == pytest.approx(e_eval, rel=1e-4)
+
+
+def test_compile_auto_decides_by_device_size_and_quantization(tiny_model_dir, monkeypatch):
+    from tests.conftest import tiny_lora
+
+    import lorasmith.training.compile as compile_mod
+
+    model, cpu = tiny_lora(tiny_model_dir), torch.device("cpu")
+    assert compile_mod.should_compile(True, model, cpu, quantized=False)[0] is True
+    assert compile_mod.should_compile(False, model, cpu, quantized=False)[0] is False
+    on, why = compile_mod.should_compile("auto", model, cpu, quantized=False)
+    assert not on and "too small" in why  # the tiny test model stays eager
+    monkeypatch.setattr(compile_mod, "MIN_PARAMETERS", 0)
+    monkeypatch.setattr(compile_mod, "_cpp_compiler", lambda: "/usr/bin/g++")
+    assert compile_mod.should_compile("auto", model, cpu, quantized=False)[0] is True
+    assert compile_mod.should_compile("auto", model, torch.device("cuda"), quantized=False)[0] is False
+    assert compile_mod.should_compile("auto", model, cpu, quantized=True)[0] is False
+    monkeypatch.setattr(compile_mod, "_cpp_compiler", lambda: None)
+    assert "no C++ compiler" in compile_mod.should_compile("auto", model, cpu, quantized=False)[1]
+
+
+def test_a_compiler_failure_falls_back_to_eager(tiny_model_dir, monkeypatch, caplog):
+    """No C++ compiler or Python headers at run time: training goes on eagerly, with a warning."""
+    from tests.conftest import tiny_lora
+
+    import lorasmith.training.compile as compile_mod
+
+    def broken_compile(fn, **kwargs):
+        def run(*args, **kw):
+            raise torch._dynamo.exc.TorchDynamoException("C++ compile error: Python.h: No such file")
+
+        return run
+
+    ids = torch.tensor([[1, 5, 9, 14, 2, 7]])
+    eager = tiny_lora(tiny_model_dir).train()
+    want = compile_mod.causal_lm(eager)(input_ids=ids).logits
+    model = tiny_lora(tiny_model_dir).train()
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    compile_mod.compile_decoder_layers(model)
+    with caplog.at_level("WARNING", logger="lorasmith"):
+        got = compile_mod.causal_lm(model)(input_ids=ids).logits
+    torch.testing.assert_close(got, want)
+    assert "training on eagerly" in caplog.text

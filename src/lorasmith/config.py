@@ -184,9 +184,11 @@ class TrainConfig:
     per-step weight casts), else fp32. LoRA weights and optimizer state stay fp32."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about a third more compute."""
-    compile: bool = False
-    """torch.compile each decoder layer for training steps (evaluation stays eager). Pays off on long runs
-    only: on the bench CPU 3-8% faster per step after 20-40 s of compiling (docs/benchmarks.md)."""
+    compile: bool | Literal["auto"] = "auto"
+    """torch.compile each decoder layer for training steps (evaluation stays eager): fused elementwise work
+    and, for rows up to 128 tokens, a matmul attention. auto = on CPU for bases of 50M+ parameters when a
+    C++ compiler is there (on the bench CPU ~10-20% faster per step after 10-40 s of compiling, cached
+    across runs; docs/benchmarks.md); off on GPUs and quantized bases until measured there (true to try)."""
     seed: int = 42
     """Seed of LoRA initialisation, dropout and data order."""
     log_every: int = 1

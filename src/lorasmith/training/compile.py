@@ -1,21 +1,31 @@
-"""Regional compilation: torch.compile on each decoder layer, for training steps only.
+"""Regional compilation: torch.compile on each decoder layer and on the loss, for training steps only.
 
 One compiled graph serves every layer (same code, parameters as graph inputs), so compiling
 costs about one layer's worth of time, not the whole model's; dynamic shapes keep varying batch
-sizes and lengths from recompiling. Only training forwards (module in train mode, gradients on)
-take the compiled path: evaluation and generation run eagerly, so they neither trigger a second
-compilation nor depend on the compiler.
+sizes and lengths from recompiling (a micro-batch of one row gets a second graph: the compiler
+specialises size 1). Only training forwards (module in train mode, gradients on, an input that
+needs a gradient) take the compiled path: evaluation and generation run eagerly, so they neither
+trigger another compilation nor depend on the compiler; nor does the first layer of a LoRA model,
+whose input (the frozen embedding's output) needs no gradient and would otherwise cost a graph
+of its own. The loss over the LM head is compiled too: upcast, log-softmax, gather and argmax
+fuse into single passes over the logits. If compiling fails (no C++ compiler, no Python
+headers), training goes on eagerly.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
 
 import torch
 
-from lorasmith.training.loss import causal_lm
+from lorasmith.training.loss import causal_lm, compiled_token_losses, token_losses
 
 log = logging.getLogger(__name__)
+
+MIN_PARAMETERS = 50_000_000
+"""Below this, train.compile=auto stays eager: compiling takes ~10-40 s on any model (one layer's
+graph), while the time it saves grows with the model; a tiny model never pays it back."""
 
 
 def decoder_layers(model) -> list[torch.nn.Module]:
@@ -24,17 +34,70 @@ def decoder_layers(model) -> list[torch.nn.Module]:
     return [m for m in model.modules() if type(m).__name__ in names]
 
 
+def _cpp_compiler() -> str | None:
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        return shutil.which(get_cpp_compiler())
+    except Exception:  # inductor's lookup raises when it finds none
+        return None
+
+
+def should_compile(setting: bool | str, model, device: torch.device, quantized: bool) -> tuple[bool, str]:
+    """Whether to compile the decoder layers, and why (for the log)."""
+    if setting is True or setting is False:
+        return setting, f"train.compile={str(setting).lower()}"
+    if device.type != "cpu":
+        # Measured on CPU only so far (docs/benchmarks.md); on GPUs it is opt-in.
+        return False, f"train.compile=auto: not on {device.type} (set train.compile=true to try)"
+    if quantized:
+        return False, "train.compile=auto: not measured with a quantized base (set train.compile=true to try)"
+    params = sum(p.numel() for p in model.parameters())
+    if params < MIN_PARAMETERS:
+        return False, f"train.compile=auto: {params / 1e6:.1f}M parameters is too small to repay compiling"
+    if _cpp_compiler() is None:
+        return False, "train.compile=auto: no C++ compiler found for torch.compile's CPU backend"
+    return True, "train.compile=auto: on CPU with a C++ compiler"
+
+
+def _is_compiler_failure(err: BaseException) -> bool:
+    return isinstance(err, torch._dynamo.exc.TorchDynamoException)
+
+
+class _Fallback:
+    """Runs the compiled function, or the eager one once any compilation of the model has failed."""
+
+    def __init__(self, eager, failed: list[bool]):
+        self.eager, self.compiled, self.failed = eager, torch.compile(eager, dynamic=True), failed
+
+    def __call__(self, *args, **kwargs):
+        if self.failed:
+            return self.eager(*args, **kwargs)
+        try:
+            return self.compiled(*args, **kwargs)
+        except Exception as e:
+            if not _is_compiler_failure(e):
+                raise
+            self.failed.append(True)
+            log.warning("torch.compile failed, training on eagerly: %s", str(e).strip().splitlines()[0][:300])
+            return self.eager(*args, **kwargs)
+
+
 def compile_decoder_layers(model) -> int:
-    """Give each decoder layer a compiled forward for training; return how many were wrapped."""
+    """Give each decoder layer, and the loss over the LM head, a compiled version for training steps;
+    return how many layers were wrapped."""
+    failed: list[bool] = []  # shared: one failure turns compiling off for the whole model
     layers = decoder_layers(model)
     for layer in layers:
         eager = layer.forward
-        compiled = torch.compile(eager, dynamic=True)
+        compiled = _Fallback(eager, failed)
 
-        def forward(*args, _layer=layer, _eager=eager, _compiled=compiled, **kwargs):
-            run = _compiled if _layer.training and torch.is_grad_enabled() else _eager
-            return run(*args, **kwargs)
+        def forward(hidden_states, *args, _layer=layer, _eager=eager, _compiled=compiled, **kwargs):
+            run = _compiled if _layer.training and torch.is_grad_enabled() and hidden_states.requires_grad else _eager
+            return run(hidden_states, *args, **kwargs)
 
         layer.forward = forward
-    log.info("compiling %d decoder layers for training (the first steps take longer)", len(layers))
+    # weighted_loss takes it for training steps only, like the layers.
+    compiled_token_losses[causal_lm(model)] = _Fallback(token_losses, failed)
+    log.info("compiling %d decoder layers and the loss for training (the first steps take longer)", len(layers))
     return len(layers)

@@ -8,6 +8,7 @@ the positions that carry weight, and apply the head to those alone.
 
 from __future__ import annotations
 
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -49,6 +50,20 @@ def lora_input_casts_off(model, precision: Precision):
         yield
 
 
+def token_losses(head, hidden: torch.Tensor, targets: torch.Tensor, softcap: float | None):
+    """Cross-entropy of each trained position, and how many of them the argmax gets right."""
+    logits = head(hidden).float()
+    if softcap:  # Gemma-2 style soft-capping lives in the model's forward, which we bypass
+        logits = torch.tanh(logits / softcap) * softcap
+    ce = F.cross_entropy(logits, targets, reduction="none")
+    return ce, (logits.detach().argmax(-1) == targets).sum()
+
+
+# Compiled token_losses per model (training/compile.py): the upcast, log-softmax, gather and argmax
+# fuse into a pass over the logits, forward and backward.
+compiled_token_losses: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def weighted_loss(model, batch: Batch, precision: Precision) -> LossParts:
     lm = causal_lm(model)
     decoder = getattr(lm, lm.base_model_prefix)
@@ -56,6 +71,9 @@ def weighted_loss(model, batch: Batch, precision: Precision) -> LossParts:
     weights = batch.weights[:, 1:]
     keep = weights > 0
     targets = batch.input_ids[:, 1:][keep]
+    losses = token_losses
+    if lm.training and torch.is_grad_enabled():
+        losses = compiled_token_losses.get(lm, token_losses)
     with precision.autocast(), lora_input_casts_off(model, precision):
         # No padding mask, packed or not. Packed rows: positions restart per conversation and
         # transformers isolates them from position_ids. Padded rows are right-padded (collate), so
@@ -63,16 +81,11 @@ def weighted_loss(model, batch: Batch, precision: Precision) -> LossParts:
         # from seeing pads, and pads carry no loss, so loss and gradients are those of the masked
         # model, while SDPA takes its causal grouped-query path instead of a dense masked one.
         hidden = decoder(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).last_hidden_state
-        logits = head(hidden[:, :-1][keep])
-    logits = logits.float()
-    cap = getattr(lm.config, "final_logit_softcapping", None)
-    if cap:  # Gemma-2 style soft-capping lives in the model's forward, which we bypass
-        logits = torch.tanh(logits / cap) * cap
-    ce = F.cross_entropy(logits, targets, reduction="none")
+        ce, correct = losses(head, hidden[:, :-1][keep], targets, getattr(lm.config, "final_logit_softcapping", None))
     w = weights[keep]
     return LossParts(
         loss_sum=(ce * w).sum(),
         weight_sum=float(w.sum()),
-        correct=int((logits.detach().argmax(-1) == targets).sum()),
+        correct=int(correct),
         positions=int(keep.sum()),
     )

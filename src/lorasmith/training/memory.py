@@ -49,24 +49,36 @@ def split_indices(indices: list[int], parts: int) -> list[list[int]]:
     return out
 
 
+def _fill(rows: list[int], lengths: list[int], max_tokens: int, max_rows: int) -> list[list[int]]:
+    parts: list[list[int]] = []
+    for i in rows:
+        if parts and len(parts[-1]) < max_rows and (len(parts[-1]) + 1) * lengths[parts[-1][0]] <= max_tokens:
+            parts[-1].append(i)
+        else:
+            parts.append([i])
+    return parts
+
+
 def cap_tokens(pieces: list[list[int]], lengths: list[int], max_tokens: int) -> list[list[int]]:
     """Cut pieces further so each one's padded size (rows x longest) stays within ``max_tokens``.
 
-    A single sample longer than the cap stays a piece of its own.
+    Each piece is cut into as few parts as fit, longest rows first, and those parts are kept as
+    even as the cap allows: 8 rows of 290 tokens under a cap of 2048 become 4 + 4, not 7 + 1.
+    Even parts do similar work, and a one-row remainder would also cost a compiled model a
+    second graph (torch.compile specialises a batch of one). A sample longer than the cap is a
+    part of its own.
     """
     if not max_tokens:
         return pieces
     out = []
     for piece in pieces:
-        current: list[int] = []
-        for i in sorted(piece, key=lambda i: -lengths[i]):  # longest first: a row's width is known
-            width = lengths[current[0]] if current else lengths[i]
-            if current and (len(current) + 1) * width > max_tokens:
-                out.append(current)
-                current = []
-            current.append(i)
-        if current:
-            out.append(current)
+        rows = sorted(piece, key=lambda i: -lengths[i])  # longest first: a part's width is its first row's
+        fewest = len(_fill(rows, lengths, max_tokens, len(rows)))
+        for max_rows in range(-(-len(rows) // fewest), len(rows) + 1):  # the smallest row limit that still needs no more parts
+            parts = _fill(rows, lengths, max_tokens, max_rows)
+            if len(parts) == fewest:
+                out.extend(parts)
+                break
     return out
 
 

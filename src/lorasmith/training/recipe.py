@@ -42,7 +42,7 @@ from lorasmith.models.hardware import DTYPES, choose_attention, choose_precision
 from lorasmith.models.loading import bnb_config, load_model, load_tokenizer
 from lorasmith.training import checkpoint
 from lorasmith.training.checkpoint import TrainerState
-from lorasmith.training.compile import compile_decoder_layers
+from lorasmith.training.compile import compile_decoder_layers, should_compile
 from lorasmith.training.loss import weighted_loss
 from lorasmith.training.memory import available_memory, probe_micro_batch
 from lorasmith.training.run_folder import MetricsLog, check_writable, find_resume_dir, new_run_dir, write_status
@@ -140,7 +140,9 @@ def _train_in(run_dir, cfg, tokenizer, train_set, val_set, device, precision, at
     elif cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = add_lora(model, cfg)
-    if cfg.train.compile:
+    compiled, why = should_compile(cfg.train.compile, model, device, quantized=bool(quant.bits))
+    log.info("decoder layers %s (%s)", "compiled" if compiled else "eager", why)
+    if compiled:
         compile_decoder_layers(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
