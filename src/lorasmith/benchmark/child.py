@@ -14,6 +14,7 @@ import json
 import resource
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -28,8 +29,35 @@ from lorasmith.models.loading import load_model, load_tokenizer
 SEED_TARGETS = ["q_proj", "k_proj", "v_proj"]  # the seed recipe adapts attention projections only
 
 
+class _TreeMemory(threading.Thread):
+    """Samples this process's RSS plus the memory its child processes hold alone (USS: torch.compile's
+    worker processes, data-loader workers), so a configuration cannot hide memory in helpers."""
+
+    def __init__(self, every_s: float = 0.2):
+        super().__init__(daemon=True)
+        self.every_s, self.peak = every_s, 0
+
+    def run(self):
+        import psutil
+
+        me = psutil.Process()
+        while True:
+            total = me.memory_info().rss
+            for child in me.children(recursive=True):
+                try:
+                    total += child.memory_full_info().uss
+                except psutil.Error:  # exited meanwhile, or not ours to read
+                    pass
+            self.peak = max(self.peak, total)
+            time.sleep(self.every_s)
+
+
+_TREE = _TreeMemory()
+
+
 def _peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak memory so far: the process's own peak RSS, or the sampled peak with its children if larger."""
+    return max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, _TREE.peak) / 2**20
 
 
 def _data(model_dir: str, train: str, val: str):
@@ -185,6 +213,7 @@ def run_lorasmith(model_dir: str, train: str, val: str, steps: int, extra: list[
 
 def main() -> None:
     name, model_dir, train, val, steps, out, *extra = sys.argv[1:]
+    _TREE.start()
     torch.manual_seed(0)
     if name in ("seed", "hf-dynamic"):
         result = run_hf_trainer(name, model_dir, train, val, int(steps))
