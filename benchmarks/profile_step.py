@@ -1,14 +1,16 @@
 """Profile one lorasmith training step on the embedded model and print where the time goes.
 
-    .venv/bin/python benchmarks/profile_step.py [key=value ...]   e.g. lora.dropout=0.05 train.base_dtype=fp32
+    .venv/bin/python benchmarks/profile_step.py [--length N] [--eager] [key=value ...]
+    e.g. --length 100 lora.target_modules=q_proj,k_proj,v_proj
 
-Runs 3 warm-up steps, then one step under torch.profiler, on the bench's generated data
-(micro-batch 8 of length-grouped conversations), and prints the ops by self CPU time.
+Builds a micro-batch of the 8 shortest conversations of the bench's generated data that have at
+least N tokens (default 100, the bench's typical step), runs 3 warm-up steps (compiling, unless
+--eager or train.compile=false), then one step under torch.profiler, and prints the ops by self CPU time.
 """
 
 from __future__ import annotations
 
-import sys
+import argparse
 import tempfile
 from pathlib import Path
 
@@ -17,36 +19,43 @@ from torch.profiler import ProfilerActivity, profile
 
 from lorasmith import config
 from lorasmith.benchmark import synthetic
-from lorasmith.data.batching import collate, plan_epoch
+from lorasmith.data.batching import collate
 from lorasmith.data.dataset import read_split, tokenize
 from lorasmith.models.hardware import choose_attention, choose_precision
 from lorasmith.models.loading import load_model, load_tokenizer
+from lorasmith.training.compile import compile_decoder_layers, should_compile
 from lorasmith.training.recipe import add_lora, base_weights_dtype
 from lorasmith.training.step import accumulate_gradients
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--length", type=int, default=100)
+    parser.add_argument("--eager", action="store_true")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         train, val = synthetic.write(Path(tmp))
-        cfg = config.load(None, [f"data.train={train}", f"data.val={val}", "data.max_length=512", *sys.argv[1:]])
+        cfg = config.load(None, [f"data.train={train}", f"data.val={val}", "data.max_length=512", *args.overrides])
         tok = load_tokenizer(cfg.model)
         data = tokenize(tok, read_split(cfg.data).train, cfg.data)
-    precision = choose_precision(cfg.train.precision, torch.device("cpu"))
+    cpu = torch.device("cpu")
+    precision = choose_precision(cfg.train.precision, cpu)
     dtype = base_weights_dtype(cfg, precision)
-    model = load_model(
-        cfg.model,
-        device=torch.device("cpu"),
-        attn_implementation=choose_attention(cfg.model.attn_implementation, torch.device("cpu"), precision),
-        dtype=dtype,
-    )
-    model = add_lora(model, cfg)
-    plan = plan_epoch([len(e.input_ids) for e in data.encoded], 8, 0, 0, "length")
-    batches = [collate([data.encoded[i] for i in b], tok.pad_token_id) for b in plan[:4]]
-    for b in batches[:3]:
-        accumulate_gradients(model, [b], precision)
+    attention = choose_attention(cfg.model.attn_implementation, cpu, precision)
+    model = add_lora(load_model(cfg.model, device=cpu, attn_implementation=attention, dtype=dtype), cfg).train()
+    compiled, why = should_compile(False if args.eager else cfg.train.compile, model, cpu, quantized=False)
+    if compiled:
+        compile_decoder_layers(model)
+    rows = sorted((e for e in data.encoded if len(e.input_ids) >= args.length), key=lambda e: len(e.input_ids))[:8]
+    batch = collate(rows, tok.pad_token_id)
+    for _ in range(3):
+        accumulate_gradients(model, [batch], precision)
+        model.zero_grad(set_to_none=True)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        accumulate_gradients(model, [batches[3]], precision)
-    print(f"precision {precision.name}, base {dtype}, batch {tuple(batches[3].input_ids.shape)}")
+        accumulate_gradients(model, [batch], precision)
+    print(f"precision {precision.name}, base {dtype}, attention {attention}, {'compiled' if compiled else 'eager'} ({why})")
+    print(f"batch {tuple(batch.input_ids.shape)}, {batch.num_real_tokens} real tokens")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
 
 

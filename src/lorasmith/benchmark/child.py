@@ -10,6 +10,7 @@ fp32 base, in fp32, with lorasmith's assistant-only loss.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import resource
 import sys
@@ -44,10 +45,8 @@ class _TreeMemory(threading.Thread):
         while True:
             total = me.memory_info().rss
             for child in me.children(recursive=True):
-                try:
+                with contextlib.suppress(psutil.Error):  # exited meanwhile, or not ours to read
                     total += child.memory_full_info().uss
-                except psutil.Error:  # exited meanwhile, or not ours to read
-                    pass
             self.peak = max(self.peak, total)
             time.sleep(self.every_s)
 
