@@ -207,3 +207,23 @@ def test_a_compiler_failure_falls_back_to_eager(tiny_model_dir, monkeypatch, cap
         got = compile_mod.causal_lm(model)(input_ids=ids).logits
     torch.testing.assert_close(got, want)
     assert "training on eagerly" in caplog.text
+
+
+def test_compiled_packed_rows_still_do_not_attend_across_samples(tiny_model_dir, encoded, tokenizer):
+    """The packing mask is built outside the compiled layers: compiled, a packed row's loss and
+    gradients still equal those of its samples padded side by side."""
+    from lorasmith.data.batching import collate_packed
+    from lorasmith.training.compile import compile_decoder_layers
+
+    model = tiny_lora(tiny_model_dir).train()
+    compile_decoder_layers(model)
+    results = []
+    for batch in (collate_packed(encoded[:3]), collate(encoded[:3], tokenizer.pad_token_id)):
+        model.zero_grad(set_to_none=True)
+        parts = weighted_loss(model, batch, FP32)
+        parts.loss_sum.backward()
+        results.append((float(parts.loss_sum), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+    (packed, g_packed), (padded, g_padded) = results
+    assert packed == pytest.approx(padded, rel=1e-5)
+    for name, g in g_packed.items():
+        torch.testing.assert_close(g, g_padded[name], rtol=1e-4, atol=1e-6)
