@@ -2,14 +2,17 @@
 
 One compiled graph serves every layer (same code, parameters as graph inputs), so compiling
 costs about one layer's worth of time, not the whole model's; dynamic shapes keep varying batch
-sizes and lengths from recompiling (a micro-batch of one row gets a second graph: the compiler
-specialises size 1). Only training forwards (module in train mode, gradients on, an input that
-needs a gradient) take the compiled path: evaluation and generation run eagerly, so they neither
-trigger another compilation nor depend on the compiler; nor does the first layer of a LoRA model,
-whose input (the frozen embedding's output) needs no gradient and would otherwise cost a graph
-of its own. The loss over the LM head is compiled too: upcast, log-softmax, gather and argmax
-fuse into single passes over the logits. If compiling fails (no C++ compiler, no Python
-headers), training goes on eagerly.
+sizes and lengths from recompiling, with two exceptions that each cost one more graph, once:
+rows over models/attention.py's SHORT_ROWS take the flash kernel instead of the matmul
+attention, and a micro-batch of one row is specialised by the compiler (size 1).
+
+Only training forwards (module in train mode, gradients on, an input that needs a gradient) take
+the compiled path: evaluation and generation run eagerly, so they neither trigger another
+compilation nor depend on the compiler; nor does the first layer of a LoRA model, whose input
+(the frozen embedding's output) needs no gradient and would otherwise cost a graph of its own.
+The loss over the LM head is compiled too: upcast, log-softmax, gather and argmax fuse into
+single passes over the logits. If compiling fails (no C++ compiler, no Python headers), training
+goes on eagerly.
 """
 
 from __future__ import annotations
