@@ -1,97 +1,99 @@
-"""Chat templates of popular model families (as published in their tokenizer_config.json files),
-installed on a copy of the SmolLM2 tokenizer together with their special tokens."""
+"""Chat templates of popular model families, installed on a copy of the SmolLM2 tokenizer together
+with each family's special tokens. The templates are the files in tests/chat_templates/ (their
+sources are listed in tests/chat_templates/SOURCES.md); ``chatml-smollm2`` is the embedded
+model's own."""
 
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass, field
+from pathlib import Path
 
-CHATML_QWEN = (
-    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n' }}{% endif %}"
-    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
+TEMPLATES = Path(__file__).parent / "chat_templates"
 
-LLAMA3 = (
-    "{% set loop_messages = messages %}{% for message in loop_messages %}"
-    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}"
-    "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
-)
 
-# Llama-3.1 style: a default system block with dates is injected; a given system prompt is appended to it.
-LLAMA31 = (
-    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set system_message = messages[0]['content']|trim %}"
-    "{% set messages = messages[1:] %}{% else %}{% set system_message = '' %}{% endif %}"
-    "{{ '<|start_header_id|>system<|end_header_id|>\n\n' }}{{ 'Cutting Knowledge Date: December 2023\n' }}"
-    "{{ 'Today Date: 26 Jul 2024\n\n' }}{{ system_message }}{{ '<|eot_id|>' }}"
-    "{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
-)
+@dataclass(frozen=True)
+class Family:
+    file: str | None
+    """Template file in tests/chat_templates (None: the tokenizer's own)."""
+    end_of_turn: str
+    """The text that ends an assistant turn, as the model card documents it (the reference cuts there)."""
+    specials: tuple[str, ...] = ()
+    bos: str | None = None
+    eos: str | None = None
+    system: bool = True
+    """The template accepts a system message."""
+    declared: dict = field(default_factory=dict)
+    """For templates where the prefix-render reference does not apply: how a reply renders."""
 
-MISTRAL = (
-    "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
-    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
-    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
-    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token}}"
-    "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}"
-)
 
-# Mistral with the system prompt folded into the first user turn.
-MISTRAL_SYSTEM = (
-    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set sys = messages[0]['content'] + '\n\n' %}"
-    "{% set loop_messages = messages[1:] %}{% else %}{% set sys = '' %}{% set loop_messages = messages %}{% endif %}"
-    "{% for message in loop_messages %}{% if message['role'] == 'user' %}"
-    "{% if loop.first %}{{ '[INST] ' + sys + message['content'] + ' [/INST]' }}{% else %}{{ '[INST] ' + message['content'] + ' [/INST]' }}{% endif %}"
-    "{% else %}{{ ' ' + message['content'] + eos_token }}{% endif %}{% endfor %}"
-)
+LLAMA3_SPECIALS = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+DS_SPECIALS = ("<｜User｜>", "<｜Assistant｜>")
+PHI3_SPECIALS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 
-GEMMA = (
-    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
-    "{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
-    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
-    "{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}{% endif %}"
-    "{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}"
-)
-
-PHI3 = (
-    "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'system') %}"
-    "{{'<|system|>' + '\n' + message['content'] + '<|end|>' + '\n'}}{% elif (message['role'] == 'user') %}"
-    "{{'<|user|>' + '\n' + message['content'] + '<|end|>' + '\n' + '<|assistant|>' + '\n'}}"
-    "{% elif message['role'] == 'assistant' %}{{message['content'] + '<|end|>' + '\n'}}{% endif %}{% endfor %}"
-)
-
-FAMILIES = {
-    # name: (template or None for the tokenizer's own, special tokens, bos, eos, end-of-turn, supports system)
-    "chatml-smollm2": (None, [], None, None, "<|im_end|>", True),
-    "chatml-qwen": (CHATML_QWEN, [], None, None, "<|im_end|>", True),
-    "llama3": (LLAMA3, ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"], "<|begin_of_text|>", None, "<|eot_id|>", True),
-    "llama3.1": (
-        LLAMA31,
-        ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
-        "<|begin_of_text|>",
-        None,
-        "<|eot_id|>",
-        True,
+FAMILIES: dict[str, Family] = {
+    "chatml-smollm2": Family(None, "<|im_end|>"),
+    "qwen2.5": Family("qwen2.5-instruct.jinja", "<|im_end|>"),
+    # Qwen3 renders the last turn with a <think> block and earlier turns without (prefix renders differ).
+    "qwen3": Family("qwen3.jinja", "<|im_end|>", declared={"sep_last": "<think>\n\n</think>\n\n", "eos": "<|im_end|>"}),
+    "llama3": Family("llama-3-instruct.jinja", "<|eot_id|>", LLAMA3_SPECIALS, "<|begin_of_text|>", "<|eot_id|>"),
+    "llama3.1": Family("llama-3.1-instruct.jinja", "<|eot_id|>", LLAMA3_SPECIALS, "<|begin_of_text|>", "<|eot_id|>"),
+    "mistral-v0.2": Family("mistral-7b-instruct-v0.2.jinja", "</s>", (), "<s>", "</s>", system=False),
+    "mistral-v0.2-system": Family("mistral-7b-instruct-v0.2-system.jinja", "</s>", (), "<s>", "</s>"),
+    # v0.3 folds the system prompt into the last user turn: a prompt ending on a user turn holds it, a
+    # conversation ending on an assistant turn does not.
+    "mistral-v0.3": Family(
+        "mistral-7b-instruct-v0.3.jinja", "</s>", ("[INST]", "[/INST]"), "<s>", "</s>", declared={"sep": " ", "trim": True}
     ),
-    "mistral": (MISTRAL, [], "<s>", "</s>", "</s>", False),
-    "mistral-system": (MISTRAL_SYSTEM, [], "<s>", "</s>", "</s>", True),
-    "gemma": (GEMMA, ["<start_of_turn>", "<end_of_turn>"], "<bos>", "<eos>", "<end_of_turn>", False),
-    "phi3": (PHI3, ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"], "<s>", "<|endoftext|>", "<|end|>", True),
+    "mistral-large-2411": Family("mistral-large-instruct-2411.jinja", "</s>", (), "<s>", "</s>"),
+    "gemma2": Family("gemma-2-it.jinja", "<end_of_turn>", ("<start_of_turn>", "<end_of_turn>"), "<bos>", "<eos>", system=False),
+    "gemma3": Family("gemma-3-it.jinja", "<end_of_turn>", ("<start_of_turn>", "<end_of_turn>"), "<bos>", "<eos>"),
+    "phi3": Family("phi-3-mini-4k-instruct.jinja", "<|end|>", PHI3_SPECIALS, "<s>", "<|endoftext|>"),
+    "phi3.5": Family("phi-3.5-mini-instruct.jinja", "<|end|>", PHI3_SPECIALS, "<s>", "<|endoftext|>"),
+    "phi4": Family("phi-4.jinja", "<|im_end|>", ("<|im_sep|>",)),
+    # Zephyr's role markers are plain text in its tokenizer; only </s> is special.
+    "zephyr": Family("zephyr-7b-beta.jinja", "</s>", (), "<s>", "</s>"),
+    "deepseek-v3": Family(
+        "deepseek-v3.jinja", "<｜end▁of▁sentence｜>", DS_SPECIALS, "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
+    ),
+    # R1 prompts with '<think>\n', which no rendered history turn holds.
+    "deepseek-r1": Family(
+        "deepseek-r1-distill-qwen.jinja",
+        "<｜end▁of▁sentence｜>",
+        DS_SPECIALS,
+        "<｜begin▁of▁sentence｜>",
+        "<｜end▁of▁sentence｜>",
+        declared={"sep": ""},
+    ),
+    "command-r": Family(
+        "c4ai-command-r-plus.jinja",
+        "<|END_OF_TURN_TOKEN|>",
+        ("<|START_OF_TURN_TOKEN|>", "<|USER_TOKEN|>", "<|CHATBOT_TOKEN|>", "<|SYSTEM_TOKEN|>"),
+        "<BOS_TOKEN>",
+        "<|END_OF_TURN_TOKEN|>",
+    ),
+    "granite3": Family(
+        "granite-3.0-8b-instruct.jinja", "<|end_of_text|>", ("<|start_of_role|>", "<|end_of_role|>"), None, "<|end_of_text|>"
+    ),
+    "openchat3.5": Family("openchat-3.5-0106.jinja", "<|end_of_turn|>", (), "<s>", "<|end_of_turn|>"),
+    "deepseek-coder": Family("deepseek-coder-33b-instruct.jinja", "<|EOT|>", (), "<｜begin▁of▁sentence｜>", "<|EOT|>"),
+    "llama2-vigogne": Family("vigogne-2-70b-chat.jinja", "</s>", (), "<s>", "</s>"),
 }
 
 
-def family_tokenizer(base, name: str):
-    template, extra, bos, eos, eot, system = FAMILIES[name]
+def family_tokenizer(base, name: str, *, special_markers: bool = True):
+    """A copy of ``base`` with the family's template and special tokens (``special_markers=False``
+    leaves the end-of-turn marker as plain text, as a base model's tokenizer would)."""
+    fam = FAMILIES[name]
     tok = copy.deepcopy(base)
+    extra = [s for s in fam.specials if special_markers or s != fam.end_of_turn]
     special = {"additional_special_tokens": extra} if extra else {}
-    if bos:
-        special["bos_token"] = bos
-    if eos:
-        special["eos_token"] = eos
+    if fam.bos:
+        special["bos_token"] = fam.bos
+    if fam.eos and (special_markers or fam.eos != fam.end_of_turn):
+        special["eos_token"] = fam.eos
     if special:
         tok.add_special_tokens(special)
-    if template:
-        tok.chat_template = template
-    return tok, eot, system
+    if fam.file:
+        tok.chat_template = (TEMPLATES / fam.file).read_text(encoding="utf-8")
+    return tok

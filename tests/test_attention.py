@@ -118,8 +118,10 @@ def test_compiled_bf16_training_takes_the_matmul_attention_and_stays_close(tiny_
     import lorasmith.models.attention as attention
     from lorasmith.training.compile import compile_decoder_layers
 
-    rows = [[{"role": "user", "content": f"Spell {n} in words."}, {"role": "assistant", "content": w}]
-            for n, w in ((3, "three"), (11, "eleven"), (40, "forty"), (1000, "one thousand"))]  # fmt: skip
+    rows = [
+        [{"role": "user", "content": f"Spell {n} in words."}, {"role": "assistant", "content": w}]
+        for n, w in ((3, "three"), (11, "eleven"), (40, "forty"), (1000, "one thousand"))
+    ]
     batch = collate([encode(tokenizer, r, max_length=256) for r in rows], tokenizer.pad_token_id)
 
     # As training holds it under bf16: base weights in bf16 (so are q, k and v), LoRA in fp32.

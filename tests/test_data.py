@@ -9,7 +9,7 @@ from tests.conftest import write_jsonl
 from lorasmith import config
 from lorasmith.cli import main
 from lorasmith.config import DataConfig, DataSource
-from lorasmith.data.check import run_check, to_json
+from lorasmith.data.check import run_check, summary, to_json
 from lorasmith.data.dataset import read_split, tokenize
 from lorasmith.data.masking import encode, encode_fitted, trained_spans
 from lorasmith.data.records import read_source
@@ -174,3 +174,25 @@ def test_tokenization_cache_returns_identical_encodings(tmp_path, tokenizer, dem
     monkeypatch.setenv("LORASMITH_CACHE", str(tmp_path / "cache"))
     tokenize(tokenizer, convs, cfg)
     assert len(list((tmp_path / "cache" / "tokenized").glob("*.npz"))) == 2
+
+
+def test_data_check_reports_the_template_and_warns_when_no_turn_end_is_trained(tmp_path, tokenizer, demo_rows):
+    import copy
+
+    train, _ = demo_rows
+    path = write_jsonl(tmp_path / "t.jsonl", train[:5])
+    cfg = DataConfig(train=str(path), max_length=512)
+    report = run_check(tokenizer, cfg, [DataSource(str(path))], n_workers=1)
+    j = to_json(report, cfg)
+    assert j["chat_template"]["end_of_turn"] == "<|im_end|>" and j["chat_template"]["end_of_turn_is_special_token"]
+    assert j["chat_template"]["prefix_stable"] and j["chat_template"]["trained_end_of_turn_markers"] == sum(
+        m["role"] == "assistant" for r in train[:5] for m in r["messages"]
+    )
+    assert not j["warnings"]["no_end_of_turn_trained"] and report.exit_code == 0
+    assert "end-of-turn marker '<|im_end|>' (a special token); prefix-stable: yes" in summary(report, cfg)
+    # A template that writes nothing after a reply: the model would never learn to stop.
+    bare = copy.deepcopy(tokenizer)
+    bare.chat_template = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n\n' }}{% endfor %}"
+    report = run_check(bare, cfg, [DataSource(str(path))], n_workers=1)
+    assert to_json(report, cfg)["warnings"]["no_end_of_turn_trained"] and report.exit_code == 1
+    assert "no sample trains an end-of-turn marker" in summary(report, cfg)

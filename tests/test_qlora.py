@@ -21,9 +21,19 @@ def data_files(tmp_path, demo_rows):
 
 def _train(tiny_model_dir, data_files, out, name, *extra):
     train, val = data_files
-    args = ["train", f"model.name={tiny_model_dir}", f"data.train={train}", f"data.val={val}", f"output.dir={out}",
-            f"output.name={name}", "train.micro_batch_size=8", "train.lr=1e-2", "train.max_steps=6", "eval.samples=0",
-            *extra]  # fmt: skip
+    args = [
+        "train",
+        f"model.name={tiny_model_dir}",
+        f"data.train={train}",
+        f"data.val={val}",
+        f"output.dir={out}",
+        f"output.name={name}",
+        "train.micro_batch_size=8",
+        "train.lr=1e-2",
+        "train.max_steps=6",
+        "eval.samples=0",
+        *extra,
+    ]
     assert main(args) == 0
     return out / name
 
@@ -33,8 +43,14 @@ def test_quantized_training_lowers_the_loss_and_the_adapter_round_trips(tmp_path
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    run = _train(tiny_model_dir, data_files, tmp_path / "runs", f"q{bits}", f"quantization.bits={bits}",
-                 "train.gradient_checkpointing=true")  # fmt: skip
+    run = _train(
+        tiny_model_dir,
+        data_files,
+        tmp_path / "runs",
+        f"q{bits}",
+        f"quantization.bits={bits}",
+        "train.gradient_checkpointing=true",
+    )
     before, after = (json.loads((run / f"eval_{w}.json").read_text()) for w in ("before", "after"))
     assert after["loss"] < before["loss"]
     steps = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
@@ -89,8 +105,13 @@ def test_evaluation_leaves_a_4bit_model_trainable(tiny_model_dir, tokenizer, dem
     from lorasmith.training.step import accumulate_gradients
 
     bf16 = Precision("bf16", "cpu")
-    model = load_model(ModelConfig(name=str(tiny_model_dir)), device=torch.device("cpu"), attn_implementation="sdpa",
-                       quantization=QuantizationConfig(bits=4), compute_dtype=torch.bfloat16)  # fmt: skip
+    model = load_model(
+        ModelConfig(name=str(tiny_model_dir)),
+        device=torch.device("cpu"),
+        attn_implementation="sdpa",
+        quantization=QuantizationConfig(bits=4),
+        compute_dtype=torch.bfloat16,
+    )
     model = add_lora(prepare_model_for_kbit_training(model, use_gradient_checkpointing=False), Config())
     for name, p in model.named_parameters():
         if "lora_B" in name:

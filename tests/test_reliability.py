@@ -34,11 +34,23 @@ def data_files(tmp_path, demo_rows):
 def _args(tiny_model_dir, data_files, out, name="run", *extra):
     train, val = data_files
     return [
-        "train", f"model.name={tiny_model_dir}", f"data.train={train}", f"data.val={val}", f"output.dir={out}",
-        f"output.name={name}", "train.micro_batch_size=4", "train.lr=5e-3", "train.precision=fp32", "lora.dropout=0.1",
-        f"train.max_steps={STEPS}", "train.save_every=2", "train.keep_checkpoints=10", "eval.samples=0",
-        "eval.max_batches=1", *extra,
-    ]  # fmt: skip
+        "train",
+        f"model.name={tiny_model_dir}",
+        f"data.train={train}",
+        f"data.val={val}",
+        f"output.dir={out}",
+        f"output.name={name}",
+        "train.micro_batch_size=4",
+        "train.lr=5e-3",
+        "train.precision=fp32",
+        "lora.dropout=0.1",
+        f"train.max_steps={STEPS}",
+        "train.save_every=2",
+        "train.keep_checkpoints=10",
+        "eval.samples=0",
+        "eval.max_batches=1",
+        *extra,
+    ]
 
 
 def _losses(run):
@@ -62,8 +74,13 @@ def reference(tmp_path, tiny_model_dir, data_files):
 
 def _crash(mode, n, args):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, str(ROOT / "tests" / "crash.py"), mode, str(n), "--", *args],
-                          capture_output=True, text=True, env=env, cwd=ROOT)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "crash.py"), mode, str(n), "--", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
 
 
 @pytest.mark.parametrize(

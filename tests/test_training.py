@@ -94,8 +94,18 @@ def _run(tiny_model_dir, tmp_path, demo_rows, name, *extra):
 
     train, val = demo_rows
     t, v = write_jsonl(tmp_path / "t.jsonl", train), write_jsonl(tmp_path / "v.jsonl", val)
-    args = ["train", f"model.name={tiny_model_dir}", f"data.train={t}", f"data.val={v}", f"output.dir={tmp_path}",
-            f"output.name={name}", "train.max_steps=4", "train.lr=5e-3", "eval.samples=0", *extra]  # fmt: skip
+    args = [
+        "train",
+        f"model.name={tiny_model_dir}",
+        f"data.train={t}",
+        f"data.val={v}",
+        f"output.dir={tmp_path}",
+        f"output.name={name}",
+        "train.max_steps=4",
+        "train.lr=5e-3",
+        "eval.samples=0",
+        *extra,
+    ]
     assert main(args) == 0
     rows = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
     return [r["loss"] for r in rows if "loss" in r], json.loads((tmp_path / name / "eval_after.json").read_text())["loss"]

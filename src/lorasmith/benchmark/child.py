@@ -128,11 +128,22 @@ def run_hf_trainer(name: str, model_dir: str, train: str, val: str, steps: int) 
     )
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(
-            output_dir=out, per_device_train_batch_size=2, gradient_accumulation_steps=4, max_steps=steps, learning_rate=2e-4,
-            logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, bf16=False, dataloader_num_workers=0,
-            remove_unused_columns=False, disable_tqdm=True, seed=42,
+            output_dir=out,
+            per_device_train_batch_size=2,
+            gradient_accumulation_steps=4,
+            max_steps=steps,
+            learning_rate=2e-4,
+            logging_steps=1,
+            save_strategy="no",
+            report_to=[],
+            use_cpu=True,
+            bf16=False,
+            dataloader_num_workers=0,
+            remove_unused_columns=False,
+            disable_tqdm=True,
+            seed=42,
             train_sampling_strategy="random" if pad_to_max else "group_by_length",
-        )  # fmt: skip
+        )
         Trainer(model=model, args=args, train_dataset=rows, data_collator=collate, callbacks=[timer]).train()
     peak = _peak_rss_mib()
     return {"step_s": timer.times, "real_tokens": timer.tokens, "eval_loss": _val_loss(model, tok, val_set), "peak_rss_mib": peak}
@@ -152,13 +163,31 @@ def run_trl_packing(model_dir: str, train: str, val: str, steps: int) -> dict:
 
     with tempfile.TemporaryDirectory() as out:
         args = SFTConfig(
-            output_dir=out, per_device_train_batch_size=1, gradient_accumulation_steps=2, max_steps=steps, learning_rate=2e-4,
-            logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, bf16=False, packing=True, max_length=512,
-            dataloader_num_workers=0, disable_tqdm=True, seed=42,
-        )  # fmt: skip
+            output_dir=out,
+            per_device_train_batch_size=1,
+            gradient_accumulation_steps=2,
+            max_steps=steps,
+            learning_rate=2e-4,
+            logging_steps=1,
+            save_strategy="no",
+            report_to=[],
+            use_cpu=True,
+            bf16=False,
+            packing=True,
+            max_length=512,
+            dataloader_num_workers=0,
+            disable_tqdm=True,
+            seed=42,
+        )
         lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=SEED_TARGETS, task_type="CAUSAL_LM")
-        trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(records), processing_class=tok,
-                             peft_config=lora, callbacks=[timer])  # fmt: skip
+        trainer = SFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=Dataset.from_list(records),
+            processing_class=tok,
+            peft_config=lora,
+            callbacks=[timer],
+        )
         inner = trainer.data_collator
 
         def counting(batch):
@@ -181,9 +210,19 @@ def run_lorasmith(model_dir: str, train: str, val: str, steps: int, extra: list[
     from lorasmith.training.recipe import train as run_train
 
     tree: dict = {}
-    for o in [f"model.name={model_dir}", f"data.train={train}", f"data.val={val}", "data.max_length=512",
-              f"lora.target_modules={','.join(SEED_TARGETS)}", "train.micro_batch_size=8", f"train.max_steps={steps}",
-              "eval.samples=0", "output.overwrite=true", "output.name=bench", *extra]:  # fmt: skip
+    for o in [
+        f"model.name={model_dir}",
+        f"data.train={train}",
+        f"data.val={val}",
+        "data.max_length=512",
+        f"lora.target_modules={','.join(SEED_TARGETS)}",
+        "train.micro_batch_size=8",
+        f"train.max_steps={steps}",
+        "eval.samples=0",
+        "output.overwrite=true",
+        "output.name=bench",
+        *extra,
+    ]:
         k, v = parse_override(o)
         section, key = k.split(".")
         tree.setdefault(section, {})[key] = v

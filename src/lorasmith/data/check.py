@@ -19,7 +19,7 @@ from lorasmith import atomic
 from lorasmith.config import DataConfig
 from lorasmith.data import workers
 from lorasmith.data.dataset import encode_options
-from lorasmith.data.masking import encode, encode_fitted
+from lorasmith.data.masking import ChatTemplate, TemplateInfo, encode, encode_fitted
 from lorasmith.data.records import Conversation, iter_conversations
 from lorasmith.errors import DataError
 
@@ -80,11 +80,12 @@ class DuplicateFinder:
                 self.found.leakage.append(f"{where} is also in training at {self._near[near]}")
 
 
-def _measure(chunk: list[tuple[str, list[dict]]]) -> list[tuple[str, int, int, bool, str | None]]:
-    """(where, tokens before the policy, trained tokens after it, dropped, template error) per conversation."""
-    tok, options, specials = workers.STATE["tokenizer"], workers.STATE["options"], workers.STATE["specials"]
+def _measure(chunk: list[tuple[str, list[dict]]]) -> list[tuple[str, int, int, bool, int, str | None]]:
+    """(where, tokens before the policy, trained tokens after it, dropped, trained end-of-turn markers,
+    template error) per conversation."""
+    tok, options, template = workers.STATE["tokenizer"], workers.STATE["options"], workers.STATE["template"]
     max_length, policy = options["max_length"], options["over_length"]
-    kwargs = {"train_on": options["train_on"], "role_weights": options["role_weights"], "specials": specials}
+    kwargs = {"train_on": options["train_on"], "role_weights": options["role_weights"], "template": template}
     out = []
     for where, messages in chunk:
         try:
@@ -98,9 +99,9 @@ def _measure(chunk: list[tuple[str, list[dict]]]) -> list[tuple[str, int, int, b
                 fitted = encode_fitted(tok, messages, max_length=max_length, over_length=policy, **kwargs)
                 dropped, trained = fitted is None, fitted.num_trained if fitted else 0
         except DataError as e:
-            out.append((where, 0, 0, False, e.message))
+            out.append((where, 0, 0, False, 0, e.message))
             continue
-        out.append((where, len(full.input_ids), trained, dropped, None))
+        out.append((where, len(full.input_ids), trained, dropped, full.turn_ends, None))
     return out
 
 
@@ -119,11 +120,19 @@ class CheckReport:
     no_trained: list[str] = field(default_factory=list)
     n_no_trained: int = 0
     n_val: int = 0
+    template: TemplateInfo | None = None
+    """What the chat template does at turn boundaries (None if it cannot render the probe conversation)."""
+    n_turn_ends: int = 0
+    """Trained end-of-turn markers over all samples: 0 means the model never learns to stop."""
+
+    @property
+    def no_turn_end(self) -> bool:
+        return self.valid > 0 and self.n_turn_ends == 0 and sum(self.trained) > 0
 
     @property
     def n_warnings(self) -> int:
         d = self.duplicates
-        return d.n_exact + d.n_near + d.n_leakage + self.n_over_length + self.n_no_trained
+        return d.n_exact + d.n_near + d.n_leakage + self.n_over_length + self.n_no_trained + self.no_turn_end
 
     @property
     def exit_code(self) -> int:
@@ -145,8 +154,15 @@ def _stats(values: list[int]) -> dict:
     v = sorted(values)
     if not v:
         return {}
-    return {"min": v[0], "median": statistics.median(v), "mean": round(sum(v) / len(v), 1), "p90": _percentile(v, 0.9),
-            "p99": _percentile(v, 0.99), "max": v[-1], "total": sum(v)}  # fmt: skip
+    return {
+        "min": v[0],
+        "median": statistics.median(v),
+        "mean": round(sum(v) / len(v), 1),
+        "p90": _percentile(v, 0.9),
+        "p99": _percentile(v, 0.99),
+        "max": v[-1],
+        "total": sum(v),
+    }
 
 
 def _chunks(stream: Iterator, report: CheckReport, finder: DuplicateFinder, is_val: bool) -> Iterator[list]:
@@ -174,6 +190,10 @@ def _chunks(stream: Iterator, report: CheckReport, finder: DuplicateFinder, is_v
 def run_check(tokenizer, cfg: DataConfig, train_sources, val_source=None, n_workers: int | None = None) -> CheckReport:
     """Check every record of the sources. ``train_sources``/``val_source`` are DataSource objects."""
     report = CheckReport(files=[s.path for s in train_sources] + ([val_source.path] if val_source else []))
+    try:
+        report.template = ChatTemplate(tokenizer).describe()
+    except Exception as e:  # the template's own errors show per record below
+        log.warning("could not describe the chat template: %s", e)
     finder = DuplicateFinder()
     options = encode_options(cfg)
     streams = [(iter_conversations(s.path, s.format, s.fields), False) for s in train_sources]
@@ -192,10 +212,11 @@ def run_check(tokenizer, cfg: DataConfig, train_sources, val_source=None, n_work
 
 def _collect(results, report: CheckReport, cfg: DataConfig) -> None:
     for chunk in results:
-        for where, n_tokens, n_trained, dropped, error in chunk:
+        for where, n_tokens, n_trained, dropped, turn_ends, error in chunk:
             if error:
                 report.add_error(f"{where}: {error}")
                 continue
+            report.n_turn_ends += turn_ends
             report.lengths.append(n_tokens)
             report.trained.append(n_trained)
             if n_tokens > cfg.max_length:
@@ -231,6 +252,16 @@ def to_json(report: CheckReport, cfg: DataConfig) -> dict:
                 "first": report.over_length,
             },
             "no_trained_tokens": {"count": report.n_no_trained, "first": report.no_trained},
+            "no_end_of_turn_trained": report.no_turn_end,
+        },
+        "chat_template": None
+        if report.template is None
+        else {
+            "prefix_stable": report.template.prefix_stable,
+            "end_of_turn": report.template.end_of_turn,
+            "end_of_turn_is_special_token": report.template.end_of_turn_is_special,
+            "end_of_turn_tokens": report.template.end_of_turn_tokens,
+            "trained_end_of_turn_markers": report.n_turn_ends,
         },
         "token_lengths": _stats(report.lengths),
         "trained_tokens_per_sample": _stats(report.trained),
@@ -247,9 +278,13 @@ def summary(report: CheckReport, cfg: DataConfig) -> str:
         if report.n_errors > 20:
             lines.append(f"  ... and {report.n_errors - 20} more (all in the JSON report)")
     warn = j["warnings"]
-    labels = {"exact_duplicates": "exact duplicates", "near_duplicates": "near duplicates (case/punctuation/spacing)",
-              "train_val_leakage": "validation conversations also in training", "over_max_length": "longer than data.max_length",
-              "no_trained_tokens": "samples with no trained token"}  # fmt: skip
+    labels = {
+        "exact_duplicates": "exact duplicates",
+        "near_duplicates": "near duplicates (case/punctuation/spacing)",
+        "train_val_leakage": "validation conversations also in training",
+        "over_max_length": "longer than data.max_length",
+        "no_trained_tokens": "samples with no trained token",
+    }
     if report.n_warnings:
         lines.append("\nWARNINGS:")
         for key, label in labels.items():
@@ -257,12 +292,27 @@ def summary(report: CheckReport, cfg: DataConfig) -> str:
                 extra = f" -> {warn[key]['policy']}" if key == "over_max_length" else ""
                 lines.append(f"  {warn[key]['count']} {label}{extra}")
                 lines += [f"    {w}" for w in warn[key]["first"][:5]]
+    if report.no_turn_end:
+        lines.append(
+            "  no sample trains an end-of-turn marker: the model will not learn to stop "
+            "(the chat template writes none after an assistant turn; set model.chat_template to one that does)"
+        )
+    if report.template:
+        t = report.template
+        kind = "a special token" if t.end_of_turn_is_special else f"plain text, {t.end_of_turn_tokens} tokens"
+        eot = f"{t.end_of_turn!r} ({kind})" if t.end_of_turn else "none"
+        stable = "yes" if t.prefix_stable else "no (turns are located by the template's own renders; see README)"
+        lines.append(f"\nchat template: end-of-turn marker {eot}; prefix-stable: {stable}")
     if j["token_lengths"]:
         t, r = j["token_lengths"], j["trained_tokens_per_sample"]
-        lines.append(f"\ntokens per conversation (chat template applied): min {t['min']}, median {t['median']}, "
-                     f"p90 {t['p90']}, p99 {t['p99']}, max {t['max']}; {t['total']} in all")  # fmt: skip
-        lines.append(f"trained tokens per sample: min {r['min']}, median {r['median']}, max {r['max']}; "
-                     f"{r['total']} in all ({r['total'] / max(t['total'], 1):.0%} of tokens)")  # fmt: skip
+        lines.append(
+            f"\ntokens per conversation (chat template applied): min {t['min']}, median {t['median']}, "
+            f"p90 {t['p90']}, p99 {t['p99']}, max {t['max']}; {t['total']} in all"
+        )
+        lines.append(
+            f"trained tokens per sample: min {r['min']}, median {r['median']}, max {r['max']}; "
+            f"{r['total']} in all ({r['total'] / max(t['total'], 1):.0%} of tokens)"
+        )
     verdict = {0: "clean", 1: "warnings only", 2: "errors"}[report.exit_code]
     lines.append(f"\nresult: {verdict} (exit {report.exit_code})")
     return "\n".join(lines)

@@ -14,7 +14,7 @@ import numpy as np
 
 from lorasmith.config import DEMO, DataConfig, DataSource
 from lorasmith.data import demo, workers
-from lorasmith.data.masking import Encoded, encode_fitted
+from lorasmith.data.masking import ChatTemplate, Encoded, encode_fitted
 from lorasmith.data.records import Conversation, read_source
 from lorasmith.errors import DataError
 from lorasmith.paths import cache_dir
@@ -129,6 +129,8 @@ def tokenize(tokenizer, conversations: list[Conversation], cfg: DataConfig, *, n
     out.dropped = problems + out.dropped
     if n_truncated:
         log.warning("%d conversation(s) longer than data.max_length=%d were truncated", n_truncated, cfg.max_length)
+    if need_trained and out.encoded:
+        _warn_without_turn_end(tokenizer)
     if out.dropped:
         log.warning("left out %d conversation(s); first: %s", len(out.dropped), out.dropped[0])
     if need_trained and not out.encoded:
@@ -136,9 +138,28 @@ def tokenize(tokenizer, conversations: list[Conversation], cfg: DataConfig, *, n
     return out
 
 
+def _warn_without_turn_end(tokenizer) -> None:
+    try:
+        info = ChatTemplate(tokenizer).describe()
+    except Exception:  # the template's errors were reported per conversation
+        return
+    if not info.end_of_turn:
+        log.warning(
+            "the chat template writes no end-of-turn marker after an assistant turn: the model will not learn to stop "
+            "(set model.chat_template to a template that does)"
+        )
+    elif not info.end_of_turn_is_special:
+        log.warning(
+            "the end-of-turn marker %r is not a special token of this tokenizer: it is trained as %d text tokens, "
+            "and generation must stop on that text",
+            info.end_of_turn,
+            info.end_of_turn_tokens,
+        )
+
+
 # --- tokenization cache and workers ------------------------------------------------------------------
 
-_CACHE_VERSION = 1  # bump when masking changes what it produces
+_CACHE_VERSION = 2  # bump when masking changes what it produces
 _PARALLEL_FROM = 2000  # below this, starting worker processes costs more than it saves
 
 
@@ -160,7 +181,7 @@ def _encode_chunk(chunk: list[list[dict]]) -> list[tuple[Encoded | None, str | N
     for messages in chunk:
         try:
             st = workers.STATE
-            out.append((encode_fitted(st["tokenizer"], messages, **st["options"], specials=st["specials"]), None))
+            out.append((encode_fitted(st["tokenizer"], messages, **st["options"], template=st["template"]), None))
         except DataError as e:
             out.append((None, e.message))
     return out

@@ -18,10 +18,20 @@ from lorasmith.errors import DataError
 
 FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt_completion")
 SHAREGPT_ROLES = {
-    "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
-    "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "system": "system",
-    "tool": "tool", "function": "tool", "function_response": "tool", "observation": "tool",
-}  # fmt: skip
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "model": "assistant",
+    "chatgpt": "assistant",
+    "bing": "assistant",
+    "bard": "assistant",
+    "system": "system",
+    "tool": "tool",
+    "function": "tool",
+    "function_response": "tool",
+    "observation": "tool",
+}
 
 
 class RecordError(ValueError):

@@ -1,31 +1,57 @@
-"""Chat-template tokenization with loss weights on exactly the tokens that should be trained.
+"""Chat-template tokenization with loss weights on exactly the tokens the model must generate.
 
 Why our own code: TRL's assistant-only loss needs ``{% generation %}`` markers that most chat
-templates lack, and masks built by re-tokenizing pieces of a conversation drift from what the
-model sees when the template merges, trims or injects text. Here the conversation is rendered
-once with the model's own template and tokenized once; each message is located in the rendered
-text, and the tokens that overlap its content, plus the end-of-turn token that follows it, get
-its weight. So the trained tokens are by construction the tokens the model sees, for any template
-that keeps message text verbatim (or stripped), with or without default system prompts.
+templates lack, and masks built by tokenizing pieces of a conversation separately drift from what
+the model sees. Here the conversation is rendered once with the model's own template and
+tokenized once; the spans to train are derived from the template itself, without searching the
+rendered text for the message (a search finds a one-letter reply inside ``<|im_end|>``, or a
+quoted copy in an earlier turn).
 
-A token that straddles the boundary between template text and a trained message (Mistral's
-``[/INST]`` running into ``{`` merges to ``]{`` under some BPEs) is trained whole: predicting it is
-how the model emits the message's first character.
+For each trained message i:
+
+1. **Where its text is.** The conversation is rendered again with message i's content replaced
+   by a sentinel that occurs nowhere else. Everything before the sentinel and everything after it
+   must be the same text in the real rendering, so the real content lies exactly between them,
+   however the template trims or rewrites it. When the template's output also depends on the
+   content (Qwen3 moves ``<think>`` text into a block of its own), the two renderings still agree
+   up to the first and from the last differing character: that stretch is the content as rendered.
+2. **What the model generates before it** (assistant messages only). At inference the prompt is
+   ``render(messages[:i], add_generation_prompt=True)``. Where that prompt is a prefix of the
+   rendering, the separator between its end and the content (Mistral's ``' '``, Qwen3's empty
+   ``<think></think>`` block) is trained too: the model must produce it. Where it is not a prefix
+   (Mistral v0.3 folds the system prompt into the last user turn; DeepSeek-R1 asks for
+   ``<think>\\n`` that history turns do not hold), the prompt's end is aligned by the longest common
+   suffix just before the content.
+3. **How it ends.** ``render(messages[:i+1])`` with the sentinel ends with the turn; what follows
+   the sentinel there, up to the end-of-turn marker, is trained: the marker is the first special
+   token after any whitespace, else the first run of non-space characters (so a marker the
+   tokenizer does not hold as a special token, ``<|im_end|>`` on a base model's tokenizer, is
+   trained as the text it is). The newline a template writes after the marker is not trained: the
+   model stops at the marker.
+
+Tokens that overlap the trained characters get the message's weight: a token that straddles the
+boundary between template text and the message (``]{`` under some BPEs) is trained whole, since
+predicting it is how the model emits the message's first character.
+
+Cost: per trained assistant turn three renders of the (compiled, cached) template, one per other
+trained message two, and one tokenization of the whole conversation.
 """
 
 from __future__ import annotations
 
+import bisect
+import re
 from dataclasses import dataclass
+from functools import cached_property
 
 from lorasmith.errors import DataError
 
-# A message's end-of-turn is the first special token after its content, at most this many
-# tokens later, with only whitespace between (e.g. `<|im_end|>`, `<|eot_id|>`, `</s>`).
-_MAX_EOT_DISTANCE = 4
+_SENTINEL = "LsmTurnSentinel7q"
+_ALIGN_WINDOW = 256  # characters before a reply searched for the end of a non-prefix generation prompt
 
 
 class TemplateMismatch(DataError):
-    """The chat template changed a message beyond recognition, so its tokens cannot be located."""
+    """The chat template renders a message so that its trained tokens cannot be located exactly."""
 
 
 @dataclass
@@ -34,6 +60,8 @@ class Encoded:
     weights: list[float]
     """Loss weight of predicting each token (aligned with input_ids; 0 = not trained)."""
     truncated: bool = False
+    turn_ends: int = 0
+    """Trained turns whose end-of-turn marker is trained (not stored in the tokenization cache)."""
 
     @property
     def num_trained(self) -> int:
@@ -61,49 +89,209 @@ def message_weights(messages: list[dict], train_on: str, role_weights: dict[str,
 
 
 def render(tokenizer, messages: list[dict], **kwargs) -> str:
-    plain = [{"role": m["role"], "content": m["content"]} for m in messages]
-    return tokenizer.apply_chat_template(plain, tokenize=False, **kwargs)
+    """The conversation as the tokenizer's chat template renders it (``apply_chat_template`` kwargs)."""
+    return tokenizer.apply_chat_template(_plain(messages), tokenize=False, **kwargs)
 
 
-def special_ids(tokenizer) -> frozenset[int]:
-    ids = set(tokenizer.all_special_ids)
-    for idx, added in getattr(tokenizer, "added_tokens_decoder", {}).items():
-        if getattr(added, "special", False):
-            ids.add(idx)
-    return frozenset(ids)
+def _plain(messages: list[dict]) -> list[dict]:
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
-def _locate(tokenizer, messages: list[dict], full: str, weights: list[float]) -> list[tuple[int, int] | None]:
-    """Character span of each weighted message's content inside ``full``."""
-    spans: list[tuple[int, int] | None] = []
-    cursor = 0
-    for i, msg in enumerate(messages):
-        # Where the template renders the conversation up to this message as a prefix of the whole,
-        # the message ends that prefix: searching backwards inside it cannot hit the same words in
-        # an injected system prompt or an earlier turn.
-        try:
-            prefix = render(tokenizer, messages[: i + 1])
-        except Exception:  # templates may reject partial conversations (e.g. ending on a user turn)
-            prefix = None
-        limit = len(prefix) if prefix and full.startswith(prefix) else None
-        span = None
-        for needle in dict.fromkeys((msg["content"], msg["content"].strip())):
-            if not needle:
-                continue
-            pos = full.rfind(needle, cursor, limit) if limit is not None else full.find(needle, cursor)
-            if pos >= 0:
-                span = (pos, pos + len(needle))
-                break
-        if span is None and weights[i] > 0:
-            raise TemplateMismatch(
-                f"the chat template rewrites message {i} ({msg['role']}) so its text no longer appears in the "
-                "rendered conversation; its tokens cannot be located",
-                hint="use a template that keeps message text verbatim (model.chat_template), or set its weight to 0",
+class ChatTemplate:
+    """A tokenizer's chat template, compiled once, rendered as ``apply_chat_template`` renders it."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.source = tokenizer.chat_template
+        self.name = getattr(tokenizer, "name_or_path", "") or "the tokenizer"
+        self._kwargs = dict(tokenizer.special_tokens_map)
+        try:  # the compiled template apply_chat_template uses (cached), without its per-call overhead
+            from transformers.utils.chat_template_utils import _compile_jinja_template
+
+            self._compiled = _compile_jinja_template(self.source) if isinstance(self.source, str) else None
+        except ImportError:
+            self._compiled = None
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+        if self._compiled is None:
+            return self.tokenizer.apply_chat_template(
+                _plain(messages), tokenize=False, add_generation_prompt=add_generation_prompt
             )
-        spans.append(span)
-        if span is not None and (weights[i] > 0 or limit is not None):
-            cursor = span[1]
-    return spans
+        return self._compiled.render(
+            messages=_plain(messages), tools=None, documents=None, add_generation_prompt=add_generation_prompt, **self._kwargs
+        )
+
+    @cached_property
+    def special_texts(self) -> tuple[str, ...]:
+        """Text of every special token, longest first (so ``<|end|>`` is not cut to ``<|e``)."""
+        texts = set(self.tokenizer.all_special_tokens)
+        for added in getattr(self.tokenizer, "added_tokens_decoder", {}).values():
+            if getattr(added, "special", False):
+                texts.add(added.content)
+        return tuple(sorted((t for t in texts if t), key=len, reverse=True))
+
+    def end_marker(self, after: str) -> str:
+        """The end-of-turn marker at the start of ``after`` (the template's text after a message, up
+        to the end of a rendering that ends with that message), with the whitespace before it."""
+        rest = after.lstrip()
+        lead = after[: len(after) - len(rest)]
+        if not rest:
+            return ""  # nothing but whitespace: the template marks no end of turn
+        for text in self.special_texts:
+            if rest.startswith(text):
+                return lead + text
+        return lead + re.match(r"\S+", rest).group(0)
+
+    def describe(self) -> TemplateInfo:
+        """What the template does at turn boundaries, found on a probe conversation."""
+        probe = [
+            {"role": "system", "content": "You are terse."},
+            {"role": "user", "content": "Name a colour."},
+            {"role": "assistant", "content": "Blue."},
+            {"role": "user", "content": "Another?"},
+            {"role": "assistant", "content": "Red."},
+        ]
+        try:
+            self.render(probe)
+        except Exception:  # templates without a system role
+            probe = probe[1:]
+        full = self.render(probe)
+        stable = True
+        for i in range(1, len(probe) + 1):
+            try:
+                prefixes = [self.render(probe[:i])]
+                if i < len(probe) and probe[i]["role"] == "assistant":
+                    prefixes.append(self.render(probe[:i], add_generation_prompt=True))
+            except Exception:
+                continue  # a template may refuse a conversation that ends on a system turn
+            stable &= all(full.startswith(p) for p in prefixes)
+        last = len(probe) - 1
+        marked = _with_content(probe[: last + 1], last, _SENTINEL)
+        rendered = self.render(marked)
+        after = rendered[rendered.rfind(_SENTINEL) + len(_SENTINEL) :] if _SENTINEL in rendered else ""
+        marker = self.end_marker(after).strip()
+        ids = self.tokenizer(marker, add_special_tokens=False)["input_ids"] if marker else []
+        return TemplateInfo(stable, marker, len(ids) == 1 and marker in self.special_texts, len(ids))
+
+
+@dataclass
+class TemplateInfo:
+    prefix_stable: bool
+    """Every prefix of a conversation renders as a prefix of the whole (with and without the generation prompt)."""
+    end_of_turn: str
+    """The marker that ends an assistant turn ('' if the template has none)."""
+    end_of_turn_is_special: bool
+    """The marker is one special token (else the model learns to write it as text)."""
+    end_of_turn_tokens: int
+
+
+def _with_content(messages: list[dict], i: int, content: str) -> list[dict]:
+    out = list(messages)
+    out[i] = {"role": messages[i]["role"], "content": content}
+    return out
+
+
+def _common_prefix(a: str, b: str) -> int:
+    """Length of the common prefix, by bisection on slice comparisons (C speed, no char loop)."""
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _common_suffix(a: str, b: str) -> int:
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[len(a) - mid :] == b[len(b) - mid :]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+class _Locator:
+    """Finds the trained character span of each message of one conversation (see the module docstring)."""
+
+    def __init__(self, template: ChatTemplate, messages: list[dict], full: str):
+        self.t, self.messages, self.full = template, messages, full
+        self.sentinel = _SENTINEL
+        texts = [full, template.source or ""] + [m["content"] for m in messages]
+        while any(self.sentinel in s for s in texts):
+            self.sentinel += "x"
+
+    def fail(self, i: int, what: str) -> TemplateMismatch:
+        m = self.messages[i]
+        return TemplateMismatch(
+            f"the chat template of {self.t.name} {what} (message {i}, {m['role']}: {m['content'][:60]!r})",
+            hint="use a template that renders each message once and keeps its text (model.chat_template), "
+            "or set that message's weight to 0",
+        )
+
+    def content(self, i: int) -> tuple[int, int] | None:
+        """(start, end) of message i's content as rendered in the full text; None if not rendered."""
+        full = self.full
+        marked = self.t.render(_with_content(self.messages, i, self.sentinel))
+        p = marked.find(self.sentinel)
+        if p < 0:
+            return None
+        if marked.find(self.sentinel, p + 1) >= 0:
+            raise self.fail(i, "renders this message more than once")
+        q = p + len(self.sentinel)
+        tail = len(marked) - q
+        start = p if full.startswith(marked[:p]) else min(p, _common_prefix(full, marked))
+        end_tail = tail if full.endswith(marked[q:]) else min(tail, _common_suffix(full, marked))
+        end = len(full) - end_tail
+        if end < start:
+            raise self.fail(i, "renders the text around this message differently from the rest of the conversation")
+        return start, end
+
+    def reply_start(self, i: int, start: int) -> int:
+        """Where the model's generation of assistant message i begins: the end of the generation prompt."""
+        if i == 0:
+            return start
+        try:
+            prompt = self.t.render(self.messages[:i], add_generation_prompt=True)
+        except Exception:  # a template may refuse this prefix; train from the content on
+            return start
+        if len(prompt) <= start and self.full.startswith(prompt):
+            return len(prompt)
+        best, best_k = 0, start
+        for k in range(start, max(_common_prefix(prompt, self.full), start - _ALIGN_WINDOW) - 1, -1):
+            n = _common_suffix(prompt, self.full[:k])
+            if n > best:
+                best, best_k = n, k
+        return best_k
+
+    def end_marker(self, i: int) -> str:
+        """The end-of-turn marker the template writes after message i when the conversation ends there."""
+        try:
+            own = self.t.render(_with_content(self.messages[: i + 1], i, self.sentinel))
+        except Exception:  # e.g. a template that refuses a conversation ending on a system turn
+            return ""
+        p = own.rfind(self.sentinel)
+        return self.t.end_marker(own[p + len(self.sentinel) :]) if p >= 0 else ""
+
+    def span(self, i: int) -> tuple[tuple[int, int] | None, bool]:
+        """((first, end) characters to train for message i, or None; whether an end-of-turn marker is in it)."""
+        where = self.content(i)
+        if where is None:
+            if self.messages[i]["role"] == "assistant":
+                raise self.fail(i, "does not render this assistant message")
+            return None, False  # e.g. a system prompt the template drops: nothing of it is seen
+        start, end = where
+        first = self.reply_start(i, start) if self.messages[i]["role"] == "assistant" else start
+        marker = self.end_marker(i)
+        if marker and not self.full.startswith(marker, end):
+            raise self.fail(
+                i,
+                f"ends this message with {self.full[end : end + 20]!r}, unlike a conversation that ends with it ({marker!r})",
+            )
+        return (first, end + len(marker)), bool(marker.strip())
 
 
 def encode(
@@ -113,47 +301,42 @@ def encode(
     max_length: int,
     train_on: str = "assistant",
     role_weights: dict[str, float] | None = None,
-    specials: frozenset[int] | None = None,
+    template: ChatTemplate | None = None,
 ) -> Encoded:
     """Tokenize one conversation with the model's chat template and weight its tokens."""
+    template = template or ChatTemplate(tokenizer)
     weights_by_msg = message_weights(messages, train_on, role_weights)
     try:
-        full = render(tokenizer, messages)
+        full = template.render(messages)
     except Exception as e:  # jinja raises TemplateError subclasses with the template's own message
-        raise DataError(f"the chat template rejects this conversation: {e}") from e
+        raise DataError(f"the chat template of {template.name} rejects this conversation: {e}") from e
     enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     ids: list[int] = enc["input_ids"]
     offsets: list[tuple[int, int]] = enc["offset_mapping"]
-    specials = specials if specials is not None else special_ids(tokenizer)
-    spans = _locate(tokenizer, messages, full, weights_by_msg)
-
+    locator = _Locator(template, messages, full)
     weights = [0.0] * len(ids)
-    t = 0
-    for span, w in zip(spans, weights_by_msg):
-        if span is None or w <= 0:
+    token_ends = [b for _, b in offsets]  # non-decreasing: bisect finds a span's first token
+    turn_ends = 0
+    for i, w in enumerate(weights_by_msg):
+        if w <= 0:
             continue
-        start, end = span
-        while t < len(ids) and offsets[t][1] <= start:
-            t += 1
-        last = None
-        while t < len(ids) and offsets[t][0] < end:
-            if offsets[t][1] > offsets[t][0]:  # zero-width tokens carry no text of the message
+        try:
+            span, marked = locator.span(i)
+        except TemplateMismatch:
+            raise
+        except Exception as e:  # a template that refuses a partial conversation it needs for this message
+            raise locator.fail(i, f"rejects a part of this conversation ({e})") from e
+        if span is None:
+            continue
+        turn_ends += marked
+        first, end = span
+        t = bisect.bisect_right(token_ends, first)
+        while t < len(ids) and offsets[t][0] < end:  # tokens overlapping the span
+            if offsets[t][1] > offsets[t][0]:  # zero-width tokens carry no text
                 weights[t] = w
-                last = t
             t += 1
-        if last is None:
-            continue
-        # The end-of-turn token teaches the model to stop; train it with the message.
-        for k in range(last + 1, min(last + 1 + _MAX_EOT_DISTANCE, len(ids))):
-            if ids[k] in specials:
-                for j in range(last + 1, k + 1):
-                    weights[j] = w
-                t = k + 1
-                break
-            if full[offsets[k][0] : offsets[k][1]].strip():
-                break
     truncated = len(ids) > max_length
-    return Encoded(ids[:max_length], weights[:max_length], truncated)
+    return Encoded(ids[:max_length], weights[:max_length], truncated, turn_ends)
 
 
 def trained_spans(tokenizer, encoded: Encoded) -> list[str]:

@@ -5,14 +5,14 @@ from __future__ import annotations
 import multiprocessing as mp
 from collections.abc import Callable, Iterable, Iterator
 
-from lorasmith.data.masking import special_ids
+from lorasmith.data.masking import ChatTemplate
 
 STATE: dict = {}
-"""In each worker (and in-process when not parallel): tokenizer, options, specials."""
+"""In each worker (and in-process when not parallel): tokenizer, options, the compiled chat template."""
 
 
 def init(tokenizer, options: dict) -> None:
-    STATE.update(tokenizer=tokenizer, options=options, specials=special_ids(tokenizer))
+    STATE.update(tokenizer=tokenizer, options=options, template=ChatTemplate(tokenizer))
 
 
 def map_chunks(fn: Callable, chunks: Iterable, tokenizer, options: dict, workers: int) -> Iterator:

@@ -222,19 +222,26 @@ def _train_in(run_dir, cfg, tokenizer, train_set, val_set, device, precision, at
                 log.warning("step %d: non-finite loss/gradient, update skipped (%d in a row)", number, stepper.nonfinite_in_row)
             if state.step % tc.log_every == 0 or state.step == total_steps:
                 metrics.write(
-                    step=state.step, loss=result.loss, lr=scheduler.get_last_lr()[0], grad_norm=result.grad_norm,
-                    tokens_per_s=result.real_tokens / dt, step_s=dt, tokens_seen=state.tokens_seen,
-                    epoch=state.micro_batches_done / stepper.per_epoch, micro_batch_size=result.micro_batch_size,
+                    step=state.step,
+                    loss=result.loss,
+                    lr=scheduler.get_last_lr()[0],
+                    grad_norm=result.grad_norm,
+                    tokens_per_s=result.real_tokens / dt,
+                    step_s=dt,
+                    tokens_seen=state.tokens_seen,
+                    epoch=state.micro_batches_done / stepper.per_epoch,
+                    micro_batch_size=result.micro_batch_size,
                     skipped=not result.finite,
-                )  # fmt: skip
+                )
             bar.set_postfix(loss=f"{result.loss:.4f}", tok_s=f"{result.real_tokens / dt:.0f}")
             bar.update(1)
             if bar.disable and (state.step % max(1, total_steps // 20) == 0 or state.step == total_steps):
                 # No terminal (a log file, CI): a plain progress line every 5% instead of the bar.
                 log.info("step %d/%d  loss %.4f  %.0f tok/s", state.step, total_steps, result.loss, result.real_tokens / dt)
             if tc.eval_every and state.step % tc.eval_every == 0 and state.step < total_steps and val_set.encoded:
-                val = validation_loss(model, val_set, pad_id=pad_id, precision=precision, batch_size=ev.batch_size,
-                                      max_batches=ev.max_batches)  # fmt: skip
+                val = validation_loss(
+                    model, val_set, pad_id=pad_id, precision=precision, batch_size=ev.batch_size, max_batches=ev.max_batches
+                )
                 metrics.write(step=state.step, **{f"eval_{k}": v for k, v in val.items()})
                 bar.write(f"step {state.step}: eval loss {val['loss']:.4f}")
             if tc.save_every and state.step % tc.save_every == 0 and state.step < total_steps:
@@ -261,8 +268,12 @@ def _train_in(run_dir, cfg, tokenizer, train_set, val_set, device, precision, at
     answers = after["samples"] + [a["answer"] for a in after.get("exact_match_answers", [])]
     after["degenerate_answers"] = [a for a in answers if is_degenerate(a)]
     if after["degenerate_answers"]:
-        log.warning("%d of %d answers after training are empty or repetitive, e.g. %r: check the lr and the data",
-                    len(after["degenerate_answers"]), len(answers), after["degenerate_answers"][0][:120])  # fmt: skip
+        log.warning(
+            "%d of %d answers after training are empty or repetitive, e.g. %r: check the lr and the data",
+            len(after["degenerate_answers"]),
+            len(answers),
+            after["degenerate_answers"][0][:120],
+        )
     atomic.write_json(run_dir / "eval_after.json", after)
     final_log = MetricsLog(run_dir / "metrics.jsonl")
     final_log.write(step=state.step, **{f"eval_{k}": v for k, v in after.items() if isinstance(v, float)})
@@ -294,11 +305,18 @@ def find_overlap(split) -> dict:
         finder.add_val(conv.source, conv.messages)
     found = finder.found
     if found.n_exact or found.n_near:
-        log.warning("%d exact and %d near duplicate training conversations (first: %s)", found.n_exact, found.n_near,
-                    (found.exact + found.near)[0])  # fmt: skip
+        log.warning(
+            "%d exact and %d near duplicate training conversations (first: %s)",
+            found.n_exact,
+            found.n_near,
+            (found.exact + found.near)[0],
+        )
     if found.n_leakage:
-        log.warning("%d validation conversations are also in training: eval results will look better than they are (%s)",
-                    found.n_leakage, found.leakage[0])  # fmt: skip
+        log.warning(
+            "%d validation conversations are also in training: eval results will look better than they are (%s)",
+            found.n_leakage,
+            found.leakage[0],
+        )
     return {"duplicates": found.exact + found.near, "leakage": found.leakage}
 
 

@@ -55,8 +55,20 @@ class Stepper:
     data order and the effective batch never depend on memory.
     """
 
-    def __init__(self, model, optimizer, scheduler, scaler, precision: Precision, cfg: TrainConfig, data: TokenizedSet,
-                 pad_id: int, device: torch.device, plan_mb: int, plan_accum: int):  # fmt: skip
+    def __init__(
+        self,
+        model,
+        optimizer,
+        scheduler,
+        scaler,
+        precision: Precision,
+        cfg: TrainConfig,
+        data: TokenizedSet,
+        pad_id: int,
+        device: torch.device,
+        plan_mb: int,
+        plan_accum: int,
+    ):
         self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
         self.precision, self.cfg, self.data, self.pad_id, self.device = precision, cfg, data, pad_id, device
         self.plan_mb, self.plan_accum = plan_mb, plan_accum
