@@ -18,13 +18,13 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from lorasmith import config
-from lorasmith.benchmark import synthetic
+from lorasmith.bench import synthetic
 from lorasmith.data.batching import collate
 from lorasmith.data.dataset import read_split, tokenize
+from lorasmith.models.adapter import add_lora, base_weights_dtype
 from lorasmith.models.hardware import choose_attention, choose_precision
 from lorasmith.models.loading import load_model, load_tokenizer
 from lorasmith.training.compile import compile_decoder_layers, should_compile
-from lorasmith.training.recipe import add_lora, base_weights_dtype
 from lorasmith.training.step import accumulate_gradients
 
 

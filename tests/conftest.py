@@ -60,8 +60,8 @@ def tiny_lora(tiny_model_dir: Path, attention: str = "sdpa", dtype=None):
     import torch
 
     from lorasmith.config import Config, ModelConfig
+    from lorasmith.models.adapter import add_lora
     from lorasmith.models.loading import load_model
-    from lorasmith.training.recipe import add_lora
 
     torch.manual_seed(0)
     cpu, dtype = torch.device("cpu"), dtype or torch.float32

@@ -9,7 +9,7 @@ from lorasmith.data.batching import collate
 from lorasmith.data.masking import encode
 from lorasmith.models.attention import SDPA_FP32
 from lorasmith.models.hardware import Precision, choose_attention
-from lorasmith.training.loss import causal_lm, lora_input_casts_off, weighted_loss
+from lorasmith.models.loss import causal_lm, lora_input_casts_off, weighted_loss
 
 FP32 = Precision("fp32", "cpu")
 BF16 = Precision("bf16", "cpu")

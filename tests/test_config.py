@@ -78,3 +78,16 @@ def test_shipped_configs_load():
         first = path.read_text().splitlines()[0]
         assert first.startswith("#") and "lorasmith" in first, f"{path} must start with the command that runs it"
         config.load(path)
+
+
+def test_nested_keys_and_the_model_shorthand(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model: my/model\ndata:\n  loss_weights: {user: 0.2}\n  fields:\n    messages: dialog\n")
+    cfg = config.load(path, ["data.loss_weights.system=0.5", "data.fields.role=speaker"])
+    assert cfg.model.name == "my/model"  # `model: NAME` is `model: {name: NAME}`
+    assert cfg.data.loss_weights == {"user": 0.2, "system": 0.5}
+    assert cfg.data.fields == {"messages": "dialog", "role": "speaker"}
+    assert config.load(None, ["model=other"]).model.name == "other"
+    with pytest.raises(ConfigError, match=r"unknown config key 'train\.lr\.x'"):
+        config.load(None, ["train.lr.x=1"])
+    assert "data.loss_weights" in config.all_keys() and "train.lr" in config.all_keys()

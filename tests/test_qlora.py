@@ -99,9 +99,9 @@ def test_evaluation_leaves_a_4bit_model_trainable(tiny_model_dir, tokenizer, dem
     from lorasmith.data.batching import collate
     from lorasmith.data.masking import encode
     from lorasmith.evaluation.generate import generate
+    from lorasmith.models.adapter import add_lora
     from lorasmith.models.hardware import Precision
     from lorasmith.models.loading import load_model
-    from lorasmith.training.recipe import add_lora
     from lorasmith.training.step import accumulate_gradients
 
     bf16 = Precision("bf16", "cpu")

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from tests.conftest import write_jsonl
 
 from lorasmith.cli import main
+from lorasmith.runs import RunFolder
 from lorasmith.training import checkpoint, step
 
 ROOT = Path(__file__).parent.parent
@@ -96,7 +97,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, tiny_model_dir, data_fil
     run = out / "killed"
     assert not (run / "adapter").exists()
     assert json.loads((run / "run.json").read_text())["status"] == "running"  # SIGKILL leaves no time to say more
-    done = checkpoint.complete_checkpoints(run / "checkpoints")
+    done = RunFolder(run).complete_checkpoints()
     if mode == "kill-in-checkpoint":
         assert [p.name for p in done] == ["step-0000002"]  # the half-written step-4 is not complete
     if n == 0 and mode == "kill-before-step":
@@ -120,7 +121,7 @@ def test_sigterm_checkpoints_and_exits_143(tmp_path, tiny_model_dir, data_files,
     run = out / "termed"
     status = json.loads((run / "run.json").read_text())
     assert status["status"] == "interrupted" and status["step"] == 4  # the step in flight was finished
-    assert checkpoint.latest(run).name == "step-0000004"
+    assert RunFolder(run).latest_checkpoint().name == "step-0000004"
     assert main([*args, "--resume"]) == 0
     assert _losses(run) == _losses(reference)
     assert _same_adapter(_adapter(run), _adapter(reference))
@@ -147,7 +148,7 @@ def test_nan_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_model_dir, 
     err = capsys.readouterr().err
     assert "non-finite loss or gradient at step 5" in err and "on_nonfinite=skip" in err
     run = out / "run"
-    assert [p.name for p in checkpoint.complete_checkpoints(run / "checkpoints")] == ["step-0000002", "step-0000004"]
+    assert [p.name for p in RunFolder(run).complete_checkpoints()] == ["step-0000002", "step-0000004"]
     assert json.loads((run / "run.json").read_text())["status"] == "failed"
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert any(r.get("nonfinite") and r["step"] == 5 for r in rows)
@@ -160,7 +161,7 @@ def test_nan_skip_drops_that_update(tmp_path, tiny_model_dir, data_files, monkey
     assert main(_args(tiny_model_dir, data_files, out, "run", "train.on_nonfinite=skip")) == 0
     rows = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r.get("skipped")] == [3]
-    state = json.loads((checkpoint.latest(out / "run") / "trainer_state.json").read_text())
+    state = json.loads((RunFolder(out / "run").latest_checkpoint() / "trainer_state.json").read_text())
     assert state["skipped_steps"] == 1 and state["step"] == STEPS
     weights = _adapter(out / "run")
     assert all(torch.isfinite(w).all() for w in weights.values())

@@ -5,7 +5,7 @@ from tests.conftest import tiny_lora
 from lorasmith.data.batching import collate, plan_epoch
 from lorasmith.data.masking import encode
 from lorasmith.models.hardware import Precision
-from lorasmith.training.loss import weighted_loss
+from lorasmith.models.loss import weighted_loss
 from lorasmith.training.step import accumulate_gradients
 
 FP32 = Precision("fp32", "cpu")
@@ -126,7 +126,7 @@ def test_bf16_base_weights_match_fp32_eval_loss(tmp_path, tiny_model_dir, demo_r
 def test_packed_rows_match_separate_sequences(lora_model, encoded, tokenizer):
     """Padding-free packing: per-sample logits and the loss equal the unpacked ones (no attention across samples)."""
     from lorasmith.data.batching import collate_packed
-    from lorasmith.training.loss import causal_lm
+    from lorasmith.models.loss import causal_lm
 
     samples = encoded[:3]
     packed = collate_packed(samples)

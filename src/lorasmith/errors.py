@@ -1,4 +1,5 @@
-"""The one exception type the CLI turns into a clean message and exit code 2."""
+"""The exceptions the CLI turns into a clean message and an exit code: 2 for input the user can fix
+(config, data, model), 1 for a run that had to stop."""
 
 from __future__ import annotations
 

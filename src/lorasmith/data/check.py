@@ -80,10 +80,36 @@ class DuplicateFinder:
                 self.found.leakage.append(f"{where} is also in training at {self._near[near]}")
 
 
-def _measure(chunk: list[tuple[str, list[dict]]]) -> list[tuple[str, int, int, bool, int, str | None]]:
+def overlap(train: list[Conversation], val: list[Conversation]) -> dict:
+    """Duplicates within training and validation conversations also in training, logged before a run."""
+    finder = DuplicateFinder()
+    for conv in train:
+        finder.add_train(conv.source, conv.messages)
+    for conv in val:
+        finder.add_val(conv.source, conv.messages)
+    found = finder.found
+    if found.n_exact or found.n_near:
+        log.warning(
+            "%d exact and %d near duplicate training conversations (first: %s)",
+            found.n_exact,
+            found.n_near,
+            (found.exact + found.near)[0],
+        )
+    if found.n_leakage:
+        log.warning(
+            "%d validation conversations are also in training: eval results will look better than they are (%s)",
+            found.n_leakage,
+            found.leakage[0],
+        )
+    return {"duplicates": found.exact + found.near, "leakage": found.leakage}
+
+
+def _measure(
+    state: workers.WorkerState, chunk: list[tuple[str, list[dict]]]
+) -> list[tuple[str, int, int, bool, int, str | None]]:
     """(where, tokens before the policy, trained tokens after it, dropped, trained end-of-turn markers,
     template error) per conversation."""
-    tok, options, template = workers.STATE["tokenizer"], workers.STATE["options"], workers.STATE["template"]
+    tok, options, template = state.tokenizer, state.options, state.template
     max_length, policy = options["max_length"], options["over_length"]
     kwargs = {"train_on": options["train_on"], "role_weights": options["role_weights"], "template": template}
     out = []

@@ -176,12 +176,11 @@ def _cache_key(tokenizer, conversations: list[Conversation], options: dict) -> s
     return h.hexdigest()
 
 
-def _encode_chunk(chunk: list[list[dict]]) -> list[tuple[Encoded | None, str | None]]:
+def _encode_chunk(state: workers.WorkerState, chunk: list[list[dict]]) -> list[tuple[Encoded | None, str | None]]:
     out = []
     for messages in chunk:
         try:
-            st = workers.STATE
-            out.append((encode_fitted(st["tokenizer"], messages, **st["options"], template=st["template"]), None))
+            out.append((encode_fitted(state.tokenizer, messages, **state.options, template=state.template), None))
         except DataError as e:
             out.append((None, e.message))
     return out

@@ -16,7 +16,6 @@ from pathlib import Path
 
 from lorasmith.errors import DataError
 
-FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt_completion")
 SHAREGPT_ROLES = {
     "human": "user",
     "user": "user",

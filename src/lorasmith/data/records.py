@@ -6,12 +6,12 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lorasmith.config import ROLES
 from lorasmith.data.formats import RecordError, detect_format, iter_raw, to_messages
 from lorasmith.errors import DataError
 
 log = logging.getLogger(__name__)
 
-ROLES = ("system", "user", "assistant", "tool")
 MAX_SHOWN_PROBLEMS = 20
 
 

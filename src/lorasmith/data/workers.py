@@ -1,28 +1,46 @@
-"""Tokenization in worker processes: each worker gets the tokenizer and encode options once."""
+"""Tokenization in worker processes: each worker gets the tokenizer and encode options once.
+
+The per-worker state stays in this module; the functions mapped over chunks receive it as their
+first argument, so no other module reads it.
+"""
 
 from __future__ import annotations
 
+import functools
 import multiprocessing as mp
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 
 from lorasmith.data.masking import ChatTemplate
 
-STATE: dict = {}
-"""In each worker (and in-process when not parallel): tokenizer, options, the compiled chat template."""
+
+@dataclass
+class WorkerState:
+    tokenizer: object
+    options: dict
+    template: ChatTemplate
+    """The tokenizer's chat template, compiled once per worker."""
 
 
-def init(tokenizer, options: dict) -> None:
-    STATE.update(tokenizer=tokenizer, options=options, template=ChatTemplate(tokenizer))
+_STATE: list[WorkerState] = []  # this process's state, set by _init (in each worker, or in-process)
+
+
+def _init(tokenizer, options: dict) -> None:
+    _STATE[:] = [WorkerState(tokenizer, options, ChatTemplate(tokenizer))]
+
+
+def _call(fn: Callable, chunk):
+    return fn(_STATE[0], chunk)
 
 
 def map_chunks(fn: Callable, chunks: Iterable, tokenizer, options: dict, workers: int) -> Iterator:
-    """``fn`` over ``chunks`` in order, in ``workers`` forked processes when more than one."""
+    """``fn(state, chunk)`` over ``chunks`` in order, in ``workers`` forked processes when more than one."""
     if workers > 1 and "fork" in mp.get_all_start_methods():
-        with mp.get_context("fork").Pool(workers, initializer=init, initargs=(tokenizer, options)) as pool:
-            yield from pool.imap(fn, chunks)
+        with mp.get_context("fork").Pool(workers, initializer=_init, initargs=(tokenizer, options)) as pool:
+            yield from pool.imap(functools.partial(_call, fn), chunks)
         return
-    init(tokenizer, options)
-    yield from map(fn, chunks)
+    _init(tokenizer, options)
+    yield from (fn(_STATE[0], chunk) for chunk in chunks)
 
 
 def default_workers() -> int:

@@ -1,4 +1,6 @@
-"""Batched greedy generation of the next assistant turn."""
+"""Generation of the next assistant turn, the one path used by evaluation, samples and `lorasmith chat`:
+prompts rendered by the chat template with its generation prompt, batched with left padding, greedy,
+stopping at the tokenizer's and the model's end-of-turn ids."""
 
 from __future__ import annotations
 
@@ -24,9 +26,17 @@ def stop_token_ids(tokenizer, model) -> list[int]:
 
 @torch.no_grad()
 def generate(
-    model, tokenizer, histories: list[list[dict]], *, precision: Precision, max_new_tokens: int = 128, batch_size: int = 16
+    model,
+    tokenizer,
+    histories: list[list[dict]],
+    *,
+    precision: Precision,
+    max_new_tokens: int = 128,
+    batch_size: int = 16,
+    streamer=None,
 ) -> list[str]:
-    """Greedy answers, one per history, decoded without special tokens."""
+    """Greedy answers, one per history, decoded without special tokens (``streamer``: a transformers
+    streamer that prints the answer as it is generated, for a single history)."""
     device = next(model.parameters()).device
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # generation appends on the right
@@ -45,6 +55,7 @@ def generate(
                         eos_token_id=eos,
                         pad_token_id=tokenizer.pad_token_id,
                         use_cache=True,
+                        streamer=streamer,
                     )
                 new = out[:, enc["input_ids"].shape[1] :]
                 answers += [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]

@@ -10,8 +10,8 @@ from lorasmith.data.batching import collate
 from lorasmith.data.dataset import TokenizedSet
 from lorasmith.evaluation.generate import generate, prompt_and_reference
 from lorasmith.models.hardware import Precision
+from lorasmith.models.loss import weighted_loss
 from lorasmith.models.quantization import evaluating
-from lorasmith.training.loss import weighted_loss
 
 
 @torch.no_grad()

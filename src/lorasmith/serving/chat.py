@@ -6,21 +6,20 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 from lorasmith import config as config_mod
 from lorasmith.config import ModelConfig
 from lorasmith.errors import LorasmithError
-from lorasmith.evaluation.generate import stop_token_ids
-from lorasmith.models.hardware import choose_precision, default_device
+from lorasmith.evaluation.generate import generate
+from lorasmith.models.hardware import choose_attention, choose_precision, default_device
 from lorasmith.models.loading import ensure_pad_token, load_model, load_tokenizer
+from lorasmith.runs import RunFolder
 
 
 def base_model_of(adapter: Path) -> str:
     """The base model an adapter was trained on: from its run's config, else from adapter_config.json."""
-    run_cfg = adapter.parent / "config.yaml"
-    if run_cfg.is_file():
-        return config_mod.load(run_cfg).model.name
+    run = RunFolder.of_adapter(adapter)
+    if run is not None:
+        return config_mod.load(run.config).model.name
     meta = adapter / "adapter_config.json"
     if not meta.is_file():
         raise LorasmithError(f"{adapter} is not a PEFT adapter folder (no adapter_config.json)")
@@ -39,32 +38,22 @@ def load_for_chat(model_name: str | None, adapter: str | None):
 
         tokenizer = AutoTokenizer.from_pretrained(adapter_dir)  # carries the chat template it was trained with
         ensure_pad_token(tokenizer)
-    model = load_model(mcfg, device=device, attn_implementation="sdpa")
+    precision = choose_precision("auto", device)
+    model = load_model(mcfg, device=device, attn_implementation=choose_attention("auto", device, precision))
     if adapter_dir is not None:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, adapter_dir)
     model.eval()
-    return model, tokenizer, choose_precision("auto", device)
+    return model, tokenizer, precision
 
 
-@torch.no_grad()
 def reply(model, tokenizer, messages: list[dict], precision, max_new_tokens: int, stream: bool = False) -> str:
+    """The model's greedy answer to ``messages`` (printed as it is generated with ``stream``)."""
     from transformers import TextStreamer
 
-    enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    enc = {k: v.to(next(model.parameters()).device) for k, v in enc.items()}
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
-    with precision.autocast():
-        out = model.generate(
-            **enc,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=stop_token_ids(tokenizer, model),
-            pad_token_id=tokenizer.pad_token_id,
-            streamer=streamer,
-        )
-    return tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+    return generate(model, tokenizer, [messages], precision=precision, max_new_tokens=max_new_tokens, streamer=streamer)[0]
 
 
 def run_chat(model_name: str | None, adapter: str | None, prompt: str | None, system: str | None, max_new_tokens: int) -> int:

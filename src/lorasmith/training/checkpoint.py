@@ -18,9 +18,10 @@ import torch
 
 from lorasmith import atomic
 from lorasmith.errors import LorasmithError, TrainingError
+from lorasmith.runs.folder import CHECKPOINT_COMPLETE as MARKER
+from lorasmith.runs.folder import TRAINER_STATE, RunFolder
 
 log = logging.getLogger(__name__)
-MARKER = "COMPLETE"
 
 
 @dataclass
@@ -35,6 +36,12 @@ class TrainerState:
     """What the run must match to resume: model, data, and the config keys that shape training."""
     split: int = 1
     """Pieces each planned micro-batch is cut into (the auto probe and OOM recovery raise it)."""
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 def _rng_state() -> dict:
@@ -57,43 +64,28 @@ def _restore_rng(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(run_dir: Path, model, optimizer, scheduler, state: TrainerState, keep: int) -> Path:
-    target = run_dir / "checkpoints" / f"step-{state.step:07d}"
+def save(run: RunFolder, model, optimizer, scheduler, state: TrainerState, keep: int) -> Path:
+    target = run.checkpoint(state.step)
     try:
         with atomic.folder(target) as tmp:
             model.save_pretrained(tmp / "adapter", safe_serialization=True)
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
             torch.save(_rng_state(), tmp / "rng.pt")
-            (tmp / "trainer_state.json").write_text(json.dumps(asdict(state), indent=2))
-            if (run_dir / "config.yaml").is_file():  # the config this state was trained under
-                shutil.copyfile(run_dir / "config.yaml", tmp / "config.yaml")
+            (tmp / TRAINER_STATE).write_text(json.dumps(asdict(state), indent=2))
+            if run.config.is_file():  # the config this state was trained under
+                shutil.copyfile(run.config, tmp / run.config.name)
             (tmp / MARKER).write_text("")
     except OSError as e:
-        last = latest(run_dir)
+        last = run.latest_checkpoint()
         raise TrainingError(
             f"could not write checkpoint {target.name}: {e.strerror or e}; "
             + (f"the last complete checkpoint {last.name} is intact" if last else "no earlier checkpoint exists"),
-            hint=f"free disk space under {run_dir}, then continue with --resume {run_dir}",
+            hint=f"free disk space under {run.path}, then continue with --resume {run.path}",
         ) from None
-    _prune(run_dir / "checkpoints", keep)
-    return target
-
-
-def complete_checkpoints(folder: Path) -> list[Path]:
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.glob("step-*") if (p / MARKER).is_file())
-
-
-def _prune(folder: Path, keep: int) -> None:
-    for old in complete_checkpoints(folder)[:-keep]:
+    for old in run.complete_checkpoints()[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def latest(run_dir: Path) -> Path | None:
-    found = complete_checkpoints(run_dir / "checkpoints")
-    return found[-1] if found else None
+    return target
 
 
 def load_state(path: Path) -> TrainerState:
@@ -101,7 +93,7 @@ def load_state(path: Path) -> TrainerState:
         raise LorasmithError(
             f"{path} is not a complete checkpoint (no {MARKER} marker)", hint="resume from an earlier checkpoint"
         )
-    return TrainerState(**json.loads((path / "trainer_state.json").read_text()))
+    return TrainerState(**json.loads((path / TRAINER_STATE).read_text()))
 
 
 def restore(path: Path, model, optimizer, scheduler) -> None:

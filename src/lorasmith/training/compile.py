@@ -22,7 +22,7 @@ import shutil
 
 import torch
 
-from lorasmith.training.loss import causal_lm, compiled_token_losses, token_losses
+from lorasmith.models.loss import causal_lm, token_losses, use_compiled_token_losses
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +101,6 @@ def compile_decoder_layers(model) -> int:
 
         layer.forward = forward
     # weighted_loss takes it for training steps only, like the layers.
-    compiled_token_losses[causal_lm(model)] = _Fallback(token_losses, failed)
+    use_compiled_token_losses(model, _Fallback(token_losses, failed))
     log.info("compiling %d decoder layers and the loss for training (the first steps take longer)", len(layers))
     return len(layers)

@@ -158,3 +158,34 @@ def probe_micro_batch(
         if nxt is not None and used * nxt / n > budget * 1.5:
             break
     return best, measured
+
+
+def auto_micro_batch(model, train_set, pad_id, precision, device, tc) -> int:
+    """`micro_batch_size: auto`: the largest micro-batch of the longest conversations that fits the memory budget."""
+    from lorasmith.data.batching import collate
+    from lorasmith.errors import TrainingError
+    from lorasmith.models.loss import weighted_loss
+
+    budget = int(tc.memory_budget_gb * 2**30) if tc.memory_budget_gb else int(0.9 * available_memory(device))
+    longest = sorted(train_set.encoded, key=lambda e: -len(e.input_ids))
+
+    def run(n):
+        parts = weighted_loss(model, collate(longest[:n], pad_id).to(device), precision)
+        (parts.loss_sum / max(parts.weight_sum, 1.0)).backward()
+        model.zero_grad(set_to_none=True)
+
+    best, measured = probe_micro_batch(run, tc.effective_batch_size, budget, device)
+    for m in measured:
+        log.info("micro-batch probe: %s", m)
+    if best == 0:
+        raise TrainingError(
+            f"one conversation of {len(longest[0].input_ids)} tokens does not fit the memory budget ({budget / 2**30:.1f} GiB)",
+            hint="raise train.memory_budget_gb, lower data.max_length, or enable train.gradient_checkpointing",
+        )
+    log.info(
+        "micro_batch_size=auto: %d x %d accumulation = %d per step",
+        best,
+        tc.effective_batch_size // best,
+        tc.effective_batch_size,
+    )
+    return best

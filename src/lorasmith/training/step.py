@@ -11,22 +11,24 @@ import torch
 from lorasmith.config import TrainConfig
 from lorasmith.data.batching import collate, collate_packed, plan_epoch
 from lorasmith.data.dataset import TokenizedSet
+from lorasmith.distributed import Dist
 from lorasmith.errors import TrainingError
 from lorasmith.models.hardware import Precision
+from lorasmith.models.loss import weighted_loss
 from lorasmith.training.checkpoint import TrainerState
-from lorasmith.training.loss import weighted_loss
 from lorasmith.training.memory import cap_tokens, is_oom, release_memory, split_indices
 
 log = logging.getLogger(__name__)
 
 
-def accumulate_gradients(model, batches, precision: Precision, scaler=None) -> float:
+def accumulate_gradients(model, batches, precision: Precision, scaler=None, dist: Dist | None = None) -> float:
     """Backward over the micro-batches of one optimizer step; return the step's mean loss.
 
-    Each micro-batch's loss sum is divided by the trained weight of the whole effective batch,
-    so the gradient is the same however the batch is split into micro-batches.
+    Each micro-batch's loss sum is divided by the trained weight of the whole effective batch
+    (summed over all processes), so the gradient is the same however the batch is split into
+    micro-batches or processes.
     """
-    total_weight = sum(b.weight_sum for b in batches)
+    total_weight = (dist or Dist()).all_reduce_sum(sum(b.weight_sum for b in batches))
     loss_sum = 0.0
     for batch in batches:
         parts = weighted_loss(model, batch, precision)
@@ -46,37 +48,15 @@ class StepResult:
     """Largest micro-batch actually run (smaller than planned after an out-of-memory split)."""
 
 
-class Stepper:
-    """Runs optimizer steps over a deterministic plan of micro-batches.
+class StepPlan:
+    """The deterministic order of micro-batches: ``plan_accum`` micro-batches of ``plan_mb`` samples (or
+    of up to ``train.batch_tokens`` padded tokens) per optimizer step, reshuffled per epoch by the seed.
+    It fixes the number of steps (which the learning-rate schedule needs) before any model exists."""
 
-    The plan has ``plan_accum`` micro-batches of ``plan_mb`` samples (or of up to
-    ``train.batch_tokens`` padded tokens) per step; ``state.split``
-    cuts each into that many pieces (set by the auto probe and doubled on each OOM), so the
-    data order and the effective batch never depend on memory.
-    """
-
-    def __init__(
-        self,
-        model,
-        optimizer,
-        scheduler,
-        scaler,
-        precision: Precision,
-        cfg: TrainConfig,
-        data: TokenizedSet,
-        pad_id: int,
-        device: torch.device,
-        plan_mb: int,
-        plan_accum: int,
-    ):
-        self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
-        self.precision, self.cfg, self.data, self.pad_id, self.device = precision, cfg, data, pad_id, device
-        self.plan_mb, self.plan_accum = plan_mb, plan_accum
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self._lengths = [len(e.input_ids) for e in data.encoded]
+    def __init__(self, lengths: list[int], cfg: TrainConfig, plan_mb: int, plan_accum: int):
+        self.lengths, self.cfg, self.plan_mb, self.plan_accum = lengths, cfg, plan_mb, plan_accum
         self._plans: dict[int, list[list[int]]] = {}
         self.per_epoch = len(self._plan(0))  # the same for every epoch
-        self.nonfinite_in_row = 0
 
     def total_steps(self) -> int:
         return self.cfg.max_steps or max(1, math.ceil(self.cfg.epochs * self.per_epoch / self.plan_accum))
@@ -92,18 +72,46 @@ class Stepper:
     def _plan(self, epoch: int) -> list[list[int]]:
         if epoch not in self._plans:
             cfg = self.cfg
-            self._plans = {epoch: plan_epoch(self._lengths, self.plan_mb, cfg.seed, epoch, cfg.order, cfg.batch_tokens)}
+            self._plans = {epoch: plan_epoch(self.lengths, self.plan_mb, cfg.seed, epoch, cfg.order, cfg.batch_tokens)}
         return self._plans[epoch]
 
+
+class Stepper:
+    """Runs optimizer steps over a :class:`StepPlan`.
+
+    ``state.split`` cuts each planned micro-batch into that many pieces (set by the auto probe and
+    doubled on each OOM), so the data order and the effective batch never depend on memory.
+    """
+
+    def __init__(
+        self,
+        model,
+        optimizer,
+        scheduler,
+        scaler,
+        precision: Precision,
+        cfg: TrainConfig,
+        data: TokenizedSet,
+        pad_id: int,
+        device: torch.device,
+        plan: StepPlan,
+        dist: Dist | None = None,
+    ):
+        self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
+        self.precision, self.cfg, self.data, self.pad_id, self.device = precision, cfg, data, pad_id, device
+        self.plan, self.dist = plan, dist or Dist()
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.nonfinite_in_row = 0
+
     def step(self, state: TrainerState, on_oom=None) -> StepResult:
-        planned = self.planned(state.micro_batches_done)
+        planned = self.plan.planned(state.micro_batches_done)
         while True:
             pieces = [p for idx in planned for p in split_indices(idx, state.split)]
-            pieces = cap_tokens(pieces, self._lengths, self.cfg.max_batch_tokens)
+            pieces = cap_tokens(pieces, self.plan.lengths, self.cfg.max_batch_tokens)
             make = collate_packed if self.cfg.packing else lambda samples: collate(samples, self.pad_id)
             batches = [make([self.data.encoded[i] for i in p]).to(self.device) for p in pieces]
             try:
-                loss = accumulate_gradients(self.model, batches, self.precision, self.scaler)
+                loss = accumulate_gradients(self.model, batches, self.precision, self.scaler, self.dist)
                 break
             except BaseException as e:
                 if not is_oom(e):

@@ -1,6 +1,6 @@
 """One benchmark configuration, run in its own process so its peak memory is its own.
 
-    python -m lorasmith.benchmark.child CONFIG MODEL_DIR TRAIN VAL STEPS WARMUP OUT.json
+    python -m lorasmith.bench.child CONFIG MODEL_DIR TRAIN VAL STEPS OUT.json [key=value ...]
 
 Every configuration trains the same model on the same data for the same number of optimizer
 steps and reports per-step wall time, the real (non-pad) tokens of each step, peak RSS during
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from lorasmith.config import Config, DataConfig, ModelConfig, build
+from lorasmith.config import Config, DataConfig, ModelConfig
 from lorasmith.data.dataset import read_split, tokenize
 from lorasmith.evaluation.metrics import validation_loss
 from lorasmith.models.hardware import Precision
@@ -206,40 +206,39 @@ def run_trl_packing(model_dir: str, train: str, val: str, steps: int) -> dict:
 def run_lorasmith(model_dir: str, train: str, val: str, steps: int, extra: list[str]) -> dict:
     """(d) lorasmith's defaults (bf16 where the CPU has it, length grouping, head on labelled positions),
     with the same LoRA targets and effective batch as the others."""
-    from lorasmith.config import parse_override
+    from lorasmith.config import load
+    from lorasmith.runs import RunFolder
     from lorasmith.training.recipe import train as run_train
 
-    tree: dict = {}
-    for o in [
-        f"model.name={model_dir}",
-        f"data.train={train}",
-        f"data.val={val}",
-        "data.max_length=512",
-        f"lora.target_modules={','.join(SEED_TARGETS)}",
-        "train.micro_batch_size=8",
-        f"train.max_steps={steps}",
-        "eval.samples=0",
-        "output.overwrite=true",
-        "output.name=bench",
-        *extra,
-    ]:
-        k, v = parse_override(o)
-        section, key = k.split(".")
-        tree.setdefault(section, {})[key] = v
     with tempfile.TemporaryDirectory() as out:
-        tree["output"]["dir"] = out
-        cfg: Config = build(tree)
-        run = run_train(cfg)
+        cfg: Config = load(
+            None,
+            [
+                f"model.name={model_dir}",
+                f"data.train={train}",
+                f"data.val={val}",
+                "data.max_length=512",
+                f"lora.target_modules={','.join(SEED_TARGETS)}",
+                "train.micro_batch_size=8",
+                f"train.max_steps={steps}",
+                "eval.samples=0",
+                f"output.dir={out}",
+                "output.overwrite=true",
+                "output.name=bench",
+                *extra,
+            ],
+        )
+        run = RunFolder(run_train(cfg))
         peak = _peak_rss_mib()  # training's peak, before the evaluation below loads a second model
-        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        rows = [json.loads(line) for line in run.metrics.read_text().splitlines()]
         steps_rows = [r for r in rows if "step_s" in r]
-        status = json.loads((run / "run.json").read_text())
+        status = run.read_status()
         # Evaluate like the other configurations: the adapter on the fp32 base, in fp32.
         from peft import PeftModel
 
         tok, _, val_set = _data(model_dir, train, val)
         base = load_model(ModelConfig(name=model_dir), device=torch.device("cpu"), attn_implementation="sdpa")
-        eval_loss = _val_loss(PeftModel.from_pretrained(base, run / "adapter"), tok, val_set)
+        eval_loss = _val_loss(PeftModel.from_pretrained(base, run.adapter), tok, val_set)
     return {
         "step_s": [r["step_s"] for r in steps_rows],
         "real_tokens": [round(r["tokens_per_s"] * r["step_s"]) for r in steps_rows],

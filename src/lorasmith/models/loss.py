@@ -59,9 +59,15 @@ def token_losses(head, hidden: torch.Tensor, targets: torch.Tensor, softcap: flo
     return ce, (logits.detach().argmax(-1) == targets).sum()
 
 
-# Compiled token_losses per model (training/compile.py): the upcast, log-softmax, gather and argmax
-# fuse into a pass over the logits, forward and backward.
-compiled_token_losses: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# A compiled token_losses per model (see use_compiled_token_losses), taken for training steps only.
+_compiled_token_losses: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def use_compiled_token_losses(model, fn) -> None:
+    """Compute the training loss of ``model`` with ``fn`` (a compiled :func:`token_losses`:
+    training/compile.py), where the upcast, log-softmax, gather and argmax fuse into one pass over
+    the logits, forward and backward. Evaluation keeps the eager function."""
+    _compiled_token_losses[causal_lm(model)] = fn
 
 
 def weighted_loss(model, batch: Batch, precision: Precision) -> LossParts:
@@ -73,7 +79,7 @@ def weighted_loss(model, batch: Batch, precision: Precision) -> LossParts:
     targets = batch.input_ids[:, 1:][keep]
     losses = token_losses
     if lm.training and torch.is_grad_enabled():
-        losses = compiled_token_losses.get(lm, token_losses)
+        losses = _compiled_token_losses.get(lm, token_losses)
     with precision.autocast(), lora_input_casts_off(model, precision):
         # No padding mask, packed or not. Packed rows: positions restart per conversation and
         # transformers isolates them from position_ids. Padded rows are right-padded (collate), so

@@ -1,23 +1,16 @@
-"""Typed run configuration: YAML file + dotted ``key=value`` overrides, checked before any model loads.
+"""The typed run configuration: every field with its type, default and the docstring under it.
 
-Every field has a type, a default and the docstring under it; ``lorasmith config`` prints them all.
-Unknown keys fail with the nearest valid name; contradictions fail in ``__post_init__``.
+Contradictions within a section fail in ``__post_init__``; across sections in
+:func:`check_across_sections`. Loading and overrides live in ``loading.py``, the printed key list in
+``describe.py``.
 """
 
 from __future__ import annotations
 
-import ast
 import dataclasses
-import difflib
-import inspect
-import itertools
-import types
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal, Union
-
-import yaml
+from typing import Any, Literal
 
 from lorasmith.errors import ConfigError
 
@@ -54,14 +47,19 @@ class QuantizationConfig:
     """Dtype 4-bit weights are dequantized to for matmuls; auto follows train.precision."""
 
 
-FORMATS = Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion"]
+Format = Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion"]
+FORMATS: tuple[str, ...] = typing.get_args(Format)
+"""Record shapes the data readers know (auto: detected from the first record)."""
+Role = Literal["system", "user", "assistant", "tool"]
+ROLES: tuple[str, ...] = typing.get_args(Role)
+"""Message roles of the canonical conversation."""
 
 
 @dataclass
 class DataSource:
     path: str
     """A .jsonl/.json/.parquet/.csv file or a datasets save_to_disk folder."""
-    format: FORMATS = "auto"
+    format: Format = "auto"
     """Record shape; auto detects it from the first record."""
     weight: float = 1.0
     """Sampling weight: take weight x its records (below 1 subsamples, above 1 repeats), by split_seed."""
@@ -80,7 +78,7 @@ class DataConfig:
     sources {path, format, weight, fields} mixed by weight."""
     val: str | None = None
     """Validation data (any supported file). Leave empty to split `val_fraction` off the training data."""
-    format: FORMATS = "auto"
+    format: Format = "auto"
     """Record shape of `train` (when a plain path) and `val`: messages, sharegpt, alpaca, prompt_completion."""
     fields: dict[str, str] = field(default_factory=dict)
     """Custom key names for `train` (plain path) and `val`, e.g. {messages: dialog}."""
@@ -110,8 +108,8 @@ class DataConfig:
         if self.max_length < 16:
             raise ConfigError(f"data.max_length must be at least 16, got {self.max_length}")
         for role, w in self.loss_weights.items():
-            if role not in ("system", "user", "assistant", "tool") or w < 0:
-                raise ConfigError(f"data.loss_weights: {role}: {w} (roles: system, user, assistant, tool; weights >= 0)")
+            if role not in ROLES or w < 0:
+                raise ConfigError(f"data.loss_weights: {role}: {w} (roles: {', '.join(ROLES)}; weights >= 0)")
         if isinstance(self.train, list) and not self.train:
             raise ConfigError("data.train is an empty list of sources")
 
@@ -287,260 +285,7 @@ class Config:
         return dataclasses.asdict(self)
 
 
-# --- field docs --------------------------------------------------------------------------------
-
-
-def field_docs(cls: type) -> dict[str, str]:
-    """The docstring written under each field of dataclass ``cls``."""
-    tree = ast.parse(inspect.getsource(cls))
-    body = tree.body[0].body
-    docs: dict[str, str] = {}
-    for node, nxt in itertools.pairwise(body):
-        if (
-            isinstance(node, ast.AnnAssign)
-            and isinstance(node.target, ast.Name)
-            and isinstance(nxt, ast.Expr)
-            and isinstance(nxt.value, ast.Constant)
-            and isinstance(nxt.value.value, str)
-        ):
-            docs[node.target.id] = " ".join(nxt.value.value.split())
-    return docs
-
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return "|".join(str(a) for a in typing.get_args(tp))
-    if origin in (Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        name = " or ".join(_type_name(a) for a in args)
-        return f"{name} (optional)" if type(None) in typing.get_args(tp) else name
-    if origin is list:
-        return f"list of {_type_name(typing.get_args(tp)[0])}"
-    if origin is dict:
-        return "mapping"
-    return getattr(tp, "__name__", str(tp))
-
-
-def describe(cls: type = Config) -> str:
-    """Every key with its type, default and doc, as ``lorasmith config`` prints it."""
-    lines: list[str] = []
-    default = cls()
-    for section in dataclasses.fields(cls):
-        sub = type(getattr(default, section.name))
-        lines.append(f"{section.name}:  # {field_docs(cls).get(section.name, '')}")
-        docs = field_docs(sub)
-        sub_hints = typing.get_type_hints(sub)
-        for f in dataclasses.fields(sub):
-            value = getattr(getattr(default, section.name), f.name)
-            shown = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
-            lines.append(f"  {f.name}: {shown}  # ({_type_name(sub_hints[f.name])}) {docs.get(f.name, '')}")
-        lines.append("")
-    return "\n".join(lines)
-
-
-# --- loading and overrides ---------------------------------------------------------------------
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check ``value`` against the annotation ``tp``; convert the few things YAML gets wrong."""
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError as e:
-                # The member of the same shape as the value (a list for a list) has the useful message.
-                if isinstance(value, list) and typing.get_origin(arg) is list:
-                    raise e from None
-        raise ConfigError(f"config key {key}: {value!r} is not a {_type_name(tp)}")
-    if origin is Literal:
-        choices = typing.get_args(tp)
-        if value not in choices:
-            near = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
-            hint = f"did you mean {near[0]!r}?" if near else None
-            raise ConfigError(f"config key {key}: {value!r} is not one of {', '.join(map(str, choices))}", hint=hint)
-        return value
-    if origin is dict:
-        key_tp, val_tp = typing.get_args(tp)
-        if not isinstance(value, dict):
-            raise ConfigError(f"config key {key}: expected a mapping like {{name: value}}, got {value!r}")
-        return {_coerce(k, key_tp, key): _coerce(v, val_tp, f"{key}.{k}") for k, v in value.items()}
-    if dataclasses.is_dataclass(tp):
-        if isinstance(value, str):
-            value = {"path": value}
-        if not isinstance(value, dict):
-            raise ConfigError(f"config key {key}: expected a mapping, got {value!r}")
-        hints = typing.get_type_hints(tp)
-        for k in value:
-            if k not in hints:
-                near = difflib.get_close_matches(str(k), list(hints), n=1)
-                raise ConfigError(
-                    f"config key {key}: unknown field {k!r}",
-                    hint=f"did you mean {near[0]!r}?" if near else f"fields: {', '.join(hints)}",
-                )
-        missing = [
-            f.name
-            for f in dataclasses.fields(tp)
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in value
-        ]
-        if missing:
-            raise ConfigError(f"config key {key}: missing {', '.join(missing)}")
-        return tp(**{k: _coerce(v, hints[k], f"{key}.{k}") for k, v in value.items()})
-    if origin is list:
-        (item,) = typing.get_args(tp)
-        if isinstance(value, str) and dataclasses.is_dataclass(item):
-            raise ConfigError(f"config key {key}: {value!r} is not a list")
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, list):
-            raise ConfigError(f"config key {key}: expected a list, got {value!r}")
-        return [_coerce(v, item, key) for v in value]
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"config key {key}: expected true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ConfigError(f"config key {key}: expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # PyYAML reads 1e-4 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"config key {key}: expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise ConfigError(f"config key {key}: expected a string, got {value!r}")
-    return value
-
-
-def _set(tree: dict[str, dict[str, Any]], dotted: str, value: Any, where: str) -> None:
-    sections = {f.name: f for f in dataclasses.fields(Config)}
-    parts = dotted.split(".")
-    if len(parts) != 2 or parts[0] not in sections:
-        _unknown(dotted, where)
-    section, key = parts
-    sub = typing.get_type_hints(Config)[section]
-    if key not in {f.name for f in dataclasses.fields(sub)}:
-        _unknown(dotted, where)
-    tree.setdefault(section, {})[key] = value
-
-
-def all_keys() -> list[str]:
-    hints = typing.get_type_hints(Config)
-    return [f"{s.name}.{f.name}" for s in dataclasses.fields(Config) for f in dataclasses.fields(hints[s.name])]
-
-
-# Names other fine-tuning tools use for our keys (HF TrainingArguments, peft, Axolotl, TRL).
-_ALIASES = {
-    "learning_rate": "train.lr",
-    "num_train_epochs": "train.epochs",
-    "num_epochs": "train.epochs",
-    "batch_size": "train.micro_batch_size",
-    "per_device_train_batch_size": "train.micro_batch_size",
-    "gradient_accumulation_steps": "train.grad_accum",
-    "warmup": "train.warmup_ratio",
-    "lr_scheduler": "train.scheduler",
-    "lr_scheduler_type": "train.scheduler",
-    "clip": "train.max_grad_norm",
-    "rank": "lora.r",
-    "lora_r": "lora.r",
-    "lora_alpha": "lora.alpha",
-    "lora_dropout": "lora.dropout",
-    "max_seq_length": "data.max_length",
-    "sequence_len": "data.max_length",
-    "output_dir": "output.dir",
-    "base_model": "model.name",
-}
-
-
-def _unknown(dotted: str, where: str) -> None:
-    last = dotted.split(".")[-1]
-    # A right name under the wrong section (`lr` for `train.lr`), then other tools' names, then spelling.
-    near = [k for k in all_keys() if k.endswith("." + last)][:1]
-    near = near or ([_ALIASES[last]] if last in _ALIASES else [])
-    near = near or difflib.get_close_matches(dotted, all_keys(), n=1, cutoff=0.5)
-    raise ConfigError(
-        f"unknown config key {dotted!r} ({where})",
-        hint=(f"did you mean {near[0]!r}? " if near else "") + "`lorasmith config` lists every key",
-    )
-
-
-def _flatten(raw: Any, where: str) -> dict[str, Any]:
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: the top level must be a mapping of sections (model:, data:, ...)")
-    flat: dict[str, Any] = {}
-    for section, body in raw.items():
-        if isinstance(body, dict):
-            for key, value in body.items():
-                flat[f"{section}.{key}"] = value
-        else:
-            flat[str(section)] = body
-    return flat
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    if "=" not in text:
-        raise ConfigError(f"override {text!r} is not key=value", hint="e.g. train.lr=1e-4 lora.r=8")
-    key, raw = text.split("=", 1)
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
-        value = raw
-    return key.strip(), value
-
-
-def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read ``path`` (YAML), apply ``key=value`` overrides, check every key and value."""
-    tree: dict[str, dict[str, Any]] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(
-                f"config file not found: {path}", hint="check the path, or run `lorasmith train` alone for the demo"
-            )
-        try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            loc = f"{path}:{mark.line + 1}" if mark else str(path)
-            raise ConfigError(f"{loc}: invalid YAML ({getattr(e, 'problem', e)})") from None
-        for dotted, value in _flatten(raw, str(path)).items():
-            _set(tree, dotted, value, str(path))
-    for text in overrides:
-        dotted, value = parse_override(text)
-        _set(tree, dotted, value, "command line")
-    return build(tree)
-
-
-def build(tree: dict[str, dict[str, Any]]) -> Config:
-    hints = typing.get_type_hints(Config)
-    sections = {}
-    for name, cls in hints.items():
-        sub_hints = typing.get_type_hints(cls)
-        values = {k: _coerce(v, sub_hints[k], f"{name}.{k}") for k, v in tree.get(name, {}).items()}
-        sections[name] = cls(**values)
-    cfg = Config(**sections)
-    _check_across_sections(cfg)
-    return cfg
-
-
-def _check_across_sections(cfg: Config) -> None:
+def check_across_sections(cfg: Config) -> None:
     if cfg.quantization.bits and cfg.lora.use_dora and cfg.quantization.bits == 8:
         raise ConfigError("lora.use_dora with quantization.bits=8 is not supported by peft", hint="use 4-bit or plain LoRA")
     if cfg.eval.exact_match and not (cfg.data.val or cfg.data.val_fraction or cfg.data.train == DEMO):
@@ -548,12 +293,3 @@ def _check_across_sections(cfg: Config) -> None:
             "eval.exact_match needs validation data",
             hint="set data.val to a file or data.val_fraction to e.g. 0.1",
         )
-
-
-def builtin_recipe(name: str) -> Path:
-    """A config shipped inside the package (``recipes/NAME.yaml``)."""
-    return Path(__file__).parent / "recipes" / f"{name}.yaml"
-
-
-def to_yaml(cfg: Config) -> str:
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True)

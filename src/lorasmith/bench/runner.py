@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from lorasmith import atomic
-from lorasmith.benchmark import synthetic
+from lorasmith.bench import synthetic
 from lorasmith.errors import LorasmithError
 
 CONFIGS = {
@@ -141,7 +141,7 @@ def run_bench(model: str, configs: list[str], steps: int, warmup: int, repeats: 
             cmd = [
                 sys.executable,
                 "-m",
-                "lorasmith.benchmark.child",
+                "lorasmith.bench.child",
                 name,
                 str(model_dir),
                 str(train),

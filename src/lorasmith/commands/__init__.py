@@ -1,0 +1,6 @@
+"""One module per `lorasmith` subcommand, each exposing ``add_parser(subparsers)`` and ``run(args) -> exit code``."""
+
+from lorasmith.commands import bench, chat, config, data, train
+
+COMMANDS = (train, chat, data, bench, config)
+"""In the order `lorasmith --help` lists them."""

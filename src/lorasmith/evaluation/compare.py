@@ -1,0 +1,90 @@
+"""Before/after evaluation of a run: validation loss, exact match and sample answers, and their printout."""
+
+from __future__ import annotations
+
+import sys
+
+from lorasmith.config import Config
+from lorasmith.data.dataset import TokenizedSet
+from lorasmith.evaluation.generate import generate, prompt_and_reference
+from lorasmith.evaluation.metrics import exact_match, validation_loss
+
+
+def evaluate(model, tokenizer, val_set: TokenizedSet, cfg: Config, precision, pad_id: int) -> dict:
+    """Validation loss (with perplexity and token accuracy) and, if asked for, exact match."""
+    ev = cfg.eval
+    out: dict = {}
+    if val_set.encoded:
+        out.update(
+            validation_loss(
+                model, val_set, pad_id=pad_id, precision=precision, batch_size=ev.batch_size, max_batches=ev.max_batches
+            )
+        )
+    if ev.exact_match and val_set.conversations:
+        em = exact_match(
+            model,
+            tokenizer,
+            val_set,
+            limit=ev.exact_match,
+            precision=precision,
+            max_new_tokens=ev.max_new_tokens,
+            batch_size=ev.batch_size,
+        )
+        out["exact_match"] = em["exact_match"]
+        out["exact_match_n"] = em["n"]
+        out["exact_match_answers"] = em["answers"]
+    return out
+
+
+def answers_for(model, tokenizer, convs, cfg: Config, precision) -> list[str]:
+    """Greedy answers to the last user turn of each conversation."""
+    if not convs:
+        return []
+    histories = [prompt_and_reference(c.messages)[0] for c in convs]
+    return generate(
+        model, tokenizer, histories, precision=precision, max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size
+    )
+
+
+def side_by_side(convs, before: dict, after: dict) -> list[dict]:
+    rows = []
+    for i, c in enumerate(convs):
+        history, reference = prompt_and_reference(c.messages)
+        rows.append(
+            {
+                "id": c.id,
+                "prompt": history[-1]["content"],
+                "reference": reference,
+                "before": before.get("samples", [None] * len(convs))[i],
+                "after": after["samples"][i],
+            }
+        )
+    return rows
+
+
+def report_eval(label: str, result: dict) -> None:
+    parts = []
+    if "loss" in result:
+        parts.append(f"val loss {result['loss']:.4f} (ppl {result['perplexity']:.2f}, token acc {result['token_accuracy']:.1%})")
+    if "exact_match" in result:
+        parts.append(f"exact match {result['exact_match']:.1%} of {result['exact_match_n']}")
+    if parts:
+        print(f"{label}: " + ", ".join(parts), file=sys.stderr)
+
+
+def print_comparison(before: dict, after: dict, convs) -> None:
+    if "exact_match" in before and "exact_match" in after:
+        print(f"\nheld-out exact match: before {before['exact_match']:.1%} -> after {after['exact_match']:.1%}")
+    if "loss" in before and "loss" in after:
+        print(f"validation loss:      before {before['loss']:.4f} -> after {after['loss']:.4f}")
+    for row in side_by_side(convs, before, after):
+        print("\n" + "-" * 80)
+        print(f"prompt:    {_one_line(row['prompt'])}")
+        print(f"reference: {_one_line(row['reference'])}")
+        print(f"before:    {_one_line(row['before'])}")
+        print(f"after:     {_one_line(row['after'])}")
+
+
+def _one_line(text, width: int = 200) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= width else text[: width - 1] + "…"
