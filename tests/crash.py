@@ -3,8 +3,8 @@
     python tests/crash.py MODE N -- lorasmith-args...
 
 MODE: kill-before-step (SIGKILL before step N+1), term-before-step (SIGTERM before step N+1),
-kill-in-checkpoint (SIGKILL while checkpoint N is half written), kill-in-adapter (SIGKILL while the
-final adapter is half written).
+term-mid-step (SIGTERM between two micro-batches of step N+1), kill-in-checkpoint (SIGKILL while
+checkpoint N is half written), kill-in-adapter (SIGKILL while the final adapter is half written).
 """
 
 import os
@@ -29,6 +29,18 @@ if mode in ("kill-before-step", "term-before-step"):
         return original_step(self, state, on_oom)
 
     step.Stepper.step = patched_step
+elif mode == "term-mid-step":
+    original_accumulate = step.accumulate_gradients
+    calls = []
+
+    def patched_accumulate(model, batches, *a, **k):
+        calls.append(1)
+        if len(calls) == n + 1:  # the (N+1)-th step: its gradients are half accumulated when SIGTERM lands
+            original_accumulate(model, batches[:1], *a, **k)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original_accumulate(model, batches, *a, **k)
+
+    step.accumulate_gradients = patched_accumulate
 elif mode == "kill-in-checkpoint":
     original_save = torch.save
 

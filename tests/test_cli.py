@@ -85,6 +85,8 @@ def test_resume_is_exact(tmp_path, tiny_model_dir, data_files):
     shutil.copytree(full, cut)
     shutil.rmtree(cut / "adapter")
     shutil.rmtree(cut / "checkpoints" / "step-0000006")
+    status = json.loads((cut / "run.json").read_text())
+    (cut / "run.json").write_text(json.dumps({**status, "status": "interrupted"}))  # as a stopped run says
     rows = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
     (cut / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= 4 and "loss" in r))
     assert main(_args(tiny_model_dir, data_files, out, *extra, "--resume", str(cut))) == 0
@@ -149,8 +151,27 @@ def test_chat_one_shot_with_adapter(tmp_path, tiny_model_dir, data_files, capsys
     assert main(_args(tiny_model_dir, data_files, out, "train.max_steps=1", "eval.samples=0")) == 0
     capsys.readouterr()
     assert main(["chat", "--adapter", str(out / "run" / "adapter"), "--prompt", "hello", "--max-new-tokens", "5"]) == 0
+    by_adapter = capsys.readouterr().out
+    assert main(["chat", str(out / "run"), "--prompt", "hello", "--max-new-tokens", "5"]) == 0  # the run folder will do
+    assert capsys.readouterr().out == by_adapter
     assert main(["chat", "--adapter", str(tmp_path / "nope")]) == 2
     assert "no such folder" in capsys.readouterr().err
+
+
+def test_commands_take_a_data_file_where_a_config_is_expected(tmp_path, tiny_model_dir, data_files, capsys):
+    train, _ = data_files
+    report = tmp_path / "r.json"
+    # `lorasmith data check my.jsonl`: checked as data, not parsed as YAML.
+    assert main(["data", "check", str(train), "--model", str(tiny_model_dir), "--report", str(report), "--no-plot"]) == 0
+    assert json.loads(report.read_text())["valid"] == 48 and "invalid YAML" not in capsys.readouterr().err
+    # `lorasmith train my.jsonl`: that file with the defaults (and `model: NAME` as shorthand).
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model: {tiny_model_dir}\n")
+    args = ["train", str(train), f"model={tiny_model_dir}", f"output.dir={tmp_path / 'runs'}", "output.name=f"]
+    assert main([*args, "train.max_steps=1", "eval.samples=0", "train.precision=fp32"]) == 0
+    saved = (tmp_path / "runs" / "f" / "config.yaml").read_text()
+    assert f"train: {train}" in saved and f"name: {tiny_model_dir}" in saved
+    assert main(["config", str(cfg)]) == 0 and f"name: {tiny_model_dir}" in capsys.readouterr().out
 
 
 def test_failed_run_is_marked_failed(tmp_path, tiny_model_dir, data_files, monkeypatch):

@@ -101,12 +101,9 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, tiny_model_dir, data_fil
     if mode == "kill-in-checkpoint":
         assert [p.name for p in done] == ["step-0000002"]  # the half-written step-4 is not complete
     if n == 0 and mode == "kill-before-step":
-        assert done == []
-        assert main([*args, "--resume"]) == 2  # nothing to resume from: said clearly
-        shutil.rmtree(run)
-        assert main(args) == 0
-    else:
-        assert main([*args, "--resume"]) == 0
+        assert done == []  # killed before any checkpoint: --resume starts it again in the same folder
+    assert RunFolder(run).read_status()["status"] == "interrupted"  # its process is gone: not shown as running
+    assert main([*args, "--resume"]) == 0
     assert _losses(run) == _losses(reference)
     assert _same_adapter(_adapter(run), _adapter(reference))
     assert hashlib.sha256(data_files[0].read_bytes()).hexdigest() == data_hash
@@ -259,3 +256,102 @@ def test_unwritable_output_fails_before_loading_the_model(tmp_path, tiny_model_d
     monkeypatch.setattr(recipe, "load_model", lambda *a, **k: pytest.fail("model loaded before the output check"))
     assert main(_args(tiny_model_dir, data_files, blocker / "runs")) == 2
     assert "cannot write to" in capsys.readouterr().err
+
+
+def test_sigterm_mid_step_with_a_short_grace_period_saves_the_state_before_it(tmp_path, tiny_model_dir, data_files, reference):
+    """A preemption notice shorter than the step in flight: that step is abandoned (its half-accumulated
+    gradients dropped) and the state before it checkpointed at once; resuming reproduces the run exactly."""
+    out = tmp_path / "runs"
+    args = _args(tiny_model_dir, data_files, out, "preempted", "train.grad_accum=2", "train.stop_grace_s=0.001")
+    ref_args = _args(tiny_model_dir, data_files, out, "ref2", "train.grad_accum=2")
+    assert main(ref_args) == 0
+    proc = _crash("term-mid-step", 3, args)
+    assert proc.returncode == 143, proc.stderr[-2000:]
+    assert "abandoning it" in proc.stderr
+    run = out / "preempted"
+    assert RunFolder(run).read_status()["step"] == 3 and RunFolder(run).latest_checkpoint().name == "step-0000003"
+    assert main([*args, "--resume"]) == 0
+    assert _losses(run) == _losses(out / "ref2")
+    assert _same_adapter(_adapter(run), _adapter(out / "ref2"))
+
+
+def test_resume_is_idempotent(tmp_path, tiny_model_dir, data_files, reference, capsys):
+    """The same `--resume` command starts a run that does not exist yet, and on a complete run says so and
+    trains nothing: a scheduler can re-run it until it exits 0."""
+    out = tmp_path / "runs"
+    args = _args(tiny_model_dir, data_files, out, "fresh")
+    assert main([*args, "--resume"]) == 0  # no run yet: one is started
+    assert _same_adapter(_adapter(out / "fresh"), _adapter(reference))
+    metrics = (out / "fresh" / "metrics.jsonl").read_text()
+    assert main([*args, "--resume"]) == 0
+    assert "already complete" in capsys.readouterr().out
+    assert (out / "fresh" / "metrics.jsonl").read_text() == metrics
+
+
+def test_a_second_live_process_on_a_run_is_refused(tmp_path, tiny_model_dir, data_files, capsys):
+    out = tmp_path / "runs"
+    args = _args(tiny_model_dir, data_files, out, "busy")
+    (out / "busy").mkdir(parents=True)
+    holder = RunFolder(out / "busy").lock
+    holder.acquire()  # another process training this run (a lock is per open file, so this stands in for one)
+    try:
+        assert main([*args, "--resume"]) == 2
+        assert "is being trained right now by pid" in capsys.readouterr().err
+    finally:
+        holder.release()
+
+
+def test_checkpoints_on_a_clock_keep_saving_under_two_percent():
+    from types import SimpleNamespace
+
+    from lorasmith.config import TrainConfig
+    from lorasmith.training.recipe import LoraFinetune
+
+    due = LoraFinetune._checkpoint_due
+    now = __import__("time").monotonic()
+    run = SimpleNamespace(cfg=SimpleNamespace(train=TrainConfig()), checkpoint_s=0.5, last_save=now - 601)
+    assert TrainConfig().save_every_minutes == 10 and due(run, 7)  # 10 minutes passed
+    run.last_save = now - 500
+    assert not due(run, 7)
+    run.checkpoint_s, run.last_save = 20.0, now - 601  # a slow save stretches the interval to 50 of them
+    assert not due(run, 7)
+    run.last_save = now - 1001
+    assert due(run, 7)
+    run.cfg.train = TrainConfig(save_every=3, save_every_minutes=0)
+    assert due(run, 6) and not due(run, 7)
+
+
+def test_random_sigkills_then_rerunning_the_same_command_gives_the_uninterrupted_run(
+    tmp_path, tiny_model_dir, data_files, reference
+):
+    """`until lorasmith train ... --resume; do :; done` with SIGKILLs at seeded random moments (set-up, model
+    loading, evaluation, steps, checkpoint writes, the final adapter): it always ends with the same adapter."""
+    import random
+    import time
+
+    out = tmp_path / "runs"
+    args = _args(tiny_model_dir, data_files, out, "chaos", "--resume")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "lorasmith", *args]
+    started = time.monotonic()
+    subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, timeout=300, check=True)  # how long one run takes
+    whole = time.monotonic() - started
+    shutil.rmtree(out / "chaos")
+    rng = random.Random(1234)
+    kills = 0
+    for attempt in range(12):
+        proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            rc = proc.wait(timeout=rng.uniform(0.1, 0.85) * whole if attempt < 4 else 300)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            kills += 1
+            continue
+        assert rc == 0, proc.stderr.read()[-2000:]
+        break
+    else:
+        pytest.fail("the run never completed")
+    assert kills >= 2
+    assert _losses(out / "chaos") == _losses(reference)
+    assert _same_adapter(_adapter(out / "chaos"), _adapter(reference))

@@ -187,11 +187,11 @@ def test_compile_auto_decides_by_device_size_and_quantization(tiny_model_dir, mo
     on, why = compile_mod.should_compile("auto", model, cpu, quantized=False)
     assert not on and "too small" in why  # the tiny test model stays eager
     monkeypatch.setattr(compile_mod, "MIN_PARAMETERS", 0)
-    monkeypatch.setattr(compile_mod, "_cpp_compiler", lambda: "/usr/bin/g++")
+    monkeypatch.setattr(compile_mod, "cpp_compiler", lambda: "/usr/bin/g++")
     assert compile_mod.should_compile("auto", model, cpu, quantized=False)[0] is True
     assert compile_mod.should_compile("auto", model, torch.device("cuda"), quantized=False)[0] is False
     assert compile_mod.should_compile("auto", model, cpu, quantized=True)[0] is False
-    monkeypatch.setattr(compile_mod, "_cpp_compiler", lambda: None)
+    monkeypatch.setattr(compile_mod, "cpp_compiler", lambda: None)
     assert "no C++ compiler" in compile_mod.should_compile("auto", model, cpu, quantized=False)[1]
 
 
@@ -237,3 +237,25 @@ def test_compiled_packed_rows_still_do_not_attend_across_samples(tiny_model_dir,
     assert packed == pytest.approx(padded, rel=1e-5)
     for name, g in g_packed.items():
         torch.testing.assert_close(g, g_padded[name], rtol=1e-4, atol=1e-6)
+
+
+def test_batched_generation_keeps_each_answer_with_its_prompt(smol_dir, tokenizer):
+    """Prompts are batched by length (sorted), and answers come back in the callers' order."""
+    from lorasmith.config import ModelConfig
+    from lorasmith.evaluation.generate import generate
+    from lorasmith.models.hardware import Precision
+    from lorasmith.models.loading import load_model
+
+    model = load_model(ModelConfig(name=str(smol_dir)), device=torch.device("cpu"), attn_implementation="sdpa")
+    questions = [
+        "Name a colour.",
+        "What is 2+2? Answer with a number only, no words at all please.",
+        "Say hi.",
+        "Spell 'cat' backwards, then explain in one long sentence why spelling backwards is fun.",
+        "Capital of Peru?",
+    ]
+    histories = [[{"role": "user", "content": q}] for q in questions]
+    fp32 = Precision("fp32", "cpu")
+    batched = generate(model, tokenizer, histories, precision=fp32, max_new_tokens=6, batch_size=4)
+    one_by_one = [generate(model, tokenizer, [h], precision=fp32, max_new_tokens=6)[0] for h in histories]
+    assert batched == one_by_one and len(set(batched)) > 1

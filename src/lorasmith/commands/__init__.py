@@ -1,6 +1,6 @@
 """One module per `lorasmith` subcommand, each exposing ``add_parser(subparsers)`` and ``run(args) -> exit code``."""
 
-from lorasmith.commands import bench, chat, config, data, train
+from lorasmith.commands import bench, chat, config, data, doctor, train
 
-COMMANDS = (train, chat, data, bench, config)
+COMMANDS = (train, chat, data, bench, doctor, config)
 """In the order `lorasmith --help` lists them."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 def add_parser(sub) -> None:
     p = sub.add_parser("chat", help="chat with a model, optionally with a trained adapter")
+    p.add_argument("run", nargs="?", help="a run folder (its adapter) or an adapter folder; same as --adapter")
     p.add_argument("--model", help="base model (default: the adapter's base, else smollm2-135m-instruct)")
     p.add_argument("--adapter", help="adapter folder, e.g. runs/NAME/adapter")
     p.add_argument("--prompt", help="answer this one message and exit (default: interactive)")
@@ -14,6 +15,21 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    from pathlib import Path
+
+    from lorasmith.errors import LorasmithError
+    from lorasmith.runs import RunFolder
     from lorasmith.serving.chat import run_chat
 
-    return run_chat(args.model, args.adapter, args.prompt, args.system, args.max_new_tokens)
+    adapter = args.adapter
+    if args.run:
+        if adapter:
+            raise LorasmithError("give the adapter once: as RUN or as --adapter, not both")
+        folder = RunFolder(Path(args.run))
+        adapter = str(folder.adapter) if folder.adapter.is_dir() else args.run
+        if not folder.adapter.is_dir() and folder.config.is_file():
+            raise LorasmithError(
+                f"{args.run} has no adapter yet (status: {folder.read_status().get('status', 'unknown')})",
+                hint=f"finish the run first: lorasmith train ... --resume {args.run}",
+            )
+    return run_chat(args.model, adapter, args.prompt, args.system, args.max_new_tokens)

@@ -17,7 +17,7 @@ def add_parser(sub) -> None:
         "token lengths and trained tokens per sample under the model's own chat template, and what the template trains "
         "at turn boundaries. Writes a JSON report and a length histogram. Give a train config, or --data FILE [--model M].",
     )
-    p.add_argument("config", nargs="?", help="train config (YAML) whose data and model to check")
+    p.add_argument("config", nargs="?", help="train config (YAML) whose data and model to check, or a data file")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.max_length=512")
     p.add_argument("--data", nargs="+", help="data file(s) or datasets folder(s) to check instead of the config's")
     p.add_argument("--val", help="validation file (checked too, and for leakage)")
@@ -31,10 +31,14 @@ def add_parser(sub) -> None:
 
 def run_check_command(args) -> int:
     from lorasmith import config
+    from lorasmith.commands.inputs import is_data_path
     from lorasmith.data.check import run_check, summary, write_outputs
     from lorasmith.data.dataset import sources, val_source
     from lorasmith.models.loading import load_tokenizer
 
+    if is_data_path(args.config):  # `lorasmith data check my.jsonl`: the file, not a config
+        args.data = [args.config, *(args.data or [])]
+        args.config = None
     overrides = list(args.overrides)
     if args.data:
         overrides.append(f"data.train={args.data[0]}" if len(args.data) == 1 else "data.train=" + json.dumps(args.data))

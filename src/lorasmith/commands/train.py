@@ -16,7 +16,11 @@ def add_parser(sub) -> None:
         "on generated field-extraction data, with held-out exact match before and after.",
         epilog="config keys (set in the YAML file or as key=value):\n\n" + describe(),
     )
-    p.add_argument("config", nargs="?", help="YAML config file (see examples/); omit for the demo")
+    p.add_argument(
+        "config",
+        nargs="?",
+        help="YAML config file (see examples/), or a data file to train on with the defaults; omit for the demo",
+    )
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4 lora.r=8")
     p.add_argument(
         "--resume",
@@ -31,8 +35,12 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from lorasmith import config
+    from lorasmith.commands.inputs import is_data_path
     from lorasmith.training.recipe import train
 
+    if is_data_path(args.config):  # `lorasmith train my.jsonl`: that file with the defaults
+        args.overrides.insert(0, f"data.train={args.config}")
+        args.config = None
     # No config: the demo recipe, unless the command line brings its own data (then plain defaults).
     own_data = any(o.split("=", 1)[0] == "data.train" for o in args.overrides)
     cfg = config.load(args.config or (None if own_data else config.builtin_recipe("demo")), args.overrides)

@@ -195,7 +195,14 @@ class TrainConfig:
     eval_every: int = 0
     """Validation loss every N steps (0: only before and after training)."""
     save_every: int = 0
-    """Checkpoint every N steps (0: only at the end)."""
+    """Checkpoint every N steps (0: by the clock only, see save_every_minutes)."""
+    save_every_minutes: float = 10.0
+    """Checkpoint when this many minutes have passed since the last one (0: off), so a run killed anywhere
+    loses at most this much work. Stretched if needed so that saving stays under 2% of the run's time."""
+    stop_grace_s: float = 30.0
+    """Seconds between SIGTERM and the kill that follows (spot/preemptible machines give 30-120): the step in
+    flight is finished only if it and a checkpoint fit in this time, else it is abandoned and the state
+    before it is saved."""
     keep_checkpoints: int = 2
     """How many of the newest checkpoints to keep."""
     on_nonfinite: Literal["stop", "skip"] = "stop"
@@ -235,6 +242,8 @@ class TrainConfig:
             raise ConfigError(f"train.lr must be > 0, got {self.lr}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.save_every_minutes < 0 or self.stop_grace_s < 0:
+            raise ConfigError("train.save_every_minutes and train.stop_grace_s must be >= 0")
         if self.max_grad_norm < 0:
             raise ConfigError(f"train.max_grad_norm must be >= 0, got {self.max_grad_norm}")
 

@@ -46,6 +46,14 @@ def answers_for(model, tokenizer, convs, cfg: Config, precision) -> list[str]:
     )
 
 
+def sample_answers(model, tokenizer, convs, cfg: Config, precision, result: dict) -> list[str]:
+    """The answers shown for ``convs``: those the exact-match pass in ``result`` already generated, else new ones."""
+    known = {a["id"]: a["answer"] for a in result.get("exact_match_answers", [])}
+    if all(c.id in known for c in convs):
+        return [known[c.id] for c in convs]
+    return answers_for(model, tokenizer, convs, cfg, precision)
+
+
 def side_by_side(convs, before: dict, after: dict) -> list[dict]:
     rows = []
     for i, c in enumerate(convs):

@@ -35,18 +35,22 @@ def generate(
     batch_size: int = 16,
     streamer=None,
 ) -> list[str]:
-    """Greedy answers, one per history, decoded without special tokens (``streamer``: a transformers
-    streamer that prints the answer as it is generated, for a single history)."""
+    """Greedy answers, one per history and in their order, decoded without special tokens (``streamer``: a
+    transformers streamer that prints the answer as it is generated, for a single history)."""
     device = next(model.parameters()).device
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # generation appends on the right
-    answers: list[str] = []
+    prompts = [render(tokenizer, h, add_generation_prompt=True) for h in histories]
+    # Batches of similar prompt lengths: less left padding to run through the prefill and attention.
+    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+    order = sorted(range(len(prompts)), key=lambda i: lengths[i])
+    answers: list[str] = [""] * len(prompts)
     eos = stop_token_ids(tokenizer, model)
     try:
         with evaluating(model):
-            for start in range(0, len(histories), batch_size):
-                prompts = [render(tokenizer, h, add_generation_prompt=True) for h in histories[start : start + batch_size]]
-                enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            for start in range(0, len(order), batch_size):
+                idx = order[start : start + batch_size]
+                enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
                 with precision.autocast():
                     out = model.generate(
                         **enc,
@@ -58,7 +62,8 @@ def generate(
                         streamer=streamer,
                     )
                 new = out[:, enc["input_ids"].shape[1] :]
-                answers += [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
+                for i, row in zip(idx, new):
+                    answers[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
     finally:
         tokenizer.padding_side = side
     return answers

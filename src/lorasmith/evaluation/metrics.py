@@ -41,11 +41,22 @@ def validation_loss(
 def exact_match(
     model, tokenizer, data: TokenizedSet, *, limit: int, precision: Precision, max_new_tokens: int, batch_size: int
 ) -> dict:
-    """Greedy answer to the last user turn == the reference answer (whitespace-stripped)."""
+    """Greedy answer to the last user turn == the reference answer (whitespace-stripped).
+
+    Generation stops once answers are longer than the longest reference could be (its token count,
+    plus a quarter and 4 tokens for another segmentation of the same text, plus the end-of-turn
+    token): a longer answer cannot match, and a base model that rambles to ``max_new_tokens`` would
+    otherwise spend most of the evaluation before training on text that is scored as wrong anyway."""
     convs = data.conversations if limit < 0 else data.conversations[:limit]
     histories, refs = zip(*(prompt_and_reference(c.messages) for c in convs))
+    longest = max(len(ids) for ids in tokenizer(list(refs), add_special_tokens=False)["input_ids"])
     answers = generate(
-        model, tokenizer, list(histories), precision=precision, max_new_tokens=max_new_tokens, batch_size=batch_size
+        model,
+        tokenizer,
+        list(histories),
+        precision=precision,
+        max_new_tokens=min(max_new_tokens, longest + longest // 4 + 5),
+        batch_size=batch_size,
     )
     hits = [a.strip() == r.strip() for a, r in zip(answers, refs)]
     return {

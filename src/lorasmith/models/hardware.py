@@ -10,6 +10,7 @@ import torch
 
 from lorasmith.errors import ConfigError
 from lorasmith.models.attention import SDPA_FP32
+from lorasmith.models.probe import DEFAULT_SHAPES, Shapes, probe
 
 log = logging.getLogger(__name__)
 
@@ -40,20 +41,28 @@ def default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def cpu_has_fast_bf16() -> bool:
-    """avx512_bf16 or AMX: bf16 matmuls run at about twice the fp32 rate (1.46x end to end here)."""
+def cpu_has_bf16() -> bool:
+    """avx512_bf16 or AMX: the CPU has native bf16 matmul instructions (not that they are fast: see models/probe.py)."""
     cpu = torch.cpu
     probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(getattr(cpu, p, lambda: False)() for p in probes)
 
 
-def choose_precision(requested: str, device: torch.device) -> Precision:
+def choose_precision(requested: str, device: torch.device, shapes: Shapes | None = None, *, refresh: bool = False) -> Precision:
+    """`train.precision` resolved. On a CPU, auto is measured: bf16 autocast against fp32 on ``shapes``
+    (the model's own layer dimensions), cached per machine; an explicit setting always wins."""
     kind = device.type
     if requested == "auto":
         if kind == "cuda":
             name = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         elif kind == "cpu":
-            name = "bf16" if cpu_has_fast_bf16() else "fp32"
+            if not cpu_has_bf16():  # emulated bf16 is several times slower: nothing to measure
+                name = "fp32"
+                log.info("precision fp32: this CPU has no bf16 instructions")
+            else:
+                result = probe(shapes or DEFAULT_SHAPES, refresh=refresh)
+                name = result.chosen
+                log.info("precision %s", result.describe())
         else:
             name = "fp32"
         return Precision(name, kind)
@@ -61,7 +70,7 @@ def choose_precision(requested: str, device: torch.device) -> Precision:
         raise ConfigError("train.precision=fp16 is not supported on CPU", hint="use bf16 (fast on avx512_bf16/AMX CPUs) or fp32")
     if requested == "bf16" and kind == "cuda" and not torch.cuda.is_bf16_supported():
         raise ConfigError("train.precision=bf16: this GPU has no bf16 support", hint="use fp16 or auto")
-    if requested == "bf16" and kind == "cpu" and not cpu_has_fast_bf16():
+    if requested == "bf16" and kind == "cpu" and not cpu_has_bf16():
         log.warning("bf16 on a CPU without avx512_bf16/AMX is emulated and slow; fp32 may be faster")
     return Precision(requested, kind)
 

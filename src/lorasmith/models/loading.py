@@ -91,6 +91,17 @@ def bnb_config(q: QuantizationConfig, compute: torch.dtype):
     )
 
 
+def load_config(cfg: ModelConfig):
+    """The model's transformers config (dimensions, vocabulary) without loading its weights."""
+    from transformers import AutoConfig
+
+    source, is_hub = _source(cfg)
+    try:
+        return AutoConfig.from_pretrained(source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise _hub_error(cfg.name, e) if is_hub else ModelLoadError(f"cannot load model config from {source}: {e}") from e
+
+
 def load_model(
     cfg: ModelConfig,
     *,

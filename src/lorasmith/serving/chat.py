@@ -6,12 +6,15 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
 from lorasmith import config as config_mod
 from lorasmith.config import ModelConfig
 from lorasmith.errors import LorasmithError
 from lorasmith.evaluation.generate import generate
-from lorasmith.models.hardware import choose_attention, choose_precision, default_device
-from lorasmith.models.loading import ensure_pad_token, load_model, load_tokenizer
+from lorasmith.models.hardware import DTYPES, choose_attention, choose_precision, default_device
+from lorasmith.models.loading import ensure_pad_token, load_config, load_model, load_tokenizer
+from lorasmith.models.probe import Shapes
 from lorasmith.runs import RunFolder
 
 
@@ -38,8 +41,10 @@ def load_for_chat(model_name: str | None, adapter: str | None):
 
         tokenizer = AutoTokenizer.from_pretrained(adapter_dir)  # carries the chat template it was trained with
         ensure_pad_token(tokenizer)
-    precision = choose_precision("auto", device)
-    model = load_model(mcfg, device=device, attn_implementation=choose_attention("auto", device, precision))
+    precision = choose_precision("auto", device, Shapes.of(load_config(mcfg)))
+    # Weights in the measured precision: bf16 weights skip autocast's per-step casts (~10% faster generation).
+    dtype = DTYPES[precision.name] if precision.name != "fp16" else torch.float32
+    model = load_model(mcfg, device=device, attn_implementation=choose_attention("auto", device, precision), dtype=dtype)
     if adapter_dir is not None:
         from peft import PeftModel
 

@@ -64,14 +64,21 @@ def _restore_rng(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(run: RunFolder, model, optimizer, scheduler, state: TrainerState, keep: int) -> Path:
+def rng_state() -> dict:
+    """The RNG states now (saved with a checkpoint, or kept at a step's start in case it is abandoned)."""
+    return _rng_state()
+
+
+def save(run: RunFolder, model, optimizer, scheduler, state: TrainerState, keep: int, rng: dict | None = None) -> Path:
+    """Write a complete checkpoint of ``state`` atomically; ``rng``: the RNG states to resume with
+    (default: now, the start of the next step)."""
     target = run.checkpoint(state.step)
     try:
         with atomic.folder(target) as tmp:
             model.save_pretrained(tmp / "adapter", safe_serialization=True)
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-            torch.save(_rng_state(), tmp / "rng.pt")
+            torch.save(rng if rng is not None else _rng_state(), tmp / "rng.pt")
             (tmp / TRAINER_STATE).write_text(json.dumps(asdict(state), indent=2))
             if run.config.is_file():  # the config this state was trained under
                 shutil.copyfile(run.config, tmp / run.config.name)

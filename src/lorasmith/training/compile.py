@@ -37,7 +37,7 @@ def decoder_layers(model) -> list[torch.nn.Module]:
     return [m for m in model.modules() if type(m).__name__ in names]
 
 
-def _cpp_compiler() -> str | None:
+def cpp_compiler() -> str | None:
     try:
         from torch._inductor.cpp_builder import get_cpp_compiler
 
@@ -58,7 +58,7 @@ def should_compile(setting: bool | str, model, device: torch.device, quantized: 
     params = sum(p.numel() for p in model.parameters())
     if params < MIN_PARAMETERS:
         return False, f"train.compile=auto: {params / 1e6:.1f}M parameters is too small to repay compiling"
-    if _cpp_compiler() is None:
+    if cpp_compiler() is None:
         return False, "train.compile=auto: no C++ compiler found for torch.compile's CPU backend"
     return True, "train.compile=auto: on CPU with a C++ compiler"
 

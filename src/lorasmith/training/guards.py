@@ -6,6 +6,7 @@ import logging
 import math
 import signal
 import sys
+import time
 
 import torch
 
@@ -63,18 +64,49 @@ def warn_degenerate(after: dict) -> list[str]:
     return bad
 
 
-class GracefulStop:
-    """SIGINT/SIGTERM finish the current step; the loop then checkpoints and exits 130/143."""
+class StepAbandoned(BaseException):
+    """Raised by the SIGTERM handler when the step in flight cannot finish within the grace period."""
 
-    def __init__(self):
+
+class GracefulStop:
+    """SIGINT/SIGTERM: finish the step in flight, then the loop checkpoints and exits 130/143.
+
+    A SIGTERM usually announces a kill (spot and preemptible machines, schedulers) ``grace_s`` later.
+    If the step in flight, by the time steps have taken so far, and a checkpoint would not both fit
+    in that time, the step is abandoned at once (``StepAbandoned``, while it is still only
+    accumulating gradients, so weights and state are as before it) and the state before it is saved.
+    """
+
+    def __init__(self, grace_s: float = 30.0, *, abandonable=lambda: False):
         self.signum: int | None = None
+        self.grace_s, self.abandonable = grace_s, abandonable
+        self.step_started = time.monotonic()
+        self.step_s: list[float] = []
+        self.checkpoint_s = 0.0
         self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def step_done(self, seconds: float) -> None:
+        self.step_s.append(seconds)
+        self.step_started = time.monotonic()
+
+    def _remaining_step_s(self) -> float:
+        typical = sorted(self.step_s)[len(self.step_s) // 2] if self.step_s else float("inf")
+        return max(0.0, typical - (time.monotonic() - self.step_started))
 
     def _handle(self, signum, frame):
         if self.signum is not None:  # a second Ctrl-C stops at once
             raise KeyboardInterrupt
         self.signum = signum
-        print(f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint...", file=sys.stderr)
+        name = signal.Signals(signum).name
+        needed = self._remaining_step_s() + self.checkpoint_s
+        if signum == signal.SIGTERM and self.abandonable() and needed > 0.8 * self.grace_s:
+            print(
+                f"\n{name}: the step in flight would not finish within the {self.grace_s:g} s grace period; "
+                "abandoning it and saving the state before it...",
+                file=sys.stderr,
+            )
+            raise StepAbandoned
+        print(f"\n{name}: finishing this step, then saving a checkpoint...", file=sys.stderr)
 
     def restore(self) -> None:
         for s, h in self._old.items():

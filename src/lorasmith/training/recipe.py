@@ -22,27 +22,30 @@ import os
 import signal
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+import lorasmith
 from lorasmith import atomic, distributed
 from lorasmith.config import Config, to_yaml
 from lorasmith.data.check import overlap
 from lorasmith.data.dataset import TokenizedSet, read_split, tokenize
-from lorasmith.errors import LorasmithError, TrainingError
-from lorasmith.evaluation.compare import answers_for, evaluate, print_comparison, report_eval, side_by_side
+from lorasmith.errors import TrainingError
+from lorasmith.evaluation.compare import evaluate, print_comparison, report_eval, sample_answers, side_by_side
 from lorasmith.evaluation.metrics import validation_loss
 from lorasmith.models.adapter import add_lora, base_weights_dtype, count_parameters
 from lorasmith.models.hardware import DTYPES, choose_attention, choose_precision, default_device
-from lorasmith.models.loading import bnb_config, load_model, load_tokenizer
+from lorasmith.models.loading import bnb_config, load_config, load_model, load_tokenizer
+from lorasmith.models.probe import Shapes
 from lorasmith.runs import MetricsLogger, RunFolder, check_writable
 from lorasmith.runs.metrics import truncate_after
 from lorasmith.training import checkpoint
 from lorasmith.training.checkpoint import TrainerState, seed_everything
 from lorasmith.training.compile import compile_decoder_layers, should_compile
-from lorasmith.training.guards import GracefulStop, first_batch_loss, preflight_loss, warn_degenerate
+from lorasmith.training.guards import GracefulStop, StepAbandoned, first_batch_loss, preflight_loss, warn_degenerate
 from lorasmith.training.memory import auto_micro_batch
 from lorasmith.training.optim import build_optimizer, build_scheduler
 from lorasmith.training.resume import check_resumable, run_fingerprint
@@ -53,28 +56,40 @@ log = logging.getLogger(__name__)
 
 def train(cfg: Config, *, config_path: str | None = None, resume: str | None = None, force_resume: bool = False) -> Path:
     """Run the whole recipe; return the run folder."""
+    started = time.monotonic()
     recipe = LoraFinetune(cfg, config_path=config_path)
-    recipe.setup_data()  # errors in the data leave no run folder behind
-    recipe.setup_run_folder(resume, force_resume)
-    run = recipe.run
-    file_log = logging.FileHandler(run.log_file)
-    file_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.getLogger("lorasmith").addHandler(file_log)
+    with recipe.phase("data"):
+        recipe.setup_data()  # errors in the data leave no run folder behind
     try:
-        recipe.setup_model()
-        recipe.setup_optimization()
-        recipe.evaluate_before()
-        recipe.train_loop()
-        recipe.save_and_compare()
-    except BaseException as e:
-        if not isinstance(e, SystemExit):  # a signal stop has already written its status and resume command
-            status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
-            run.write_status(status, error=str(e) or type(e).__name__)
-        raise
+        if not recipe.setup_run_folder(resume, force_resume):
+            return recipe.run.path
+        run = recipe.run
+        file_log = logging.FileHandler(run.log_file)
+        file_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logging.getLogger("lorasmith").addHandler(file_log)
+        try:
+            with recipe.phase("model"):
+                recipe.setup_model()
+                recipe.setup_optimization()
+            with recipe.phase("evaluation before"):
+                recipe.evaluate_before()
+            with recipe.phase("training"):
+                recipe.train_loop()
+            with recipe.phase("evaluation after and saving"):
+                recipe.save_and_compare()
+        except BaseException as e:
+            if not isinstance(e, SystemExit):  # a signal stop has already written its status and resume command
+                status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+                run.write_status(status, error=str(e) or type(e).__name__)
+            raise
+        finally:
+            logging.getLogger("lorasmith").removeHandler(file_log)
+            file_log.close()
     finally:
         recipe.close()
-        logging.getLogger("lorasmith").removeHandler(file_log)
-        file_log.close()
+    recipe.timings["total (with start-up)"] = time.monotonic() - started + recipe.startup_s
+    run.write_status("complete", seconds={k: round(v, 1) for k, v in recipe.timings.items()})
+    print("time: " + ", ".join(f"{k} {v:.0f} s" for k, v in recipe.timings.items()), file=sys.stderr)
     return run.path
 
 
@@ -82,11 +97,15 @@ class LoraFinetune:
     """The recipe's steps, in the order they run; each step calls into the module that owns the detail."""
 
     def __init__(self, cfg: Config, *, config_path: str | None = None):
+        started = time.monotonic()
+        self.timings: dict[str, float] = {}
         self.cfg, self.config_path = cfg, config_path
         self.dist = distributed.current()
-        # Hardware first: a precision the machine cannot run fails before anything is loaded.
+        # Hardware first: a precision the machine cannot run fails before anything is loaded; auto is
+        # measured on this model's layer shapes (its config only: no weights loaded yet).
         self.device = default_device()
-        self.precision = choose_precision(cfg.train.precision, self.device)
+        shapes = Shapes.of(load_config(cfg.model)) if cfg.train.precision == "auto" else None
+        self.precision = choose_precision(cfg.train.precision, self.device, shapes)
         self.attention = choose_attention(cfg.model.attn_implementation, self.device, self.precision)
         if cfg.quantization.bits:
             bnb_config(cfg.quantization, torch.float32)  # bitsandbytes missing: say so before reading any data
@@ -94,6 +113,19 @@ class LoraFinetune:
         # Tokenizer before data: masks and lengths depend on its chat template.
         self.tokenizer = load_tokenizer(cfg.model)
         self.pad_id = self.tokenizer.pad_token_id
+        self.checkpoint_s = 0.0  # the longest checkpoint write so far
+        self._saved_step = -1
+        self.timings["hardware and tokenizer"] = time.monotonic() - started
+        self.startup_s = started - lorasmith.IMPORTED_AT  # imports (torch, transformers) before this object existed
+
+    @contextmanager
+    def phase(self, name: str):
+        """Time a phase of the run (saved in run.json and printed at the end: where a run's time goes)."""
+        t0 = time.monotonic()
+        try:
+            yield
+        finally:
+            self.timings[name] = self.timings.get(name, 0.0) + time.monotonic() - t0
 
     def setup_data(self) -> None:
         """Read, validate, split and tokenize the data."""
@@ -110,29 +142,44 @@ class LoraFinetune:
         shown = self.val_set if self.val_set.conversations else self.train_set
         self.sample_convs = shown.conversations[: self.cfg.eval.samples]
 
-    def setup_run_folder(self, resume: str | None, force_resume: bool) -> None:
-        """Decided before the model loads, so every later failure is recorded in it."""
+    def setup_run_folder(self, resume: str | None, force_resume: bool) -> bool:
+        """Decided before the model loads, so every later failure is recorded in it. Returns False when
+        there is nothing to do (``--resume`` on a run that is complete).
+
+        ``--resume`` is idempotent, so a scheduler can re-run the same command until it exits 0: the
+        newest complete checkpoint of the run if it has one; its step 0 again, in the same folder, if it
+        has none (killed during set-up); a new run if there is none yet; nothing if it is complete."""
         cfg, out = self.cfg, self.cfg.output
         self.fingerprint = run_fingerprint(cfg)
         self.ckpt, self.resumed = None, None
-        if resume:
-            self.run = RunFolder.to_resume(out.dir, out.name, self.config_path, resume)
-            self.ckpt = Path(resume) if (Path(resume) / "trainer_state.json").is_file() else self.run.latest_checkpoint()
+        run = RunFolder.to_resume(out.dir, out.name, self.config_path, resume) if resume else None
+        if run is not None:
+            self.ckpt = Path(resume) if (Path(resume) / "trainer_state.json").is_file() else run.latest_checkpoint()
+            if self.ckpt is not None:
+                self.resumed = checkpoint.load_state(self.ckpt)
+                check_resumable(self.resumed.fingerprint, self.fingerprint, force_resume)  # a changed run is refused
+            if run.read_status().get("status") == "complete":
+                print(f"{run.path} is already complete (adapter: {run.adapter}); nothing to do")
+                self.run = run
+                return False
             if self.ckpt is None:
-                raise LorasmithError(f"--resume: {self.run.path} has no complete checkpoint", hint="start a new run instead")
-            self.resumed = checkpoint.load_state(self.ckpt)
-            check_resumable(self.resumed.fingerprint, self.fingerprint, force_resume)
-        else:
-            self.run = RunFolder.new(out.dir, out.name, self.config_path, out.overwrite)
-        run = self.run
+                log.warning("%s has no complete checkpoint: starting it again from step 0 (its train.log is kept)", run.path)
+        elif resume:
+            log.info("--resume: no earlier run of this config yet; starting one")
+        self.run = run = run or RunFolder.new(out.dir, out.name, self.config_path, out.overwrite)
         check_writable(run.path.parent)
         run.path.mkdir(parents=True, exist_ok=True)
+        self.lock = run.lock
+        self.lock.acquire()  # a second live process on this run is refused here
+        if self.ckpt is None:
+            run.metrics.unlink(missing_ok=True)  # a restarted run logs from step 0 again
         atomic.write_text(run.config, to_yaml(cfg))
         split_ids = {"train": [c.id for c in self.train_set.conversations], "val": [c.id for c in self.val_set.conversations]}
         left_out = self.split.skipped + self.train_set.dropped + self.val_set.dropped
         atomic.write_json(run.data_split, {**split_ids, "left_out": left_out, **overlap(self.split.train, self.split.val)})
         p = self.precision
         run.write_status("running", pid=os.getpid(), precision=p.name, attention=self.attention, device=str(self.device))
+        return True
 
     def setup_model(self) -> None:
         """The base model (quantized if asked), the LoRA adapter, and compiled layers."""
@@ -230,18 +277,20 @@ class LoraFinetune:
         if "loss" not in before:
             before["train_batch_loss"] = first_batch_loss(self.model, self.train_set, self.pad_id, self.precision)
         preflight_loss(before, self.model)
-        before["samples"] = answers_for(self.model, self.tokenizer, self.sample_convs, self.cfg, self.precision)
+        before["samples"] = sample_answers(self.model, self.tokenizer, self.sample_convs, self.cfg, self.precision, before)
         atomic.write_json(self.run.eval_before, before)
         self.metrics.log(0, **{f"eval_{k}": v for k, v in before.items() if isinstance(v, float)})
         report_eval("before training", before)
         self.before = before
 
     def train_loop(self) -> None:
-        """A step, its log line, then evaluation, checkpoint and signals at step boundaries; a final checkpoint."""
+        """A step, its log line, then evaluation, checkpoints (by steps and by the clock) and signals at step
+        boundaries; a final checkpoint."""
         tc, ev, state, total_steps = self.cfg.train, self.cfg.eval, self.state, self.total_steps
-        stopper = GracefulStop()
+        stopper = GracefulStop(tc.stop_grace_s, abandonable=lambda: self.stepper.accumulating)
         self.model.train()
         bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True, disable=None)
+        self.last_save = time.monotonic()
 
         def on_oom(step, size):
             self.metrics.log(step, oom=True, micro_batch_size=size)
@@ -250,8 +299,14 @@ class LoraFinetune:
             while state.step < total_steps:
                 t0 = time.perf_counter()
                 number = state.step + 1
-                result = self.stepper.step(state, on_oom=on_oom)
+                rng_at_start = checkpoint.rng_state()  # what a checkpoint of an abandoned step resumes with
+                try:
+                    result = self.stepper.step(state, on_oom=on_oom)
+                except StepAbandoned:
+                    self._checkpoint(stopper, rng=rng_at_start)
+                    break
                 dt = time.perf_counter() - t0
+                stopper.step_done(dt)
                 if not result.finite:
                     self.metrics.log(number, loss=result.loss, grad_norm=result.grad_norm, nonfinite=True)
                     if state.step < number:  # the stepper stops short of a step it will not skip
@@ -292,16 +347,16 @@ class LoraFinetune:
                     )
                     self.metrics.log(state.step, **{f"eval_{k}": v for k, v in val.items()})
                     bar.write(f"step {state.step}: eval loss {val['loss']:.4f}")
-                if tc.save_every and state.step % tc.save_every == 0 and state.step < total_steps:
-                    self._checkpoint()
+                if state.step < total_steps and stopper.signum is None and self._checkpoint_due(state.step):
+                    self._checkpoint(stopper)
                 if stopper.signum is not None:
                     break
         finally:
             bar.close()
             stopper.restore()
 
-        # Final checkpoint (also on a signal, so the run can resume).
-        self._checkpoint()
+        if stopper.signum is None or not self.run.latest_checkpoint() or self._saved_step != state.step:
+            self._checkpoint(stopper)  # the final one, also on a signal, so the run can resume
         if stopper.signum is not None:
             self.metrics.close()
             resume_cmd = f"lorasmith train {self.config_path or ''} --resume {self.run.path}".replace("  ", " ")
@@ -310,11 +365,22 @@ class LoraFinetune:
             self.run.write_status("interrupted", step=state.step, resume=resume_cmd)
             raise SystemExit(128 + stopper.signum)
 
+    def _checkpoint_due(self, step: int) -> bool:
+        """Every train.save_every steps, and when train.save_every_minutes have passed since the last save
+        (stretched to 50 checkpoint durations, so saving stays under 2% of the time)."""
+        tc = self.cfg.train
+        if tc.save_every and step % tc.save_every == 0:
+            return True
+        if not tc.save_every_minutes:
+            return False
+        interval = max(60 * tc.save_every_minutes, 50 * self.checkpoint_s)
+        return time.monotonic() - self.last_save >= interval
+
     def save_and_compare(self) -> None:
         """The same evaluation as before training, then the adapter (written atomically) and the comparison."""
         run, state = self.run, self.state
         after = evaluate(self.model, self.tokenizer, self.val_set, self.cfg, self.precision, self.pad_id)
-        after["samples"] = answers_for(self.model, self.tokenizer, self.sample_convs, self.cfg, self.precision)
+        after["samples"] = sample_answers(self.model, self.tokenizer, self.sample_convs, self.cfg, self.precision, after)
         after["degenerate_answers"] = warn_degenerate(after)
         atomic.write_json(run.eval_after, after)
         self.metrics.log(state.step, **{f"eval_{k}": v for k, v in after.items() if isinstance(v, float)})
@@ -332,7 +398,19 @@ class LoraFinetune:
     def close(self) -> None:
         if hasattr(self, "metrics"):
             self.metrics.close()
+        if hasattr(self, "lock"):
+            self.lock.release()
 
-    def _checkpoint(self) -> None:
+    def _checkpoint(self, stopper: GracefulStop | None = None, rng: dict | None = None) -> None:
         if self.dist.is_main:
-            checkpoint.save(self.run, self.model, self.optimizer, self.scheduler, self.state, self.cfg.train.keep_checkpoints)
+            t0 = time.monotonic()
+            checkpoint.save(
+                self.run, self.model, self.optimizer, self.scheduler, self.state, self.cfg.train.keep_checkpoints, rng
+            )
+            took = time.monotonic() - t0
+            log.info("checkpoint at step %d written in %.2f s", self.state.step, took)
+            self.checkpoint_s = max(self.checkpoint_s, took)
+            if stopper is not None:
+                stopper.checkpoint_s = self.checkpoint_s
+        self._saved_step = self.state.step
+        self.last_save = time.monotonic()

@@ -102,8 +102,21 @@ class Stepper:
         self.plan, self.dist = plan, dist or Dist()
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.nonfinite_in_row = 0
+        self.accumulating = False
+        """True while a step only accumulates gradients: abandoning it then leaves weights and state untouched."""
 
     def step(self, state: TrainerState, on_oom=None) -> StepResult:
+        try:
+            self.accumulating = True
+            loss, batches, pieces, planned = self._accumulate(state, on_oom)
+        except BaseException:
+            self.optimizer.zero_grad(set_to_none=True)  # an abandoned step leaves no gradient behind
+            raise
+        finally:
+            self.accumulating = False
+        return self._update(state, loss, batches, pieces, planned)
+
+    def _accumulate(self, state: TrainerState, on_oom):
         planned = self.plan.planned(state.micro_batches_done)
         while True:
             pieces = [p for idx in planned for p in split_indices(idx, state.split)]
@@ -131,7 +144,9 @@ class Stepper:
                 )
                 if on_oom:
                     on_oom(state.step + 1, size)
+        return loss, batches, pieces, planned
 
+    def _update(self, state: TrainerState, loss: float, batches, pieces, planned) -> StepResult:
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm or float("inf")))

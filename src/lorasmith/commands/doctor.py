@@ -1,0 +1,86 @@
+"""`lorasmith doctor`: what this machine offers and what `auto` settings choose on it, with the measurements."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import platform
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "doctor",
+        help="show the device, measured matmul peaks per dtype, and the precision, attention and compile choices",
+        description="Measures this machine (about 10 s): the matmul peak of each dtype, and the precision probe that "
+        "`train.precision: auto` uses on the model's own layer shapes (cached; --reprobe measures again).",
+    )
+    p.add_argument("--model", default="smollm2-135m-instruct", help="model whose layer shapes to probe")
+    p.add_argument("--reprobe", action="store_true", help="measure the precision probe again instead of using the cache")
+    p.add_argument("--json", action="store_true", help="print the findings as JSON")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import torch
+
+    from lorasmith.config import ModelConfig
+    from lorasmith.models.hardware import choose_attention, choose_precision, default_device
+    from lorasmith.models.loading import load_config
+    from lorasmith.models.probe import Shapes, cpu_name, matmul_peak
+    from lorasmith.paths import cache_dir
+    from lorasmith.training.compile import MIN_PARAMETERS, cpp_compiler
+
+    device = default_device()
+    config = load_config(ModelConfig(name=args.model))
+    shapes = Shapes.of(config)
+    precision = choose_precision("auto", device, shapes, refresh=args.reprobe)
+    found = {
+        "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
+        "cpu": cpu_name(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "matmul_peak_gflops": (
+            {"bf16": round(matmul_peak(torch.bfloat16), 1), "fp32": round(matmul_peak(torch.float32), 1)}
+            if device.type == "cpu"
+            else {}
+        ),
+        "model": args.model,
+        "layer_shapes": {"hidden": shapes.hidden, "intermediate": shapes.intermediate, "kv": shapes.kv},
+        "precision_auto": precision.name,
+        "attention_auto": choose_attention("auto", device, precision),
+        "cpp_compiler": cpp_compiler(),
+        "compile_auto_from_parameters": MIN_PARAMETERS,
+        "bitsandbytes": importlib.util.find_spec("bitsandbytes") is not None,
+        "flash_attn": importlib.util.find_spec("flash_attn") is not None,
+        "cache": str(cache_dir()),
+    }
+    if device.type == "cpu":
+        from lorasmith.models.probe import probe
+
+        found["precision_probe_gflops"] = probe(shapes).gflops
+    if args.json:
+        print(json.dumps(found, indent=2))
+        return 0
+    peaks = found["matmul_peak_gflops"]
+    where = f"{found['cpu']}, {found['cores']} cores, torch {found['torch']} with {found['torch_threads']} threads"
+    lines = [f"device:     {found['device']} ({where})"]
+    if peaks:
+        best = max(peaks, key=peaks.get)
+        lines.append(f"matmul:     bf16 {peaks['bf16']:.0f} GFLOP/s, fp32 {peaks['fp32']:.0f} GFLOP/s (2048^2; best: {best})")
+    if "precision_probe_gflops" in found:
+        probe_g = found["precision_probe_gflops"]
+        shown = ", ".join(f"{k} {v:.0f}" for k, v in probe_g.items())
+        lines.append(f"probe:      {shown} GFLOP/s on {args.model}'s layer (forward + backward to the activations)")
+    lines += [
+        f"precision:  auto -> {found['precision_auto']}",
+        f"attention:  auto -> {found['attention_auto']}",
+        f"compile:    C++ compiler {found['cpp_compiler'] or 'not found'}; train.compile=auto compiles CPU runs of "
+        f"bases with {MIN_PARAMETERS / 1e6:.0f}M+ parameters",
+        f"qlora:      bitsandbytes {'installed' if found['bitsandbytes'] else 'not installed'}",
+        f"cache:      {found['cache']} (probe results in probes.json)",
+    ]
+    print("\n".join(lines))
+    return 0

@@ -1,0 +1,148 @@
+"""Measured `auto` choices: which compute precision trains fastest on this machine, for this model.
+
+Why measure: CPU flags do not tell speed. An AMD EPYC with avx512_bf16 ran bf16 matmuls at ~425
+GFLOP/s and fp32 at ~190; an Intel Xeon with the same flag ran bf16 at ~169 and fp32 at ~328, and
+choosing bf16 there from the flag made training 1.7x slower. So on a CPU, ``precision: auto``
+times the candidates on the model's own shapes (the projections of one decoder layer, forward and
+backward to the activations, as a frozen base with LoRA runs them) and takes the faster. The
+result is cached per machine (CPU model, threads, torch version) and shape in the lorasmith cache
+folder; ``LORASMITH_REPROBE=1`` or ``lorasmith doctor --reprobe`` measures again.
+
+On GPUs bf16 (or fp16 where bf16 is missing) is not measured: their tensor cores run it at several
+times the fp32 rate on every generation that has it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from lorasmith import atomic
+from lorasmith.paths import cache_dir
+
+log = logging.getLogger(__name__)
+
+CANDIDATES = ("bf16", "fp32")
+PROBE_TOKENS = 1024  # rows of the probe's activations: a typical micro-batch (8 x 128)
+PROBE_SECONDS = 0.6  # per candidate, after one warm-up pass
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """The dimensions of one decoder layer's projections."""
+
+    hidden: int
+    intermediate: int
+    kv: int
+
+    @classmethod
+    def of(cls, config) -> Shapes:
+        text = getattr(config, "text_config", None) or config
+        hidden = text.hidden_size
+        heads = getattr(text, "num_attention_heads", 1) or 1
+        kv_heads = getattr(text, "num_key_value_heads", None) or heads
+        head_dim = getattr(text, "head_dim", None) or hidden // heads
+        return cls(hidden, getattr(text, "intermediate_size", None) or 4 * hidden, kv_heads * head_dim)
+
+    def linears(self) -> list[tuple[int, int]]:
+        h, i, kv = self.hidden, self.intermediate, self.kv
+        return [(h, h), (h, kv), (h, kv), (h, h), (h, i), (h, i), (i, h)]  # q k v o gate up down
+
+
+DEFAULT_SHAPES = Shapes(hidden=576, intermediate=1536, kv=192)
+"""SmolLM2-135M's, for commands that have no model at hand (`lorasmith doctor` alone)."""
+
+
+@dataclass
+class ProbeResult:
+    key: str
+    gflops: dict[str, float]
+    """Achieved GFLOP/s of each candidate on the probe."""
+    chosen: str
+    measured_at: str
+
+    def describe(self) -> str:
+        others = ", ".join(f"{c} {g:.0f}" for c, g in self.gflops.items() if c != self.chosen)
+        return f"{self.chosen}: {self.gflops[self.chosen]:.0f} vs {others} GFLOP/s measured on this model's shapes"
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_key(shapes: Shapes) -> str:
+    dims = f"{shapes.hidden}x{shapes.intermediate}x{shapes.kv}"
+    return f"{cpu_name()}|{torch.get_num_threads()} threads|torch {torch.__version__}|{dims}"
+
+
+def _time_candidate(name: str, shapes: Shapes, seconds: float) -> float:
+    """Best GFLOP/s of one forward + backward (to the activations) through the layer's projections."""
+    dtype = torch.bfloat16 if name == "bf16" else torch.float32
+    weights = [torch.randn(o, i, dtype=dtype) * i**-0.5 for i, o in shapes.linears()]
+    x = torch.randn(PROBE_TOKENS, shapes.hidden, requires_grad=True)
+    flops = 4 * PROBE_TOKENS * sum(i * o for i, o in shapes.linears())  # forward + input gradient
+
+    def once():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=name == "bf16"):
+            q, k, v = (x @ w.t() for w in weights[:3])
+            attn = (q @ weights[3].t()) + k.sum() + v.sum()
+            mlp = torch.nn.functional.silu(x @ weights[4].t()) * (x @ weights[5].t())
+            out = attn + mlp @ weights[6].t()
+        out.float().sum().backward()
+        x.grad = None
+
+    once()
+    best, end = float("inf"), time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        t0 = time.perf_counter()
+        once()
+        best = min(best, time.perf_counter() - t0)
+    return flops / best / 1e9
+
+
+def matmul_peak(dtype: torch.dtype, size: int = 2048, seconds: float = 1.5) -> float:
+    """Best GFLOP/s of a square matmul over ``seconds``: the machine's ceiling for that dtype."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    torch.matmul(a, b)
+    best, end = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        t0 = time.perf_counter()
+        torch.matmul(a, b)
+        best = max(best, 2 * size**3 / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+def probe(shapes: Shapes, *, refresh: bool = False, seconds: float = PROBE_SECONDS) -> ProbeResult:
+    """The faster CPU precision for ``shapes``, from the cache or measured now (about a second or two)."""
+    path = cache_dir() / "probes.json"
+    key = machine_key(shapes)
+    refresh = refresh or os.environ.get("LORASMITH_REPROBE") == "1"
+    cached = {}
+    if path.is_file():
+        try:
+            cached = json.loads(path.read_text())
+        except (OSError, ValueError):
+            cached = {}
+    if key in cached and not refresh:
+        return ProbeResult(**cached[key])
+    gflops = {name: round(_time_candidate(name, shapes, seconds), 1) for name in CANDIDATES}
+    result = ProbeResult(key, gflops, max(gflops, key=gflops.get), time.strftime("%Y-%m-%dT%H:%M:%S"))
+    cached[key] = asdict(result)
+    try:
+        atomic.write_json(path, cached)
+    except OSError as e:  # a read-only cache only costs a re-measurement next time
+        log.warning("could not cache the precision probe in %s (%s)", path, e)
+    return result
