@@ -18,6 +18,7 @@ LAYER = {
     "training": 5,
     "serving": 6,
     "bench": 6,
+    "export": 6,
     "commands": 7,
     "cli": 8,
 }

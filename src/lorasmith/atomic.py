@@ -35,6 +35,15 @@ def fsync_tree(path: Path) -> None:
         _fsync_dir(Path(root))
 
 
+def _default_modes(path: Path) -> None:
+    """Give every file under ``path`` the permissions a plain write would (0666 less the umask): libraries
+    that write through mkstemp (safetensors) leave 0600, which would hide results from other users."""
+    mode = 0o666 & ~_umask()
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            os.chmod(os.path.join(root, name), mode)
+
+
 def write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to a temp file beside ``path``, fsync it, then rename over ``path``."""
     path = Path(path)
@@ -72,6 +81,7 @@ def folder(path: str | os.PathLike) -> Iterator[Path]:
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
+        _default_modes(tmp)
         fsync_tree(tmp)
         old = path.with_name(f".{path.name}.old")
         if old.exists():

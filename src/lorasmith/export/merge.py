@@ -1,0 +1,226 @@
+"""`lorasmith merge`: the adapter folded into its base, written as a plain transformers model, and
+checked against base + adapter before it is called done.
+
+Merging runs in fp32 (peft's ``merge_and_unload``) and casts once to the output dtype, so the
+merged weights carry one rounding, not one per step. The command then reloads what it wrote from
+disk and compares it with the unmerged base + adapter on real prompts (logits: largest absolute
+difference, mean KL divergence, top-1 agreement; greedy answers), checks that no LoRA tensor is left
+and that tensor names and shapes are the base's, and that the tokenizer renders the chat template
+exactly as the adapter's did. A failed check exits 1 and leaves the folder marked INCOMPLETE; the
+figures are printed and saved in ``merge_manifest.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from lorasmith import atomic
+from lorasmith.config import ModelConfig
+from lorasmith.errors import LorasmithError
+from lorasmith.evaluation.generate import generate, stop_token_ids
+from lorasmith.models.hardware import DTYPES, Precision
+from lorasmith.models.loading import ensure_pad_token, load_model
+from lorasmith.runs import RunFolder
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "merge_manifest.json"
+INCOMPLETE = "INCOMPLETE"
+PROBES = [
+    [{"role": "user", "content": "Give me the order details as JSON. Ana Silva in Lima bought two lamps on 3 May 2023."}],
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "Name a primary colour."}],
+    [{"role": "user", "content": "Write a haiku about a cat."}],
+]
+"""Prompts the merged model must answer as base + adapter does (plus the run's own samples)."""
+
+TOLERANCE = {
+    # dtype: (max |logit difference|, mean KL, top-1 agreement); fp32 merges exactly up to summation order
+    "fp32": (1e-3, 1e-6, 1.0),
+    "bf16": (0.5, 1e-2, 0.97),
+    "fp16": (0.1, 1e-3, 0.99),
+}
+
+
+@dataclass
+class MergeReport:
+    base: str
+    adapter: str
+    dtype: str
+    out: str
+    checks: dict = field(default_factory=dict)
+    """Name -> {passed, and the figures}."""
+    seconds: float = 0.0
+
+    @property
+    def passed(self) -> bool:
+        return all(c["passed"] for c in self.checks.values())
+
+
+def find_adapter(target: Path) -> tuple[Path, RunFolder | None]:
+    """The adapter folder of a run folder (refused if the run did not complete), or the adapter folder itself."""
+    run = RunFolder(target)
+    if run.config.is_file() and not (target / "adapter_config.json").is_file():
+        if not run.adapter.is_dir():
+            status = run.read_status().get("status", "unknown")
+            raise LorasmithError(
+                f"{target} has no adapter: the run did not complete (status: {status})",
+                hint=f"finish it first: lorasmith train ... --resume {target}",
+            )
+        return run.adapter, run
+    if not (target / "adapter_config.json").is_file():
+        raise LorasmithError(f"{target} is neither a run folder nor a PEFT adapter folder (no adapter_config.json)")
+    return target, RunFolder.of_adapter(target)
+
+
+def base_of(adapter: Path, run: RunFolder | None) -> str:
+    """The base the adapter was trained on: the run's model.name (portable: an alias, hub id or the folder the user
+    named), else what adapter_config.json records."""
+    if run is not None:
+        from lorasmith.config import load
+
+        return load(run.config).model.name
+    return json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+
+
+def _trained_bits(run: RunFolder | None) -> int:
+    if run is None:
+        return 0
+    from lorasmith.config import load
+
+    return load(run.config).quantization.bits
+
+
+def _prompts(tokenizer, run: RunFolder | None) -> list[list[dict]]:
+    """The probe prompts, and the run's sample prompts (what it was trained to answer)."""
+    prompts = list(PROBES)
+    if run is not None and run.samples.is_file():
+        prompts += [[{"role": "user", "content": row["prompt"]}] for row in json.loads(run.samples.read_text())[:4]]
+    return prompts
+
+
+@torch.no_grad()
+def _logits(model, tokenizer, prompts: list[list[dict]]) -> list[torch.Tensor]:
+    out = []
+    for messages in prompts:
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        out.append(model(**ids).logits[0].float())
+    return out
+
+
+def _compare_logits(ref: list[torch.Tensor], got: list[torch.Tensor]) -> dict:
+    diff = max(float((a - b).abs().max()) for a, b in zip(ref, got))
+    kl = [
+        float(torch.nn.functional.kl_div(b.log_softmax(-1), a.log_softmax(-1), log_target=True, reduction="batchmean"))
+        for a, b in zip(ref, got)
+    ]
+    agree = sum(int((a.argmax(-1) == b.argmax(-1)).sum()) for a, b in zip(ref, got))
+    positions = sum(a.shape[0] for a in ref)
+    return {"max_abs_logit_diff": diff, "mean_kl": sum(kl) / len(kl), "top1_agreement": agree / positions}
+
+
+def merge(target: Path, out: Path, *, dtype: str = "auto", model: str | None = None, max_new_tokens: int = 24) -> MergeReport:
+    """Merge the adapter of ``target`` (a run folder or an adapter folder) into its base and write ``out``."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    started = time.monotonic()
+    adapter, run = find_adapter(Path(target))
+    base_name = model or base_of(adapter, run)
+    bits = _trained_bits(run)
+    if bits:
+        log.warning(
+            "this adapter was trained on a %d-bit base: it is merged into the full-precision base, whose weights differ "
+            "from what training saw by the quantization error (the figures below compare with the full-precision base)",
+            bits,
+        )
+    out = Path(out)
+    if out.exists() and not (out / MANIFEST).is_file():
+        raise LorasmithError(f"{out} exists and is not a merged model", hint="choose another --out folder")
+    cpu = torch.device("cpu")
+    base = load_model(ModelConfig(name=base_name), device=cpu, attn_implementation="sdpa", dtype=torch.float32)
+    base_shapes = {k: tuple(v.shape) for k, v in base.state_dict().items()}
+    source_dtype = str(getattr(base.config, "dtype", None) or getattr(base.config, "torch_dtype", None) or "float32")
+    short = {"torch.bfloat16": "bf16", "bfloat16": "bf16", "torch.float16": "fp16", "float16": "fp16"}
+    target_name = dtype if dtype != "auto" else short.get(source_dtype, "fp32")
+    tokenizer = AutoTokenizer.from_pretrained(adapter)  # the chat template the adapter was trained with
+    ensure_pad_token(tokenizer)
+    try:
+        tuned = PeftModel.from_pretrained(base, adapter)
+    except (RuntimeError, ValueError, KeyError) as e:  # shape mismatches, missing modules
+        raise LorasmithError(
+            f"the adapter in {adapter} does not fit {base_name}: {str(e).splitlines()[0][:300]}",
+            hint="give the base it was trained on with --model",
+        ) from None
+    tuned.eval()
+    prompts = _prompts(tokenizer, run)
+    reference = _logits(tuned, tokenizer, prompts)
+    fp32 = Precision("fp32", "cpu")
+    answers = generate(tuned, tokenizer, prompts[:4], precision=fp32, max_new_tokens=max_new_tokens)
+    merged = tuned.merge_and_unload()  # in fp32
+    merged.to(DTYPES[target_name])
+    merged.generation_config.eos_token_id = stop_token_ids(tokenizer, merged)  # stop at the end of a turn
+    merged.generation_config.pad_token_id = tokenizer.pad_token_id
+    report = MergeReport(base_name, str(adapter), target_name, str(out))
+    with atomic.folder(out) as tmp:
+        merged.config.use_cache = True
+        merged.save_pretrained(tmp, safe_serialization=True, max_shard_size="2GB")
+        tokenizer.save_pretrained(tmp)
+        _verify(report, tmp, tokenizer, prompts, reference, answers, base_shapes, max_new_tokens)
+        report.seconds = round(time.monotonic() - started, 1)
+        atomic.write_json(tmp / MANIFEST, asdict(report) | {"passed": report.passed})
+        if not report.passed:
+            (tmp / INCOMPLETE).write_text("a verification check failed: see merge_manifest.json\n")
+    return report
+
+
+def _verify(report, folder: Path, tokenizer, prompts, reference, answers, base_shapes, max_new_tokens) -> None:
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    shapes = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), "pt") as f:
+            shapes.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})  # noqa: SIM118
+    leftover = sorted(k for k in shapes if "lora_" in k or "base_layer" in k)
+    tied = {k for k in base_shapes if k not in shapes}  # a tied LM head is saved once, as the embedding
+    extra = sorted(set(shapes) - set(base_shapes))
+    same_shapes = all(base_shapes[k] == v for k, v in shapes.items() if k in base_shapes)
+    report.checks["tensors"] = {
+        "passed": not leftover and not extra and same_shapes and all("lm_head" in k for k in tied),
+        "tensors": len(shapes),
+        "lora_tensors_left": leftover[:5],
+        "not_in_base": extra[:5],
+    }
+    reloaded_tok = AutoTokenizer.from_pretrained(folder)
+    same_template = all(
+        reloaded_tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
+        == tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
+        for p in prompts
+    )
+    report.checks["chat_template"] = {"passed": same_template and bool(reloaded_tok.chat_template)}
+    reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa")
+    reloaded.eval()
+    figures = _compare_logits(reference, _logits(reloaded, reloaded_tok, prompts))
+    max_diff, max_kl, min_agree = TOLERANCE[report.dtype]
+    within = figures["max_abs_logit_diff"] <= max_diff and figures["mean_kl"] <= max_kl and figures["top1_agreement"] >= min_agree
+    report.checks["logits"] = {
+        "passed": within,
+        **figures,
+        "tolerance": {"max_abs_logit_diff": max_diff, "mean_kl": max_kl, "top1_agreement": min_agree},
+    }
+    got = generate(reloaded, reloaded_tok, prompts[:4], precision=Precision("fp32", "cpu"), max_new_tokens=max_new_tokens)
+    same = sum(a == b for a, b in zip(answers, got))
+    # Exact answers are required of an fp32 merge; a 16-bit cast may flip a near-tie late in an answer.
+    report.checks["greedy_answers"] = {
+        "passed": same == len(answers) or (report.dtype != "fp32" and same >= len(answers) - 1),
+        "identical": same,
+        "of": len(answers),
+        "examples": [{"adapter": a, "merged": b} for a, b in zip(answers, got)][:2],
+    }
