@@ -198,3 +198,23 @@ def test_unreachable_hub_model_says_how_to_get_it(tmp_path, capsys, monkeypatch)
     err = capsys.readouterr().err
     assert "cannot fetch 'someorg/some-chat-model'" in err and "--local-dir" in err and "Traceback" not in err
     assert len([line for line in err.splitlines() if line.startswith("error:")]) == 1
+
+
+def test_chat_uses_the_system_prompt_the_run_was_trained_with(tmp_path, tiny_model_dir, demo_rows, capsys, monkeypatch):
+    train, val = demo_rows
+    system = {"role": "system", "content": "You triage tickets."}
+    rows = [{"messages": [system, *[m for m in r["messages"] if m["role"] != "system"]]} for r in train]
+    files = write_jsonl(tmp_path / "t.jsonl", rows), write_jsonl(tmp_path / "v.jsonl", val)
+    out = tmp_path / "runs"
+    assert main(_args(tiny_model_dir, files, out, "train.max_steps=1", "eval.samples=0")) == 0
+    assert json.loads((out / "run" / "prompting.json").read_text())["system_prompt"] == "You triage tickets."
+    from lorasmith.serving import chat
+
+    seen = []
+    monkeypatch.setattr(chat, "generate", lambda model, tok, histories, **kw: seen.extend(histories) or ["ok"])
+    capsys.readouterr()
+    assert main(["chat", str(out / "run"), "--prompt", "my printer is on fire"]) == 0
+    assert "using the system prompt the run was trained with" in capsys.readouterr().err
+    assert seen[-1] == [system, {"role": "user", "content": "my printer is on fire"}]
+    assert main(["chat", str(out / "run"), "--prompt", "hi", "--system", ""]) == 0  # '' turns it off
+    assert seen[-1] == [{"role": "user", "content": "hi"}] and "trained with" not in capsys.readouterr().err

@@ -9,7 +9,9 @@ def add_parser(sub) -> None:
     p.add_argument("--model", help="base model (default: the adapter's base, else smollm2-135m-instruct)")
     p.add_argument("--adapter", help="adapter folder, e.g. runs/NAME/adapter")
     p.add_argument("--prompt", help="answer this one message and exit (default: interactive)")
-    p.add_argument("--system", help="system prompt")
+    p.add_argument(
+        "--system", help="system prompt (default: the one the run was trained with, if its conversations shared one; '' for none)"
+    )
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.set_defaults(func=run)
 

@@ -119,3 +119,22 @@ def raise_problems(problems: list[str], what: str) -> None:
         f"{len(problems)} invalid record(s) in {what}:\n  {shown}" + (f"\n  ... and {more} more" if more > 0 else ""),
         hint="fix them (`lorasmith data check` lists every problem), or set data.skip_bad_records=true to skip and count them",
     )
+
+
+def shared_system_prompt(conversations: list[Conversation], min_share: float = 0.5) -> dict | None:
+    """The system prompt most training conversations start with, if at least ``min_share`` of them do:
+    the model learns to answer under it, so chat and serving should use it when a request has none."""
+    if not conversations:
+        return None
+    counts: dict[str, int] = {}
+    for conv in conversations:
+        first = conv.messages[0]
+        if first["role"] == "system":
+            counts[first["content"]] = counts.get(first["content"], 0) + 1
+    if not counts:
+        return None
+    prompt, n = max(counts.items(), key=lambda kv: kv[1])
+    share = n / len(conversations)
+    if share < min_share:
+        return None
+    return {"system_prompt": prompt, "share": round(share, 4), "distinct_system_prompts": len(counts)}

@@ -61,7 +61,19 @@ def reply(model, tokenizer, messages: list[dict], precision, max_new_tokens: int
     return generate(model, tokenizer, [messages], precision=precision, max_new_tokens=max_new_tokens, streamer=streamer)[0]
 
 
+def trained_system_prompt(adapter: str | None) -> str | None:
+    """The system prompt the adapter's run was trained under (most of its conversations shared it), if any."""
+    run = RunFolder.of_adapter(Path(adapter)) if adapter else None
+    if run is None or not run.prompting.is_file():
+        return None
+    return json.loads(run.prompting.read_text()).get("system_prompt")
+
+
 def run_chat(model_name: str | None, adapter: str | None, prompt: str | None, system: str | None, max_new_tokens: int) -> int:
+    if system is None and (trained := trained_system_prompt(adapter)):
+        system = trained
+        shown = trained if len(trained) <= 80 else trained[:79] + "…"
+        print(f"using the system prompt the run was trained with: {shown!r} (--system '' for none)", file=sys.stderr)
     model, tokenizer, precision = load_for_chat(model_name, adapter)
     history: list[dict] = [{"role": "system", "content": system}] if system else []
     if prompt is not None:

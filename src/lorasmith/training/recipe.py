@@ -33,6 +33,7 @@ from lorasmith import atomic, distributed
 from lorasmith.config import Config, to_yaml
 from lorasmith.data.check import overlap
 from lorasmith.data.dataset import TokenizedSet, read_split, tokenize
+from lorasmith.data.records import shared_system_prompt
 from lorasmith.errors import TrainingError
 from lorasmith.evaluation.compare import evaluate, print_comparison, report_eval, sample_answers, side_by_side
 from lorasmith.evaluation.metrics import validation_loss
@@ -177,6 +178,7 @@ class LoraFinetune:
         split_ids = {"train": [c.id for c in self.train_set.conversations], "val": [c.id for c in self.val_set.conversations]}
         left_out = self.split.skipped + self.train_set.dropped + self.val_set.dropped
         atomic.write_json(run.data_split, {**split_ids, "left_out": left_out, **overlap(self.split.train, self.split.val)})
+        atomic.write_json(run.prompting, shared_system_prompt(self.train_set.conversations) or {"system_prompt": None})
         p = self.precision
         run.write_status("running", pid=os.getpid(), precision=p.name, attention=self.attention, device=str(self.device))
         return True
