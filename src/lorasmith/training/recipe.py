@@ -17,9 +17,11 @@ Limits: one process (``lorasmith.distributed`` is the seam multi-process trainin
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
+import statistics
 import sys
 import time
 from contextlib import contextmanager
@@ -44,6 +46,7 @@ from lorasmith.models.probe import Shapes
 from lorasmith.runs import MetricsLogger, RunFolder, check_writable
 from lorasmith.runs.metrics import truncate_after
 from lorasmith.training import checkpoint
+from lorasmith.training.advice import advise
 from lorasmith.training.checkpoint import TrainerState, seed_everything
 from lorasmith.training.compile import compile_decoder_layers, should_compile
 from lorasmith.training.guards import GracefulStop, StepAbandoned, first_batch_loss, preflight_loss, warn_degenerate
@@ -394,7 +397,12 @@ class LoraFinetune:
         atomic.write_json(run.samples, side_by_side(self.sample_convs, before, after))
         report_eval("after training", after)
         print_comparison(before, after, self.sample_convs)
-        run.write_status("complete", step=state.step, tokens_seen=state.tokens_seen, adapter=str(run.adapter))
+        rows = [json.loads(line) for line in run.metrics.read_text().splitlines() if line.strip()]
+        trained = statistics.median(e.num_trained for e in self.train_set.encoded)
+        tips = advise(rows, before, after, self.cfg.train.lr, trained)
+        for tip in tips:
+            print(f"advice: {tip['message']}")
+        run.write_status("complete", step=state.step, tokens_seen=state.tokens_seen, adapter=str(run.adapter), advice=tips)
         print(f"\nrun folder: {run.path}\nadapter:    {run.adapter}\ntry it:     lorasmith chat --adapter {run.adapter}")
 
     def close(self) -> None:
