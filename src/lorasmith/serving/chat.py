@@ -8,25 +8,14 @@ from pathlib import Path
 
 import torch
 
-from lorasmith import config as config_mod
 from lorasmith.config import ModelConfig
 from lorasmith.errors import LorasmithError
 from lorasmith.evaluation.generate import generate
+from lorasmith.models.adapter import base_of
 from lorasmith.models.hardware import DTYPES, choose_attention, choose_precision, default_device
 from lorasmith.models.loading import ensure_pad_token, load_config, load_model, load_tokenizer
 from lorasmith.models.probe import Shapes
 from lorasmith.runs import RunFolder
-
-
-def base_model_of(adapter: Path) -> str:
-    """The base model an adapter was trained on: from its run's config, else from adapter_config.json."""
-    run = RunFolder.of_adapter(adapter)
-    if run is not None:
-        return config_mod.load(run.config).model.name
-    meta = adapter / "adapter_config.json"
-    if not meta.is_file():
-        raise LorasmithError(f"{adapter} is not a PEFT adapter folder (no adapter_config.json)")
-    return json.loads(meta.read_text())["base_model_name_or_path"]
 
 
 def load_for_chat(model_name: str | None, adapter: str | None):
@@ -34,7 +23,7 @@ def load_for_chat(model_name: str | None, adapter: str | None):
     adapter_dir = Path(adapter) if adapter else None
     if adapter_dir is not None and not adapter_dir.is_dir():
         raise LorasmithError(f"--adapter {adapter_dir}: no such folder")
-    mcfg = ModelConfig(name=model_name or (base_model_of(adapter_dir) if adapter_dir else ModelConfig.name))
+    mcfg = ModelConfig(name=model_name or (base_of(adapter_dir) if adapter_dir else ModelConfig.name))
     tokenizer = load_tokenizer(mcfg)
     if adapter_dir is not None and (adapter_dir / "tokenizer_config.json").is_file():
         from transformers import AutoTokenizer

@@ -39,7 +39,7 @@ from lorasmith.data.records import shared_system_prompt
 from lorasmith.errors import TrainingError
 from lorasmith.evaluation.compare import evaluate, print_comparison, report_eval, sample_answers, side_by_side
 from lorasmith.evaluation.metrics import validation_loss
-from lorasmith.models.adapter import add_lora, base_weights_dtype, count_parameters
+from lorasmith.models.adapter import add_lora, base_weights_dtype, count_parameters, save_portable_identity
 from lorasmith.models.hardware import DTYPES, choose_attention, choose_precision, default_device
 from lorasmith.models.loading import bnb_config, load_config, load_model, load_tokenizer
 from lorasmith.models.probe import Shapes
@@ -393,6 +393,7 @@ class LoraFinetune:
         with atomic.folder(run.adapter) as tmp:
             self.model.save_pretrained(tmp, safe_serialization=True)
             self.tokenizer.save_pretrained(tmp)
+            save_portable_identity(tmp, self.cfg.model)
         before = self.before or run.read_json(run.eval_before)
         atomic.write_json(run.samples, side_by_side(self.sample_convs, before, after))
         report_eval("after training", after)
