@@ -36,7 +36,7 @@ class MetricsLogger:
 
     def __init__(self, path: Path, *, enabled: bool = True, sinks: list[Sink] | None = None):
         self.path = path
-        self.sinks: list[Sink] = ([JsonlSink(path)] + list(sinks or [])) if enabled else []
+        self.sinks: list[Sink] = [JsonlSink(path), *(sinks or [])] if enabled else []
 
     def log(self, step: int, **values) -> None:
         row = {"step": step, **values}
