@@ -271,6 +271,9 @@ class OutputConfig:
     """Run folder name; default: the config file's stem plus a timestamp."""
     overwrite: bool = False
     """Replace an existing run folder of the same name."""
+    report_to: list[Literal["tensorboard", "wandb"]] = field(default_factory=list)
+    """Trackers that receive the metrics, config and answers besides metrics.jsonl (pip install 'lorasmith[trackers]');
+    both work offline: TensorBoard event files in the run folder, W&B in offline mode unless WANDB_MODE/WANDB_API_KEY."""
 
 
 @dataclass

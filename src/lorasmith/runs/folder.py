@@ -14,6 +14,7 @@
       adapter/             the PEFT adapter and tokenizer (written last, atomically)
       checkpoints/step-NNNNNNN/   resumable states, complete once they hold COMPLETE
       run.lock             held (flock) by the process training this run: released by the kernel when it dies
+      tensorboard/, wandb/, wandb_id    what the trackers of output.report_to wrote (runs/trackers.py)
 """
 
 from __future__ import annotations

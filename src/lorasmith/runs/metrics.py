@@ -43,6 +43,18 @@ class MetricsLogger:
         for sink in self.sinks:
             sink.write(row)
 
+    def table(self, name: str, rows: list[dict]) -> None:
+        """A table (the before/after answers) for the sinks that show tables; metrics.jsonl keeps rows only."""
+        for sink in self.sinks:
+            if hasattr(sink, "table"):
+                sink.table(name, rows)
+
+    def summary(self, **values) -> None:
+        """Final facts of the run (the adapter's path) for the sinks that keep a summary."""
+        for sink in self.sinks:
+            if hasattr(sink, "summary"):
+                sink.summary(values)
+
     def close(self) -> None:
         for sink in self.sinks:
             sink.close()

@@ -45,6 +45,7 @@ from lorasmith.models.loading import bnb_config, load_config, load_model, load_t
 from lorasmith.models.probe import Shapes
 from lorasmith.runs import MetricsLogger, RunFolder, check_writable
 from lorasmith.runs.metrics import truncate_after
+from lorasmith.runs.trackers import check_installed, make_sinks
 from lorasmith.training import checkpoint
 from lorasmith.training.advice import advise
 from lorasmith.training.checkpoint import TrainerState, seed_everything
@@ -113,6 +114,7 @@ class LoraFinetune:
         self.attention = choose_attention(cfg.model.attn_implementation, self.device, self.precision)
         if cfg.quantization.bits:
             bnb_config(cfg.quantization, torch.float32)  # bitsandbytes missing: say so before reading any data
+        check_installed(cfg.output.report_to)
         seed_everything(cfg.train.seed)
         # Tokenizer before data: masks and lengths depend on its chat template.
         self.tokenizer = load_tokenizer(cfg.model)
@@ -271,7 +273,17 @@ class LoraFinetune:
             self.state.split = plan_mb // auto_micro_batch(
                 self.model, self.train_set, self.pad_id, self.precision, self.device, tc
             )
-        self.metrics = MetricsLogger(self.run.metrics, enabled=self.dist.is_main)
+        config = {**self.cfg.to_dict(), "data_stats": self._data_stats(), "precision": self.precision.name}
+        sinks = make_sinks(self.cfg.output.report_to, self.run.path, self.run.path.name, config) if self.dist.is_main else []
+        self.metrics = MetricsLogger(self.run.metrics, enabled=self.dist.is_main, sinks=sinks)
+
+    def _data_stats(self) -> dict:
+        return {
+            "train_conversations": len(self.train_set.encoded),
+            "train_tokens": self.train_set.num_tokens,
+            "trained_tokens": self.train_set.num_trained_tokens,
+            "val_conversations": len(self.val_set.encoded),
+        }
 
     def evaluate_before(self) -> None:
         """Pre-flight: a finite, sane loss on real data, and the base model's answers (new runs only)."""
@@ -389,13 +401,14 @@ class LoraFinetune:
         after["degenerate_answers"] = warn_degenerate(after)
         atomic.write_json(run.eval_after, after)
         self.metrics.log(state.step, **{f"eval_{k}": v for k, v in after.items() if isinstance(v, float)})
-        self.metrics.close()
         with atomic.folder(run.adapter) as tmp:
             self.model.save_pretrained(tmp, safe_serialization=True)
             self.tokenizer.save_pretrained(tmp)
             save_portable_identity(tmp, self.cfg.model)
         before = self.before or run.read_json(run.eval_before)
-        atomic.write_json(run.samples, side_by_side(self.sample_convs, before, after))
+        atomic.write_json(run.samples, samples := side_by_side(self.sample_convs, before, after))
+        self.metrics.table("answers before and after", samples)
+        self.metrics.summary(adapter=str(run.adapter), **{f"eval_{k}": v for k, v in after.items() if isinstance(v, float)})
         report_eval("after training", after)
         print_comparison(before, after, self.sample_convs)
         rows = [json.loads(line) for line in run.metrics.read_text().splitlines() if line.strip()]
@@ -404,7 +417,7 @@ class LoraFinetune:
         for tip in tips:
             print(f"advice: {tip['message']}")
         run.write_status("complete", step=state.step, tokens_seen=state.tokens_seen, adapter=str(run.adapter), advice=tips)
-        print(f"\nrun folder: {run.path}\nadapter:    {run.adapter}\ntry it:     lorasmith chat --adapter {run.adapter}")
+        print(f"\nrun folder: {run.path}\nadapter:    {run.adapter}\ntry it:     lorasmith chat {run.path}")
 
     def close(self) -> None:
         if hasattr(self, "metrics"):
