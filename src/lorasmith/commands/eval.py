@@ -1,0 +1,112 @@
+"""`lorasmith eval TARGET [TARGET ...] --data FILE`: score models or adapters on the same conversations.
+
+Each target (a run folder, an adapter folder, or a base model) gets the validation loss, perplexity
+and token accuracy on the trained tokens, and greedy answers to each conversation's last assistant
+turn scored against it: exact and normalised match, JSON validity and equality, ROUGE-L, chrF (each
+with a bootstrap 95% interval), plus the user's own metric (``--metric module:function``). Two
+targets make a before/after table.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+DEFAULT_METRICS = "exact_match,normalised_match,json_valid,json_equal,rouge_l,chrf"
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="score models or adapters on a data file: loss, generation metrics with 95% intervals, your own metric",
+        description=__doc__,
+    )
+    p.add_argument("targets", nargs="+", help="run folders, adapter folders or base models (two or more: a comparison)")
+    p.add_argument("--data", required=True, help="conversations to evaluate on (any format `train` reads)")
+    p.add_argument("--format", default="auto", help="record format of --data (default: detected)")
+    p.add_argument("--metrics", default=DEFAULT_METRICS, help=f"built-in metrics, comma-separated (default: {DEFAULT_METRICS})")
+    p.add_argument("--metric", action="append", default=[], help="your metric: module:function or file.py:function")
+    p.add_argument("--limit", type=int, default=0, help="evaluate the first N conversations (0: all)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-length", type=int, default=2048, help="longest conversation for the loss, in tokens")
+    p.add_argument("--out", help="write results.json and results.md to this folder")
+    p.set_defaults(func=run)
+
+
+def _target(spec: str) -> tuple[str | None, str | None]:
+    """(base model, adapter folder) of a target."""
+    from lorasmith.runs import RunFolder
+
+    path = Path(spec)
+    if (path / "adapter_config.json").is_file():
+        return None, str(path)
+    run = RunFolder(path)
+    if run.adapter.is_dir():
+        return None, str(run.adapter)
+    return spec, None
+
+
+def evaluate_target(spec: str, convs, args, user_metrics) -> dict:
+    from lorasmith.config import DataConfig
+    from lorasmith.data.dataset import tokenize
+    from lorasmith.evaluation.generate import generate, prompt_and_reference
+    from lorasmith.evaluation.metrics import validation_loss
+    from lorasmith.evaluation.scores import score
+    from lorasmith.serving.chat import load_for_chat
+
+    model_name, adapter = _target(spec)
+    model, tokenizer, precision = load_for_chat(model_name, adapter)
+    data = tokenize(tokenizer, convs, DataConfig(train="eval", max_length=args.max_length))
+    result: dict = {"target": spec, "precision": precision.name}
+    result.update(validation_loss(model, data, pad_id=tokenizer.pad_token_id, precision=precision, batch_size=16))
+    histories, references = zip(*(prompt_and_reference(c.messages) for c in convs))
+    answers = generate(model, tokenizer, list(histories), precision=precision, max_new_tokens=args.max_new_tokens)
+    result["scores"] = score(answers, list(references), [m for m in args.metrics.split(",") if m])
+    for name, fn in user_metrics.items():
+        value = fn(list(answers), list(references))
+        values = value if isinstance(value, dict) else {name: value}
+        result["scores"].update({key: {"mean": float(v)} for key, v in values.items()})
+    result["answers"] = [{"answer": a, "reference": r} for a, r in zip(answers, references)]
+    return result
+
+
+def to_markdown(results: list[dict]) -> str:
+    header = "| metric | " + " | ".join(r["target"] for r in results) + " |"
+    lines = [header, "|---" * (len(results) + 1) + "|"]
+    for key in ("loss", "perplexity", "token_accuracy"):
+        if all(key in r for r in results):
+            lines.append(f"| {key} | " + " | ".join(f"{r[key]:.4f}" for r in results) + " |")
+    for name in results[0]["scores"]:
+        cells = []
+        for r in results:
+            s = r["scores"][name]
+            ci = f" [{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}]" if "ci95" in s else ""
+            cells.append(f"{s['mean']:.3f}{ci}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run(args) -> int:
+    from lorasmith import atomic
+    from lorasmith.data.records import read_source
+    from lorasmith.errors import ConfigError
+    from lorasmith.evaluation.scores import METRICS, load_user_metric
+
+    unknown = [m for m in args.metrics.split(",") if m and m not in METRICS]
+    if unknown:
+        raise ConfigError(f"--metrics: unknown {', '.join(unknown)}", hint=f"choose from {', '.join(METRICS)}")
+    user_metrics = {spec: load_user_metric(spec) for spec in args.metric}  # bad specs fail before any model loads
+    convs = read_source(args.data, fmt=args.format).conversations
+    convs = [c for c in convs if any(m["role"] == "assistant" for m in c.messages)]
+    if args.limit:
+        convs = convs[: args.limit]
+    results = [evaluate_target(t, convs, args, user_metrics) for t in args.targets]
+    table = to_markdown(results)
+    print(f"{len(convs)} conversations from {args.data}; means with bootstrap 95% intervals\n", file=sys.stderr)
+    print(table)
+    if args.out:
+        out = Path(args.out)
+        atomic.write_json(out / "results.json", {"data": args.data, "results": results})
+        atomic.write_text(out / "results.md", table)
+        print(f"wrote {out / 'results.json'} and results.md", file=sys.stderr)
+    return 0
