@@ -43,7 +43,7 @@ def test_labelled_positions_loss_equals_full_logits_loss(lora_model, encoded, to
     labels = torch.where(batch.weights > 0, batch.input_ids, torch.full_like(batch.input_ids, -100))
     with torch.no_grad():
         reference = lora_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=labels).loss
-    assert float(parts.loss_sum) / parts.weight_sum == pytest.approx(float(reference), rel=1e-5)
+    assert float(parts.loss_sum.detach()) / parts.weight_sum == pytest.approx(float(reference), rel=1e-5)
     assert parts.positions == int((batch.weights[:, 1:] > 0).sum())
 
 
@@ -232,7 +232,7 @@ def test_compiled_packed_rows_still_do_not_attend_across_samples(tiny_model_dir,
         model.zero_grad(set_to_none=True)
         parts = weighted_loss(model, batch, FP32)
         parts.loss_sum.backward()
-        results.append((float(parts.loss_sum), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+        results.append((float(parts.loss_sum.detach()), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
     (packed, g_packed), (padded, g_padded) = results
     assert packed == pytest.approx(padded, rel=1e-5)
     for name, g in g_packed.items():

@@ -168,8 +168,6 @@ class LoraFinetune:
                 print(f"{run.path} is already complete (adapter: {run.adapter}); nothing to do")
                 self.run = run
                 return False
-            if self.ckpt is None:
-                log.warning("%s has no complete checkpoint: starting it again from step 0 (its train.log is kept)", run.path)
         elif resume:
             log.info("--resume: no earlier run of this config yet; starting one")
         self.run = run = run or RunFolder.new(out.dir, out.name, self.config_path, out.overwrite)
@@ -177,6 +175,8 @@ class LoraFinetune:
         run.path.mkdir(parents=True, exist_ok=True)
         self.lock = run.lock
         self.lock.acquire()  # a second live process on this run is refused here
+        if self.ckpt is None and run.status_file.is_file():
+            log.warning("%s has no complete checkpoint: starting it again from step 0 (its train.log is kept)", run.path)
         if self.ckpt is None:
             run.metrics.unlink(missing_ok=True)  # a restarted run logs from step 0 again
         atomic.write_text(run.config, to_yaml(cfg))
