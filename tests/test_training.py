@@ -232,7 +232,9 @@ def test_compiled_packed_rows_still_do_not_attend_across_samples(tiny_model_dir,
         model.zero_grad(set_to_none=True)
         parts = weighted_loss(model, batch, FP32)
         parts.loss_sum.backward()
-        results.append((float(parts.loss_sum.detach()), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+        results.append(
+            (float(parts.loss_sum.detach()), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+        )
     (packed, g_packed), (padded, g_padded) = results
     assert packed == pytest.approx(padded, rel=1e-5)
     for name, g in g_packed.items():
