@@ -78,7 +78,7 @@ def write_jsonl(path: Path, rows) -> Path:
     return path
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def demo_rows():
     from lorasmith.data.demo import generate
 

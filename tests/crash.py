@@ -5,6 +5,7 @@
 MODE: kill-before-step (SIGKILL before step N+1), term-before-step (SIGTERM before step N+1),
 term-mid-step (SIGTERM between two micro-batches of step N+1), kill-in-checkpoint (SIGKILL while
 checkpoint N is half written), kill-in-adapter (SIGKILL while the final adapter is half written).
+Under torchrun (`torchrun ... tests/crash.py ...`) only the rank in CRASH_RANK (default: all) is hit.
 """
 
 import os
@@ -24,7 +25,7 @@ if mode in ("kill-before-step", "term-before-step"):
     sig = signal.SIGKILL if mode == "kill-before-step" else signal.SIGTERM
 
     def patched_step(self, state, on_oom=None):
-        if state.step == n:
+        if state.step == n and os.environ.get("CRASH_RANK", os.environ.get("RANK", "0")) == os.environ.get("RANK", "0"):
             os.kill(os.getpid(), sig)
         return original_step(self, state, on_oom)
 

@@ -1,39 +1,143 @@
-"""The seam for multi-process training: who this process is, and the few collectives the loop needs.
+"""Who this process is in a launched job, the few collectives the training loop needs, and the launcher.
 
-On one process (today's only mode) every call is a no-op: rank 0 of 1, the main process writes
-everything, sums are local. A torchrun launch will set up ``torch.distributed`` and the same calls
-then say which rank writes the run folder and all-reduce the loss normaliser, so the training
-loop does not change shape when more processes arrive.
+One process: rank 0 of 1, every collective a no-op. Under torchrun (``torchrun --nproc_per_node N
+-m lorasmith train ...`` or ``lorasmith train ... --nproc N``, which calls torchrun's own entry
+point), :func:`init` joins the process group that torchrun's environment describes: NCCL on GPUs,
+gloo on CPUs, with a timeout on every collective so a rank that dies or hangs stops the others
+with an error instead of a silent wait.
 """
 
 from __future__ import annotations
 
+import datetime
+import logging
+import os
 from dataclasses import dataclass
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Dist:
     rank: int = 0
     world_size: int = 1
+    local_rank: int = 0
 
     @property
     def is_main(self) -> bool:
-        """Only the main process writes the run folder, logs, progress and the adapter."""
+        """Only the main process writes the run folder, logs, progress, trackers and the adapter."""
         return self.rank == 0
 
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
     def all_reduce_sum(self, value: float) -> float:
-        """``value`` summed over all processes (the trained weight of the whole global batch)."""
-        if self.world_size == 1:
-            return value
-        t = torch.tensor([value], dtype=torch.float64)
-        torch.distributed.all_reduce(t)
-        return float(t.item())
+        """``value`` summed over all processes (e.g. the trained weight of the whole global batch)."""
+        return self.all_reduce([value])[0]
+
+    def all_reduce(self, values: list[float], op: str = "sum") -> list[float]:
+        """Element-wise sum or max of ``values`` over all processes (one collective for several numbers)."""
+        if not self.active:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=self._device())
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX if op == "max" else torch.distributed.ReduceOp.SUM)
+        return t.cpu().tolist()
+
+    def any(self, flag: bool) -> bool:
+        """True on every process if it is true on any (decisions taken by the clock or a signal)."""
+        return bool(self.all_reduce([float(flag)], op="max")[0])
+
+    def broadcast(self, obj):
+        """Rank 0's ``obj`` on every process (a picklable value: a path, a decision)."""
+        if not self.active:
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather(self, obj) -> list | None:
+        """Every rank's ``obj`` as a list on rank 0 (None on the others)."""
+        if not self.active:
+            return [obj]
+        out = [None] * self.world_size if self.is_main else None
+        torch.distributed.gather_object(obj, out, dst=0)
+        return out
+
+    def barrier(self) -> None:
+        if self.active:
+            torch.distributed.barrier()
+
+    def _device(self) -> torch.device:
+        # NCCL reduces tensors on the GPU; gloo on the CPU.
+        nccl = torch.distributed.get_backend() == "nccl"
+        return torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+
+
+def is_collective_failure(e: BaseException) -> bool:
+    """A collective that failed because another process died, hung or lost its connection (gloo raises
+    a plain RuntimeError naming itself; NCCL and timeouts raise DistError)."""
+    if isinstance(e, torch.distributed.DistError):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and any(k in text for k in ("gloo", "NCCL", "Connection reset", "Connection closed"))
 
 
 def current() -> Dist:
     """This process's place in the launched job (one process unless torch.distributed is set up)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return Dist(torch.distributed.get_rank(), torch.distributed.get_world_size())
+        return Dist(torch.distributed.get_rank(), torch.distributed.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
     return Dist()
+
+
+def launched() -> bool:
+    """Whether torchrun started this process as one of several."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init(timeout_minutes: float) -> Dist:
+    """Join the process group torchrun's environment describes (no-op for a single process)."""
+    if not launched():
+        return Dist()
+    if not torch.distributed.is_initialized():
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_rank)  # each process its own GPU
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+    dist = current()
+    if not dist.is_main:
+        # One voice: the other ranks report warnings and errors only.
+        logging.getLogger("lorasmith").setLevel(logging.WARNING)
+    log.info("distributed: %d processes, backend %s", dist.world_size, torch.distributed.get_backend())
+    return dist
+
+
+def shutdown() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def launch(nproc: int, argv: list[str]) -> int:
+    """Run ``lorasmith argv`` on ``nproc`` local processes through torchrun's own entry point
+    (``torch.distributed.run``: restarts, signal forwarding and the failure summary are torchrun's);
+    returns the exit code of the first process that failed, 0 if all succeeded."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    if "OMP_NUM_THREADS" not in os.environ:
+        # Split the cores between the processes (torchrun alone would give each one thread).
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
+    args = get_args_parser().parse_args(["--standalone", f"--nproc-per-node={nproc}", "-m", "lorasmith", *argv])
+    try:
+        run(args)
+    except ChildFailedError as e:
+        codes = [f.exitcode for f in e.failures.values() if f.exitcode]
+        code = codes[0] if codes else 1
+        return 128 - code if code < 0 else code  # killed by a signal: the shell's convention
+    except SignalException as e:  # SIGTERM/SIGINT on the launcher: torchrun passed it on and waited for the processes
+        return 128 + int(e.sigval)
+    return 0

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import resource
+import subprocess
 import sys
 import tempfile
 import threading
@@ -203,7 +205,7 @@ def run_trl_packing(model_dir: str, train: str, val: str, steps: int) -> dict:
     return {"step_s": timer.times, "real_tokens": timer.tokens, "eval_loss": _val_loss(model, tok, val_set), "peak_rss_mib": peak}
 
 
-def run_lorasmith(model_dir: str, train: str, val: str, steps: int, extra: list[str]) -> dict:
+def run_lorasmith(model_dir: str, train: str, val: str, steps: int, extra: list[str], nproc: int = 1) -> dict:
     """(d) lorasmith's defaults (bf16 where the CPU has it, length grouping, head on labelled positions),
     with the same LoRA targets and effective batch as the others."""
     from lorasmith.config import load
@@ -211,24 +213,30 @@ def run_lorasmith(model_dir: str, train: str, val: str, steps: int, extra: list[
     from lorasmith.training.recipe import train as run_train
 
     with tempfile.TemporaryDirectory() as out:
-        cfg: Config = load(
-            None,
-            [
-                f"model.name={model_dir}",
-                f"data.train={train}",
-                f"data.val={val}",
-                "data.max_length=512",
-                f"lora.target_modules={','.join(SEED_TARGETS)}",
-                "train.micro_batch_size=8",
-                f"train.max_steps={steps}",
-                "eval.samples=0",
-                f"output.dir={out}",
-                "output.overwrite=true",
-                "output.name=bench",
-                *extra,
-            ],
-        )
-        run = RunFolder(run_train(cfg))
+        overrides = [
+            f"model.name={model_dir}",
+            f"data.train={train}",
+            f"data.val={val}",
+            "data.max_length=512",
+            f"lora.target_modules={','.join(SEED_TARGETS)}",
+            "train.micro_batch_size=8",
+            f"train.max_steps={steps}",
+            "eval.samples=0",
+            f"output.dir={out}",
+            "output.overwrite=true",
+            "output.name=bench",
+            *extra,
+        ]
+        if nproc > 1:  # torchrun's processes, each with its share of the cores; rank 0 logs global tokens/s
+            env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // nproc))}
+            cmd = [sys.executable, "-m", "lorasmith", "train", *overrides, "--nproc", str(nproc)]
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise SystemExit(proc.stderr[-3000:])
+            run = RunFolder(Path(out) / "bench")
+        else:
+            cfg: Config = load(None, overrides)
+            run = RunFolder(run_train(cfg))
         peak = _peak_rss_mib()  # training's peak, before the evaluation below loads a second model
         rows = [json.loads(line) for line in run.metrics.read_text().splitlines()]
         steps_rows = [r for r in rows if "step_s" in r]
@@ -257,7 +265,7 @@ def main() -> None:
     elif name == "trl-packing":
         result = run_trl_packing(model_dir, train, val, int(steps))
     elif name.startswith("lorasmith"):
-        result = run_lorasmith(model_dir, train, val, int(steps), extra)
+        result = run_lorasmith(model_dir, train, val, int(steps), extra, nproc=2 if name.endswith("-ddp2") else 1)
     else:
         raise SystemExit(f"unknown configuration {name}")
     result.setdefault("precision", "fp32")

@@ -39,6 +39,7 @@ CONFIGS = {
     "lorasmith-nocap": "lorasmith, no micro-batch token cap",
     "lorasmith-qlora4": "lorasmith QLoRA, 4-bit NF4 base",
     "lorasmith-qlora8": "lorasmith, 8-bit base",
+    "lorasmith-ddp2": "lorasmith on 2 processes (DDP, torchrun), the cores split between them",
 }
 # Overrides that make each lorasmith variant (on top of the bench's shared settings).
 VARIANTS = {
@@ -50,6 +51,7 @@ VARIANTS = {
     "lorasmith-nocap": ["train.max_batch_tokens=0"],
     "lorasmith-qlora4": ["quantization.bits=4"],
     "lorasmith-qlora8": ["quantization.bits=8"],
+    "lorasmith-ddp2": [],
 }
 
 

@@ -30,11 +30,19 @@ def add_parser(sub) -> None:
         help="continue from the newest complete checkpoint of this run (or of PATH: a run folder or checkpoint)",
     )
     p.add_argument("--force-resume", action="store_true", help="resume even if the model, data or config changed")
+    p.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        metavar="N",
+        help="train on N processes of this machine (one per GPU, or CPU processes): torchrun underneath, "
+        "train.distributed picks DDP or FSDP; the same as `torchrun --nproc-per-node N -m lorasmith train ...`",
+    )
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from lorasmith import config
+    from lorasmith import config, distributed
     from lorasmith.commands.inputs import is_data_path
     from lorasmith.training.recipe import train
 
@@ -44,5 +52,17 @@ def run(args) -> int:
     # No config: the demo recipe, unless the command line brings its own data (then plain defaults).
     own_data = any(o.split("=", 1)[0] == "data.train" for o in args.overrides)
     cfg = config.load(args.config or (None if own_data else config.builtin_recipe("demo")), args.overrides)
+    if args.nproc > 1 and not distributed.launched():  # config errors are reported above, once, before any launch
+        return distributed.launch(args.nproc, _child_argv(args))
     train(cfg, config_path=args.config, resume=args.resume, force_resume=args.force_resume)
     return 0
+
+
+def _child_argv(args) -> list[str]:
+    """The same command for each launched process (the config already resolved the data-file shorthand)."""
+    argv = (["--debug"] if args.debug else []) + ["train"] + ([args.config] if args.config else []) + list(args.overrides)
+    if args.resume:
+        argv += ["--resume", args.resume]
+    if args.force_resume:
+        argv.append("--force-resume")
+    return argv

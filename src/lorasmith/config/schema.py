@@ -190,6 +190,12 @@ class TrainConfig:
     there (true to try). Falls back to eager if compiling fails."""
     seed: int = 42
     """Seed of LoRA initialisation, dropout and data order."""
+    distributed: Literal["auto", "ddp", "fsdp"] = "auto"
+    """With several processes (torchrun, or `lorasmith train --nproc N`): ddp = each holds the whole model and
+    the LoRA gradients are all-reduced; fsdp = FSDP2 shards the decoder layers (frozen base, LoRA weights,
+    optimizer state) over the processes, for a base that does not fit one device; auto = ddp. Ignored on one."""
+    distributed_timeout_minutes: float = 30.0
+    """How long a process waits for the others in one collective before it stops with an error."""
     log_every: int = 1
     """Write a metrics line every N optimizer steps."""
     eval_every: int = 0
@@ -244,6 +250,8 @@ class TrainConfig:
             raise ConfigError(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.save_every_minutes < 0 or self.stop_grace_s < 0:
             raise ConfigError("train.save_every_minutes and train.stop_grace_s must be >= 0")
+        if self.distributed_timeout_minutes <= 0:
+            raise ConfigError(f"train.distributed_timeout_minutes must be > 0, got {self.distributed_timeout_minutes}")
         if self.max_grad_norm < 0:
             raise ConfigError(f"train.max_grad_norm must be >= 0, got {self.max_grad_norm}")
 
@@ -271,9 +279,10 @@ class OutputConfig:
     """Run folder name; default: the config file's stem plus a timestamp."""
     overwrite: bool = False
     """Replace an existing run folder of the same name."""
-    report_to: list[Literal["tensorboard", "wandb"]] = field(default_factory=list)
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = field(default_factory=list)
     """Trackers that receive the metrics, config and answers besides metrics.jsonl (pip install 'lorasmith[trackers]');
-    both work offline: TensorBoard event files in the run folder, W&B in offline mode unless WANDB_MODE/WANDB_API_KEY."""
+    all work offline: TensorBoard event files in the run folder, W&B in offline mode unless WANDB_MODE/WANDB_API_KEY,
+    MLflow in a SQLite store in the run folder unless MLFLOW_TRACKING_URI."""
 
 
 @dataclass

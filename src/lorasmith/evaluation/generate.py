@@ -4,6 +4,8 @@ stopping at the tokenizer's and the model's end-of-turn ids."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from lorasmith.data.masking import render
@@ -24,6 +26,34 @@ def stop_token_ids(tokenizer, model) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """Decoding settings: temperature 0 is greedy (the default for evaluation and chat)."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+
+@dataclass
+class Completion:
+    text: str
+    finish_reason: str
+    """stop: an end-of-turn token or a stop string ended it; length: max_new_tokens did."""
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class _Cancelled:
+    """A stopping criterion that ends generation when ``event`` is set (a client that went away)."""
+
+    def __init__(self, event):
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -37,33 +67,85 @@ def generate(
 ) -> list[str]:
     """Greedy answers, one per history and in their order, decoded without special tokens (``streamer``: a
     transformers streamer that prints the answer as it is generated, for a single history)."""
+    done = complete(
+        model, tokenizer, histories, precision=precision, max_new_tokens=max_new_tokens, batch_size=batch_size, streamer=streamer
+    )
+    return [c.text.strip() for c in done]
+
+
+@torch.no_grad()
+def complete(
+    model,
+    tokenizer,
+    histories: list[list[dict]],
+    *,
+    precision: Precision,
+    max_new_tokens: int | list[int] = 128,
+    batch_size: int = 16,
+    sampling: Sampling = Sampling(),
+    stop: tuple[str, ...] = (),
+    streamer=None,
+    cancelled=None,
+) -> list[Completion]:
+    """The next assistant turn of each history, in their order, with why it ended and token counts.
+
+    ``max_new_tokens``: one limit, or one per history (a batch runs to its largest, and each answer is cut
+    at its own); ``stop``: strings that end an answer (not included in it); ``cancelled``: a
+    ``threading.Event`` that ends generation early."""
     device = next(model.parameters()).device
+    limits = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(histories)
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # generation appends on the right
     prompts = [render(tokenizer, h, add_generation_prompt=True) for h in histories]
     # Batches of similar prompt lengths: less left padding to run through the prefill and attention.
     lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
     order = sorted(range(len(prompts)), key=lambda i: lengths[i])
-    answers: list[str] = [""] * len(prompts)
+    out_list: list[Completion | None] = [None] * len(prompts)
     eos = stop_token_ids(tokenizer, model)
+    extra = {}
+    if sampling.temperature > 0:
+        extra = {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p}
+    else:
+        extra = {"do_sample": False}
+    if stop:
+        extra.update(stop_strings=list(stop), tokenizer=tokenizer)
+    if cancelled is not None:
+        from transformers import StoppingCriteriaList
+
+        extra["stopping_criteria"] = StoppingCriteriaList([_Cancelled(cancelled)])
+    devices = [device.index or 0] if device.type == "cuda" else []
     try:
-        with evaluating(model):
+        with evaluating(model), torch.random.fork_rng(devices=devices, enabled=sampling.seed is not None):
+            if sampling.seed is not None:
+                torch.manual_seed(sampling.seed)
             for start in range(0, len(order), batch_size):
                 idx = order[start : start + batch_size]
                 enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
                 with precision.autocast():
                     out = model.generate(
                         **enc,
-                        max_new_tokens=max_new_tokens,
-                        do_sample=False,
+                        max_new_tokens=max(limits[i] for i in idx),
                         eos_token_id=eos,
                         pad_token_id=tokenizer.pad_token_id,
                         use_cache=True,
                         streamer=streamer,
+                        **extra,
                     )
                 new = out[:, enc["input_ids"].shape[1] :]
                 for i, row in zip(idx, new):
-                    answers[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
+                    out_list[i] = _finish(tokenizer, row.tolist()[: limits[i]], eos, stop, lengths[i], limits[i])
     finally:
         tokenizer.padding_side = side
-    return answers
+    return out_list
+
+
+def _finish(tokenizer, ids: list[int], eos: list[int], stop, prompt_tokens: int, limit: int) -> Completion:
+    end = next((k for k, t in enumerate(ids) if t in eos), None)
+    ended = end is not None
+    ids = ids[: end + 1] if ended else ids
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    cut = min((text.find(s) for s in stop if s and s in text), default=-1)
+    if cut >= 0:
+        text, ended = text[:cut], True
+    reason = "stop" if ended or len(ids) < limit else "length"
+    return Completion(text, reason, prompt_tokens, len(ids))

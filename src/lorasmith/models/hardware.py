@@ -38,7 +38,8 @@ class Precision:
 
 
 def default_device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    # cuda:N, not bare "cuda": under torchrun each process has its own GPU (distributed.init sets it).
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def cpu_has_bf16() -> bool:

@@ -1,11 +1,14 @@
-"""Experiment trackers as sinks of the run's MetricsLogger: TensorBoard and Weights & Biases.
+"""Experiment trackers as sinks of the run's MetricsLogger: TensorBoard, Weights & Biases and MLflow.
 
 Each receives every metrics line (loss, lr, grad norm, tokens/s, evaluations) with its step, the
 resolved config, and at the end the before/after answers and the adapter's path. Both work
 offline: TensorBoard writes event files into ``runs/NAME/tensorboard/``; W&B runs in offline mode
 (no login, files under ``runs/NAME/wandb/``, `wandb sync` uploads them later) unless ``WANDB_MODE``
 or ``WANDB_API_KEY`` says otherwise. A resumed run continues the same W&B run (its id is kept in
-the run folder) and appends to the same TensorBoard folder.
+the run folder) and appends to the same TensorBoard folder. MLflow logs to ``$MLFLOW_TRACKING_URI``
+if set, else to a SQLite store in the run folder (``runs/NAME/mlflow.db``, artifacts beside it:
+MLflow 3 refuses a bare file store and defaults to ``./mlflow.db`` in whatever the working folder
+is), and a resumed run continues the same MLflow run.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from pathlib import Path
 
 from lorasmith.errors import ConfigError
 
-PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
+PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 
 
 def check_installed(report_to: list[str]) -> None:
@@ -93,6 +96,69 @@ class WandbSink:
         self.run.finish()
 
 
+class MlflowSink:
+    def __init__(self, folder: Path, name: str, config: dict):
+        from mlflow import MlflowClient
+
+        uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(folder / 'mlflow.db').resolve()}"
+        self.client = MlflowClient(uri, registry_uri=uri)
+        experiment_name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "lorasmith")
+        experiment = self.client.get_experiment_by_name(experiment_name)
+        if experiment is None:
+            artifacts = (folder / "mlflow-artifacts").resolve().as_uri() if uri.startswith("sqlite:") else None
+            experiment_id = self.client.create_experiment(experiment_name, artifact_location=artifacts)
+        else:
+            experiment_id = experiment.experiment_id
+        id_file = folder / "mlflow_run_id"
+        if id_file.is_file():  # a resumed run continues its MLflow run
+            self.run_id = id_file.read_text().strip()
+            self.client.update_run(self.run_id, status="RUNNING")
+        else:
+            self.run_id = self.client.create_run(experiment_id, run_name=name).info.run_id
+            id_file.write_text(self.run_id + "\n")
+            flat = _flatten(config)
+            from mlflow.entities import Param
+
+            params = [Param(k, str(v)[:500]) for k, v in flat.items()]
+            for start in range(0, len(params), 100):  # MLflow takes at most 100 params per call
+                self.client.log_batch(self.run_id, params=params[start : start + 100])
+            self.client.log_dict(self.run_id, config, "config.json")
+        self.uri = uri
+
+    def write(self, row: dict) -> None:
+        import time as _time
+
+        from mlflow.entities import Metric
+
+        now = int(_time.time() * 1000)
+        metrics = [Metric(k, v, now, row["step"]) for k, v in _numbers(row).items()]
+        if metrics:
+            self.client.log_batch(self.run_id, metrics=metrics)
+
+    def table(self, name: str, rows: list[dict]) -> None:
+        self.client.log_dict(self.run_id, rows, f"{name.replace(' ', '_')}.json")
+
+    def summary(self, values: dict) -> None:
+        self.client.log_dict(self.run_id, values, "summary.json")
+        for key, value in values.items():
+            if isinstance(value, str):
+                self.client.set_tag(self.run_id, key, value[:5000])
+
+    def close(self) -> None:
+        self.client.set_terminated(self.run_id)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
 def make_sinks(report_to: list[str], folder: Path, name: str, config: dict) -> list:
     sinks: list = []
     for tracker in report_to:
@@ -100,4 +166,6 @@ def make_sinks(report_to: list[str], folder: Path, name: str, config: dict) -> l
             sinks.append(TensorBoardSink(folder / "tensorboard", config))
         elif tracker == "wandb":
             sinks.append(WandbSink(folder, name, config))
+        elif tracker == "mlflow":
+            sinks.append(MlflowSink(folder, name, config))
     return sinks

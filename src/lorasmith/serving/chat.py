@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from lorasmith.config import ModelConfig
+from lorasmith import config
+from lorasmith.config import ModelConfig, QuantizationConfig
 from lorasmith.errors import LorasmithError
 from lorasmith.evaluation.generate import generate
 from lorasmith.models.adapter import base_of
@@ -19,25 +20,60 @@ from lorasmith.runs import RunFolder
 
 
 def load_for_chat(model_name: str | None, adapter: str | None):
+    """The base (and adapter) for `lorasmith chat`: see :func:`load_served`."""
+    model, tokenizer, precision = load_served(model_name, {"default": Path(adapter)} if adapter else {})
+    return model, tokenizer, precision
+
+
+def trained_quantization(adapter_dir: Path) -> QuantizationConfig | None:
+    """The quantization the adapter's run trained on (a QLoRA adapter learned to correct the 4-bit base)."""
+    run = RunFolder.of_adapter(adapter_dir)
+    if run is None:
+        return None
+    q = config.load(run.config).quantization
+    return q if q.bits else None
+
+
+def load_served(model_name: str | None, adapters: dict[str, Path]):
+    """The base model with each adapter loaded under its name (peft switches between them), the tokenizer
+    (the first adapter's, which carries the chat template it was trained with) and the precision.
+
+    A QLoRA adapter is loaded onto the base quantized as in training, not the full-precision base; all
+    adapters must share one base and one quantization."""
     device = default_device()
-    adapter_dir = Path(adapter) if adapter else None
-    if adapter_dir is not None and not adapter_dir.is_dir():
-        raise LorasmithError(f"--adapter {adapter_dir}: no such folder")
-    mcfg = ModelConfig(name=model_name or (base_of(adapter_dir) if adapter_dir else ModelConfig.name))
+    for name, folder in adapters.items():
+        if not folder.is_dir():
+            raise LorasmithError(f"adapter {name}: {folder}: no such folder")
+    bases = {name: base_of(folder) for name, folder in adapters.items()}
+    if len(set(bases.values())) > 1:
+        raise LorasmithError(f"the adapters were trained on different bases ({bases}): serve them separately")
+    quants = {name: trained_quantization(folder) for name, folder in adapters.items()}
+    if len({str(q) for q in quants.values()}) > 1:
+        raise LorasmithError(f"the adapters were trained on differently quantized bases ({quants}): serve them separately")
+    quant = next(iter(quants.values()), None)
+    mcfg = ModelConfig(name=model_name or next(iter(bases.values()), ModelConfig.name))
     tokenizer = load_tokenizer(mcfg)
-    if adapter_dir is not None and (adapter_dir / "tokenizer_config.json").is_file():
+    first = next(iter(adapters.values()), None)
+    if first is not None and (first / "tokenizer_config.json").is_file():
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(adapter_dir)  # carries the chat template it was trained with
+        tokenizer = AutoTokenizer.from_pretrained(first)  # carries the chat template it was trained with
         ensure_pad_token(tokenizer)
     precision = choose_precision("auto", device, Shapes.of(load_config(mcfg)))
     # Weights in the measured precision: bf16 weights skip autocast's per-step casts (~10% faster generation).
     dtype = DTYPES[precision.name] if precision.name != "fp16" else torch.float32
-    model = load_model(mcfg, device=device, attn_implementation=choose_attention("auto", device, precision), dtype=dtype)
-    if adapter_dir is not None:
+    attention = choose_attention("auto", device, precision)
+    compute = precision.autocast_dtype or torch.float32
+    model = load_model(mcfg, device=device, attn_implementation=attention, dtype=dtype, quantization=quant, compute_dtype=compute)
+    if quant is not None:
+        print(f"base quantized to {quant.bits}-bit as in training (QLoRA adapter)", file=sys.stderr)
+    if adapters:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, adapter_dir)
+        names = list(adapters)
+        model = PeftModel.from_pretrained(model, adapters[names[0]], adapter_name=names[0])
+        for name in names[1:]:
+            model.load_adapter(adapters[name], adapter_name=name)
     model.eval()
     return model, tokenizer, precision
 

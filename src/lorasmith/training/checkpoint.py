@@ -17,11 +17,14 @@ import numpy as np
 import torch
 
 from lorasmith import atomic
+from lorasmith.distributed import Dist
 from lorasmith.errors import LorasmithError, TrainingError
 from lorasmith.runs.folder import CHECKPOINT_COMPLETE as MARKER
 from lorasmith.runs.folder import TRAINER_STATE, RunFolder
 
 log = logging.getLogger(__name__)
+
+RNG_PER_RANK = "rng_per_rank.pt"
 
 
 @dataclass
@@ -69,16 +72,29 @@ def rng_state() -> dict:
     return _rng_state()
 
 
-def save(run: RunFolder, model, optimizer, scheduler, state: TrainerState, keep: int, rng: dict | None = None) -> Path:
+def save(
+    run: RunFolder, model, optimizer, scheduler, state: TrainerState, keep: int, rng: dict | None = None, parallel=None
+) -> Path | None:
     """Write a complete checkpoint of ``state`` atomically; ``rng``: the RNG states to resume with
-    (default: now, the start of the next step)."""
+    (default: now, the start of the next step).
+
+    With several processes every one calls this: rank 0 gathers their RNG states (and under FSDP the
+    full adapter and optimizer state, a collective) and writes; the others return None."""
+    dist = parallel.dist if parallel is not None else Dist()
+    rngs = dist.gather(rng if rng is not None else _rng_state())
+    weights = parallel.adapter_state_dict() if parallel is not None else None
+    optim = _optimizer_state(model, optimizer, parallel)
+    if not dist.is_main:
+        return None
     target = run.checkpoint(state.step)
     try:
         with atomic.folder(target) as tmp:
-            model.save_pretrained(tmp / "adapter", safe_serialization=True)
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            model.save_pretrained(tmp / "adapter", safe_serialization=True, state_dict=weights)
+            torch.save(optim, tmp / "optimizer.pt")
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-            torch.save(rng if rng is not None else _rng_state(), tmp / "rng.pt")
+            torch.save(rngs[0], tmp / "rng.pt")
+            if len(rngs) > 1:
+                torch.save(rngs, tmp / RNG_PER_RANK)
             (tmp / TRAINER_STATE).write_text(json.dumps(asdict(state), indent=2))
             if run.config.is_file():  # the config this state was trained under
                 shutil.copyfile(run.config, tmp / run.config.name)
@@ -95,6 +111,15 @@ def save(run: RunFolder, model, optimizer, scheduler, state: TrainerState, keep:
     return target
 
 
+def _optimizer_state(model, optimizer, parallel) -> dict:
+    """The optimizer state keyed by parameter name, whole (gathered from FSDP's shards): the same file
+    for one process, DDP or FSDP, so a run can resume with another number of processes."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=parallel is not None and parallel.strategy == "fsdp")
+    return get_optimizer_state_dict(model, optimizer, options=options)
+
+
 def load_state(path: Path) -> TrainerState:
     if not (path / MARKER).is_file():
         raise LorasmithError(
@@ -103,15 +128,42 @@ def load_state(path: Path) -> TrainerState:
     return TrainerState(**json.loads((path / TRAINER_STATE).read_text()))
 
 
-def restore(path: Path, model, optimizer, scheduler) -> None:
-    """Load adapter weights, optimizer, scheduler and RNG states saved by :func:`save`."""
-    from peft import set_peft_model_state_dict
+def restore(path: Path, model, optimizer, scheduler, parallel=None) -> None:
+    """Load adapter weights, optimizer, scheduler and RNG states saved by :func:`save` (every process
+    reads the same files: one machine, or a shared file system)."""
     from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
+    dist = parallel.dist if parallel is not None else Dist()
     weights = load_file(str(path / "adapter" / "adapter_model.safetensors"))
-    result = set_peft_model_state_dict(model, weights)
-    if getattr(result, "unexpected_keys", None):
-        raise LorasmithError(f"checkpoint {path} does not fit this model (unexpected {result.unexpected_keys[:3]})")
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    by_name = _adapter_names(model, weights, path)
+    full = StateDictOptions(full_state_dict=True, strict=False)
+    set_model_state_dict(model, by_name, options=full)  # whole tensors in, FSDP keeps its shard of each
+    optim = torch.load(path / "optimizer.pt", weights_only=True)
+    set_optimizer_state_dict(model, optimizer, optim, options=full)
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    _restore_rng(torch.load(path / "rng.pt", weights_only=True))
+    per_rank = path / RNG_PER_RANK
+    rngs = torch.load(per_rank, weights_only=False) if per_rank.is_file() else [torch.load(path / "rng.pt", weights_only=True)]
+    if len(rngs) != dist.world_size:
+        log.warning(
+            "checkpoint written by %d process(es), resumed on %d: data order and weights continue exactly, dropout draws do not",
+            len(rngs),
+            dist.world_size,
+        )
+    _restore_rng(rngs[dist.rank] if dist.rank < len(rngs) else rngs[0])
+
+
+def _adapter_names(model, weights: dict, path: Path) -> dict:
+    """peft's saved names (``...lora_A.weight``) -> the model's own (``...lora_A.default.weight``)."""
+    out = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        saved = next((k for k in (name.replace(".default", ""), name) if k in weights), None)
+        if saved is None:
+            raise LorasmithError(f"checkpoint {path} does not fit this model (no weight for {name})")
+        out[name] = weights[saved]
+    extra = len(weights) - len(out)
+    if extra:
+        raise LorasmithError(f"checkpoint {path} does not fit this model ({extra} weights it has no place for)")
+    return out

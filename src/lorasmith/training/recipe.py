@@ -12,7 +12,8 @@ non-finite update, normalise the loss over the whole accumulated batch, apply th
 labelled positions only, and resume at the exact micro-batch. Trainer hides those inside
 ``training_step``; the loop below is short enough to read in one sitting.
 
-Limits: one process (``lorasmith.distributed`` is the seam multi-process training plugs into).
+Several processes (torchrun, or ``lorasmith train --nproc N``): DDP or FSDP2 (training/parallel.py),
+with the global batch, data order and loss normalisation of one process; rank 0 writes the run folder.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from lorasmith.config import Config, to_yaml
 from lorasmith.data.check import overlap
 from lorasmith.data.dataset import TokenizedSet, read_split, tokenize
 from lorasmith.data.records import shared_system_prompt
-from lorasmith.errors import TrainingError
+from lorasmith.errors import ConfigError, TrainingError
 from lorasmith.evaluation.compare import evaluate, print_comparison, report_eval, sample_answers, side_by_side
 from lorasmith.evaluation.metrics import validation_loss
 from lorasmith.models.adapter import add_lora, base_weights_dtype, count_parameters, save_portable_identity
@@ -53,6 +54,7 @@ from lorasmith.training.compile import compile_decoder_layers, should_compile
 from lorasmith.training.guards import GracefulStop, StepAbandoned, first_batch_loss, preflight_loss, warn_degenerate
 from lorasmith.training.memory import auto_micro_batch
 from lorasmith.training.optim import build_optimizer, build_scheduler
+from lorasmith.training.parallel import Parallel
 from lorasmith.training.resume import check_resumable, run_fingerprint
 from lorasmith.training.step import Stepper, StepPlan
 
@@ -68,8 +70,8 @@ def train(cfg: Config, *, config_path: str | None = None, resume: str | None = N
     try:
         if not recipe.setup_run_folder(resume, force_resume):
             return recipe.run.path
-        run = recipe.run
-        file_log = logging.FileHandler(run.log_file)
+        run, main = recipe.run, recipe.dist.is_main
+        file_log = logging.FileHandler(run.log_file) if main else logging.NullHandler()
         file_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         logging.getLogger("lorasmith").addHandler(file_log)
         try:
@@ -83,9 +85,11 @@ def train(cfg: Config, *, config_path: str | None = None, resume: str | None = N
             with recipe.phase("evaluation after and saving"):
                 recipe.save_and_compare()
         except BaseException as e:
-            if not isinstance(e, SystemExit):  # a signal stop has already written its status and resume command
+            if main and not isinstance(e, SystemExit):  # a signal stop has already written its status and resume command
                 status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
                 run.write_status(status, error=str(e) or type(e).__name__)
+            if recipe.dist.active and distributed.is_collective_failure(e):  # say which run and how to go on
+                raise recipe.lost_contact(e) from None
             raise
         finally:
             logging.getLogger("lorasmith").removeHandler(file_log)
@@ -93,8 +97,9 @@ def train(cfg: Config, *, config_path: str | None = None, resume: str | None = N
     finally:
         recipe.close()
     recipe.timings["total (with start-up)"] = time.monotonic() - started + recipe.startup_s
-    run.write_status("complete", seconds={k: round(v, 1) for k, v in recipe.timings.items()})
-    print("time: " + ", ".join(f"{k} {v:.0f} s" for k, v in recipe.timings.items()), file=sys.stderr)
+    if main:
+        run.write_status("complete", seconds={k: round(v, 1) for k, v in recipe.timings.items()})
+        print("time: " + ", ".join(f"{k} {v:.0f} s" for k, v in recipe.timings.items()), file=sys.stderr)
     return run.path
 
 
@@ -105,12 +110,24 @@ class LoraFinetune:
         started = time.monotonic()
         self.timings: dict[str, float] = {}
         self.cfg, self.config_path = cfg, config_path
-        self.dist = distributed.current()
+        self.dist = distributed.init(cfg.train.distributed_timeout_minutes)
         # Hardware first: a precision the machine cannot run fails before anything is loaded; auto is
-        # measured on this model's layer shapes (its config only: no weights loaded yet).
+        # measured on this model's layer shapes (its config only: no weights loaded yet), by rank 0 for all.
         self.device = default_device()
-        shapes = Shapes.of(load_config(cfg.model)) if cfg.train.precision == "auto" else None
-        self.precision = choose_precision(cfg.train.precision, self.device, shapes)
+        shapes = Shapes.of(load_config(cfg.model)) if cfg.train.precision == "auto" and self.dist.is_main else None
+        chosen = choose_precision(cfg.train.precision, self.device, shapes) if self.dist.is_main else None
+        self.precision = choose_precision(self.dist.broadcast(chosen.name if chosen else None), self.device)
+        self.strategy = ("fsdp" if cfg.train.distributed == "fsdp" else "ddp") if self.dist.active else "none"
+        if self.strategy == "fsdp" and cfg.train.micro_batch_size == "auto":
+            raise ConfigError(
+                "train.micro_batch_size=auto is not available with train.distributed=fsdp",
+                hint="set train.micro_batch_size (the processes must run the same micro-batches)",
+            )
+        if self.strategy == "fsdp" and cfg.quantization.bits:
+            raise ConfigError(
+                "train.distributed=fsdp cannot shard a bitsandbytes-quantized base",
+                hint="use train.distributed=ddp for QLoRA (the 4-bit base fits where FSDP would be needed)",
+            )
         self.attention = choose_attention(cfg.model.attn_implementation, self.device, self.precision)
         if cfg.quantization.bits:
             bnb_config(cfg.quantization, torch.float32)  # bitsandbytes missing: say so before reading any data
@@ -155,9 +172,29 @@ class LoraFinetune:
         ``--resume`` is idempotent, so a scheduler can re-run the same command until it exits 0: the
         newest complete checkpoint of the run if it has one; its step 0 again, in the same folder, if it
         has none (killed during set-up); a new run if there is none yet; nothing if it is complete."""
-        cfg, out = self.cfg, self.cfg.output
-        self.fingerprint = run_fingerprint(cfg)
+        self.fingerprint = run_fingerprint(self.cfg)
         self.ckpt, self.resumed = None, None
+        if not self.dist.active:
+            return self._prepare_run_folder(resume, force_resume)
+        # Rank 0 decides (the folder's name, the checkpoint, whether there is anything to do); the others follow.
+        decision = None
+        try:
+            if self.dist.is_main:
+                go = self._prepare_run_folder(resume, force_resume)
+                decision = (go, str(self.run.path), str(self.ckpt) if self.ckpt else None)
+        finally:
+            decision = self.dist.broadcast(decision)  # None: rank 0 failed and is reporting why
+        if decision is None:
+            raise SystemExit(2)
+        go, path, ckpt = decision
+        if not self.dist.is_main:
+            self.run = RunFolder(Path(path))
+            self.ckpt = Path(ckpt) if ckpt else None
+            self.resumed = checkpoint.load_state(self.ckpt) if self.ckpt else None
+        return go
+
+    def _prepare_run_folder(self, resume: str | None, force_resume: bool) -> bool:
+        cfg, out = self.cfg, self.cfg.output
         run = RunFolder.to_resume(out.dir, out.name, self.config_path, resume) if resume else None
         if run is not None:
             self.ckpt = Path(resume) if (Path(resume) / "trainer_state.json").is_file() else run.latest_checkpoint()
@@ -213,8 +250,10 @@ class LoraFinetune:
             log.info("base quantized to %d-bit%s with bitsandbytes", quant.bits, f" {quant.type}" if quant.bits == 4 else "")
         elif cfg.train.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model = add_lora(model, cfg)
+        model = add_lora(model, cfg)  # the same initial weights on every process: same seed (DDP also broadcasts rank 0's)
         compiled, why = should_compile(cfg.train.compile, model, self.device, quantized=bool(quant.bits))
+        if compiled and self.strategy == "fsdp":
+            compiled, why = False, "not measured with FSDP's per-layer gathers yet"
         log.info("decoder layers %s (%s)", "compiled" if compiled else "eager", why)
         if compiled:
             compile_decoder_layers(model)
@@ -236,6 +275,9 @@ class LoraFinetune:
             self.attention,
         )
         self.model = model
+        self.parallel = Parallel(model, self.precision, self.dist, self.strategy)  # before the optimizer: FSDP shards the weights
+        if self.dist.active:
+            seed_everything(cfg.train.seed + self.dist.rank)  # LoRA dropout: different masks on different data
 
     def setup_optimization(self) -> None:
         """Batch plan, optimizer, schedule and stepper; the checkpoint's state when resuming.
@@ -262,17 +304,18 @@ class LoraFinetune:
             self.device,
             self.plan,
             self.dist,
+            self.parallel,
         )
         self.state = TrainerState(step=0, micro_batches_done=0, tokens_seen=0, skipped_steps=0, fingerprint=self.fingerprint)
         if self.ckpt is not None:
-            checkpoint.restore(self.ckpt, self.model, self.optimizer, self.scheduler)
+            checkpoint.restore(self.ckpt, self.model, self.optimizer, self.scheduler, self.parallel)
             self.state = self.resumed
-            truncate_after(self.run.metrics, self.state.step)
+            if self.dist.is_main:
+                truncate_after(self.run.metrics, self.state.step)
             log.info("resumed from %s at step %d", self.ckpt, self.state.step)
         elif tc.micro_batch_size == "auto":
-            self.state.split = plan_mb // auto_micro_batch(
-                self.model, self.train_set, self.pad_id, self.precision, self.device, tc
-            )
+            split = plan_mb // auto_micro_batch(self.model, self.train_set, self.pad_id, self.precision, self.device, tc)
+            self.state.split = int(self.dist.all_reduce([split], op="max")[0])  # what fits on every process
         config = {**self.cfg.to_dict(), "data_stats": self._data_stats(), "precision": self.precision.name}
         sinks = make_sinks(self.cfg.output.report_to, self.run.path, self.run.path.name, config) if self.dist.is_main else []
         self.metrics = MetricsLogger(self.run.metrics, enabled=self.dist.is_main, sinks=sinks)
@@ -295,18 +338,22 @@ class LoraFinetune:
             before["train_batch_loss"] = first_batch_loss(self.model, self.train_set, self.pad_id, self.precision)
         preflight_loss(before, self.model)
         before["samples"] = sample_answers(self.model, self.tokenizer, self.sample_convs, self.cfg, self.precision, before)
+        self.before = before
+        if not self.dist.is_main:
+            return
         atomic.write_json(self.run.eval_before, before)
         self.metrics.log(0, **{f"eval_{k}": v for k, v in before.items() if isinstance(v, float)})
         report_eval("before training", before)
-        self.before = before
 
     def train_loop(self) -> None:
         """A step, its log line, then evaluation, checkpoints (by steps and by the clock) and signals at step
         boundaries; a final checkpoint."""
         tc, ev, state, total_steps = self.cfg.train, self.cfg.eval, self.state, self.total_steps
-        stopper = GracefulStop(tc.stop_grace_s, abandonable=lambda: self.stepper.accumulating)
+        # With several processes a step is never abandoned half-way: the others would wait for it.
+        stopper = GracefulStop(tc.stop_grace_s, abandonable=lambda: self.stepper.accumulating and not self.dist.active)
         self.model.train()
-        bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True, disable=None)
+        quiet = None if self.dist.is_main else True
+        bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True, disable=quiet)
         self.last_save = time.monotonic()
 
         def on_oom(step, size):
@@ -363,24 +410,45 @@ class LoraFinetune:
                         max_batches=ev.max_batches,
                     )
                     self.metrics.log(state.step, **{f"eval_{k}": v for k, v in val.items()})
-                    bar.write(f"step {state.step}: eval loss {val['loss']:.4f}")
-                if state.step < total_steps and stopper.signum is None and self._checkpoint_due(state.step):
+                    if self.dist.is_main:
+                        bar.write(f"step {state.step}: eval loss {val['loss']:.4f}")
+                signum, due = stopper.signum or 0, self._checkpoint_due(state.step)
+                if self.dist.active:  # decisions by the clock or a signal, taken together
+                    signum, due = (int(v) for v in self.dist.all_reduce([signum, due], op="max"))
+                    stopper.signum = stopper.signum or signum or None
+                if state.step < total_steps and not signum and due:
                     self._checkpoint(stopper)
-                if stopper.signum is not None:
+                if signum:
                     break
         finally:
             bar.close()
             stopper.restore()
 
-        if stopper.signum is None or not self.run.latest_checkpoint() or self._saved_step != state.step:
+        final = stopper.signum is None or not self.run.latest_checkpoint() or self._saved_step != state.step
+        if self.dist.broadcast(final):
             self._checkpoint(stopper)  # the final one, also on a signal, so the run can resume
         if stopper.signum is not None:
             self.metrics.close()
-            resume_cmd = f"lorasmith train {self.config_path or ''} --resume {self.run.path}".replace("  ", " ")
+            resume_cmd = self.resume_command()
             name = signal.Signals(stopper.signum).name
-            print(f"\nstopped by {name} after step {state.step}; resume with:\n  {resume_cmd}", file=sys.stderr)
-            self.run.write_status("interrupted", step=state.step, resume=resume_cmd)
+            if self.dist.is_main:
+                print(f"\nstopped by {name} after step {state.step}; resume with:\n  {resume_cmd}", file=sys.stderr)
+            if self.dist.is_main:
+                self.run.write_status("interrupted", step=state.step, resume=resume_cmd)
             raise SystemExit(128 + stopper.signum)
+
+    def resume_command(self) -> str:
+        cmd = f"lorasmith train {self.config_path or ''} --resume {self.run.path}".replace("  ", " ")
+        return cmd + (f" --nproc {self.dist.world_size}" if self.dist.active else "")
+
+    def lost_contact(self, e: Exception) -> TrainingError:
+        step = self.state.step if hasattr(self, "state") else 0
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return TrainingError(
+            f"process {self.dist.rank} of {self.dist.world_size} lost contact with the others at step {step}: "
+            f"another process stopped (its error is above) or the connection failed ({first[:200]})",
+            hint=f"fix what stopped it, then continue from the last checkpoint: {self.resume_command()}",
+        )
 
     def _checkpoint_due(self, step: int) -> bool:
         """Every train.save_every steps, and when train.save_every_minutes have passed since the last save
@@ -398,11 +466,15 @@ class LoraFinetune:
         run, state = self.run, self.state
         after = evaluate(self.model, self.tokenizer, self.val_set, self.cfg, self.precision, self.pad_id)
         after["samples"] = sample_answers(self.model, self.tokenizer, self.sample_convs, self.cfg, self.precision, after)
+        adapter_state = self.parallel.adapter_state_dict()  # collective under FSDP
+        replicas = self.parallel.check_replicas()
+        if not self.dist.is_main:
+            return
         after["degenerate_answers"] = warn_degenerate(after)
         atomic.write_json(run.eval_after, after)
         self.metrics.log(state.step, **{f"eval_{k}": v for k, v in after.items() if isinstance(v, float)})
         with atomic.folder(run.adapter) as tmp:
-            self.model.save_pretrained(tmp, safe_serialization=True)
+            self.model.save_pretrained(tmp, safe_serialization=True, state_dict=adapter_state)
             self.tokenizer.save_pretrained(tmp)
             save_portable_identity(tmp, self.cfg.model)
         before = self.before or run.read_json(run.eval_before)
@@ -416,7 +488,10 @@ class LoraFinetune:
         tips = advise(rows, before, after, self.cfg.train.lr, trained)
         for tip in tips:
             print(f"advice: {tip['message']}")
-        run.write_status("complete", step=state.step, tokens_seen=state.tokens_seen, adapter=str(run.adapter), advice=tips)
+        extra = {"processes": self.dist.world_size, "distributed": self.strategy, **replicas} if self.dist.active else {}
+        run.write_status(
+            "complete", step=state.step, tokens_seen=state.tokens_seen, adapter=str(run.adapter), advice=tips, **extra
+        )
         print(f"\nrun folder: {run.path}\nadapter:    {run.adapter}\ntry it:     lorasmith chat {run.path}")
 
     def close(self) -> None:
@@ -424,17 +499,17 @@ class LoraFinetune:
             self.metrics.close()
         if hasattr(self, "lock"):
             self.lock.release()
+        distributed.shutdown()
 
     def _checkpoint(self, stopper: GracefulStop | None = None, rng: dict | None = None) -> None:
-        if self.dist.is_main:
-            t0 = time.monotonic()
-            checkpoint.save(
-                self.run, self.model, self.optimizer, self.scheduler, self.state, self.cfg.train.keep_checkpoints, rng
-            )
-            took = time.monotonic() - t0
-            log.info("checkpoint at step %d written in %.2f s", self.state.step, took)
-            self.checkpoint_s = max(self.checkpoint_s, took)
-            if stopper is not None:
-                stopper.checkpoint_s = self.checkpoint_s
+        """Every process takes part (their RNG states, FSDP's shards); rank 0 writes."""
+        t0 = time.monotonic()
+        keep = self.cfg.train.keep_checkpoints
+        checkpoint.save(self.run, self.model, self.optimizer, self.scheduler, self.state, keep, rng, self.parallel)
+        took = time.monotonic() - t0
+        log.info("checkpoint at step %d written in %.2f s", self.state.step, took)
+        self.checkpoint_s = max(self.checkpoint_s, took)
+        if stopper is not None:
+            stopper.checkpoint_s = self.checkpoint_s
         self._saved_step = self.state.step
         self.last_save = time.monotonic()

@@ -11,28 +11,42 @@ import torch
 from lorasmith.config import TrainConfig
 from lorasmith.data.batching import collate, collate_packed, plan_epoch
 from lorasmith.data.dataset import TokenizedSet
+from lorasmith.data.masking import Encoded
 from lorasmith.distributed import Dist
 from lorasmith.errors import TrainingError
 from lorasmith.models.hardware import Precision
 from lorasmith.models.loss import weighted_loss
 from lorasmith.training.checkpoint import TrainerState
 from lorasmith.training.memory import cap_tokens, is_oom, release_memory, split_indices
+from lorasmith.training.parallel import Parallel
 
 log = logging.getLogger(__name__)
 
 
-def accumulate_gradients(model, batches, precision: Precision, scaler=None, dist: Dist | None = None) -> float:
-    """Backward over the micro-batches of one optimizer step; return the step's mean loss.
+def accumulate_gradients(
+    model, batches, precision: Precision, scaler=None, dist: Dist | None = None, parallel: Parallel | None = None
+) -> float:
+    """Backward over the micro-batches of one optimizer step; return the step's mean loss (this
+    process's share of it when several train together).
 
     Each micro-batch's loss sum is divided by the trained weight of the whole effective batch
     (summed over all processes), so the gradient is the same however the batch is split into
-    micro-batches or processes.
+    micro-batches or processes. ``None`` in ``batches``: a zero-weight micro-batch that keeps this
+    process in step with the others (FSDP gathers each layer in every forward).
     """
-    total_weight = (dist or Dist()).all_reduce_sum(sum(b.weight_sum for b in batches))
+    dist = dist or Dist()
+    total_weight = dist.all_reduce_sum(sum(b.weight_sum for b in batches if b is not None))
+    scale = parallel.loss_scale if parallel else 1.0  # DDP and FSDP average over processes; we want the sum
+    forward = parallel.loss if parallel and parallel.strategy != "none" else lambda b: weighted_loss(model, b, precision)
     loss_sum = 0.0
     for batch in batches:
-        parts = weighted_loss(model, batch, precision)
+        if batch is None:
+            parallel.zero_weight_pass()
+            continue
+        parts = forward(batch)
         loss = parts.loss_sum / total_weight
+        if scale != 1.0:
+            loss = loss * scale
         (scaler.scale(loss) if scaler else loss).backward()
         loss_sum += float(parts.loss_sum.detach())
     return loss_sum / total_weight
@@ -81,6 +95,12 @@ class Stepper:
 
     ``state.split`` cuts each planned micro-batch into that many pieces (set by the auto probe and
     doubled on each OOM), so the data order and the effective batch never depend on memory.
+
+    With several processes each one takes every N-th conversation of each planned micro-batch (the
+    plan is length-grouped, so the shares are alike), whatever N: the global batch and data order
+    are those of one process. The micro-batches run with gradient sync off; the processes then
+    agree on the loss and on any out-of-memory retry in one all-reduce, and a zero-weight pass
+    synchronises the gradients (training/parallel.py).
     """
 
     def __init__(
@@ -96,10 +116,12 @@ class Stepper:
         device: torch.device,
         plan: StepPlan,
         dist: Dist | None = None,
+        parallel: Parallel | None = None,
     ):
         self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
         self.precision, self.cfg, self.data, self.pad_id, self.device = precision, cfg, data, pad_id, device
         self.plan, self.dist = plan, dist or Dist()
+        self.parallel = parallel or Parallel(model, precision, self.dist)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.nonfinite_in_row = 0
         self.accumulating = False
@@ -116,40 +138,72 @@ class Stepper:
             self.accumulating = False
         return self._update(state, loss, batches, pieces, planned)
 
+    def pieces(self, planned: list[list[int]], split: int, rank: int) -> list[list[int]]:
+        """The micro-batches process ``rank`` runs for a planned step."""
+        world = self.dist.world_size
+        shares = [idx[rank::world] for idx in planned if idx[rank::world]]
+        pieces = [p for idx in shares for p in split_indices(idx, split)]
+        return cap_tokens(pieces, self.plan.lengths, self.cfg.max_batch_tokens)
+
     def _accumulate(self, state: TrainerState, on_oom):
         planned = self.plan.planned(state.micro_batches_done)
+        dist = self.dist
         while True:
-            pieces = [p for idx in planned for p in split_indices(idx, state.split)]
-            pieces = cap_tokens(pieces, self.plan.lengths, self.cfg.max_batch_tokens)
+            pieces = self.pieces(planned, state.split, dist.rank)
             make = collate_packed if self.cfg.packing else lambda samples: collate(samples, self.pad_id)
             batches = [make([self.data.encoded[i] for i in p]).to(self.device) for p in pieces]
+            if dist.active:
+                self.parallel.filler = self._zero_weight_batch(planned)
+                if not self.parallel._warm:
+                    self.parallel.warm_up()
+                    self.optimizer.zero_grad(set_to_none=True)
+            if self.parallel.pads_micro_batches:
+                most = max(len(self.pieces(planned, state.split, r)) for r in range(dist.world_size))
+                batches += [None] * (most - len(batches))
+            failed = False
             try:
-                loss = accumulate_gradients(self.model, batches, self.precision, self.scaler, self.dist)
-                break
+                with self.parallel.no_sync():
+                    loss = accumulate_gradients(self.model, batches, self.precision, self.scaler, dist, self.parallel)
             except BaseException as e:
-                if not is_oom(e):
-                    raise
+                if not is_oom(e) or self.parallel.pads_micro_batches:
+                    raise  # FSDP: the ranks' layer gathers are out of step; torchrun stops them all
+                failed, loss = True, float("nan")
                 del batches
+                batches = []
                 self.optimizer.zero_grad(set_to_none=True)
                 release_memory()
-                if max(len(p) for p in pieces) <= 1:
-                    raise TrainingError(
-                        f"out of memory at step {state.step + 1} even with one conversation per micro-batch",
-                        hint="lower data.max_length, enable train.gradient_checkpointing, or use a quantized base (QLoRA)",
-                    ) from None
-                state.split *= 2
-                size = max(len(p) for idx in planned for p in split_indices(idx, state.split))
-                log.warning(
-                    "out of memory at step %d: retrying with micro-batch %d (effective batch unchanged)", state.step + 1, size
-                )
-                if on_oom:
-                    on_oom(state.step + 1, size)
-        return loss, batches, pieces, planned
+            largest = max((len(p) for p in pieces), default=0)
+            if dist.active:  # one all-reduce: the global loss, and whether any process ran out of memory
+                loss, failed_n, stuck_n = dist.all_reduce([0.0 if failed else loss, failed, failed and largest <= 1])
+                failed, stuck = failed_n > 0, stuck_n > 0
+            else:
+                stuck = failed and largest <= 1
+            if not failed:
+                if dist.active:
+                    self.parallel.zero_weight_pass()  # gradient sync
+                return loss, batches, pieces, planned
+            self.optimizer.zero_grad(set_to_none=True)
+            if stuck:
+                raise TrainingError(
+                    f"out of memory at step {state.step + 1} even with one conversation per micro-batch",
+                    hint="lower data.max_length, enable train.gradient_checkpointing, or use a quantized base (QLoRA)",
+                ) from None
+            state.split *= 2
+            size = max(len(p) for idx in planned for p in split_indices(idx, state.split))
+            log.warning("out of memory at step %d: retrying with micro-batch %d (same effective batch)", state.step + 1, size)
+            if on_oom:
+                on_oom(state.step + 1, size)
+
+    def _zero_weight_batch(self, planned):
+        """A short micro-batch whose loss is multiplied by zero: its backward synchronises the gradients."""
+        first = self.data.encoded[planned[0][0]]
+        ids = first.input_ids[:8]
+        return collate([Encoded(ids, [1.0] * len(ids))], self.pad_id).to(self.device)
 
     def _update(self, state: TrainerState, loss: float, batches, pieces, planned) -> StepResult:
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm or float("inf")))
+        grad_norm = self.parallel.clip_grad_norm(self.params, self.cfg.max_grad_norm or float("inf"))
         # With fp16 loss scaling an inf gradient is routine: the scaler skips that update itself.
         finite = math.isfinite(loss) and (math.isfinite(grad_norm) or self.scaler is not None)
         if finite:
@@ -163,7 +217,10 @@ class Stepper:
             self.nonfinite_in_row += 1
             state.skipped_steps += 1
         self.optimizer.zero_grad(set_to_none=True)
-        result = StepResult(loss, grad_norm, finite, sum(b.num_real_tokens for b in batches), max(len(p) for p in pieces))
+        real_tokens = sum(b.num_real_tokens for b in batches if b is not None)
+        if self.dist.active:
+            real_tokens = int(self.dist.all_reduce_sum(real_tokens))
+        result = StepResult(loss, grad_norm, finite, real_tokens, max((len(p) for p in pieces), default=0))
         if not finite and (self.cfg.on_nonfinite == "stop" or self.nonfinite_in_row > self.cfg.max_skipped_steps):
             return result  # the caller stops before the scheduler and the state move on
         self.scheduler.step()

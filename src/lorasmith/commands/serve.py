@@ -1,0 +1,43 @@
+"""`lorasmith serve MODEL_OR_RUN [--adapter NAME=PATH ...]`: an OpenAI-compatible API on this machine."""
+
+from __future__ import annotations
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve a model and its adapters over an OpenAI-compatible HTTP API",
+        description="POST /v1/chat/completions (plain and streamed) and GET /v1/models, for any OpenAI client: "
+        "base_url=http://127.0.0.1:8000/v1. Each adapter is a model name; the base is one too.",
+    )
+    p.add_argument("model", nargs="?", help="a run folder, an adapter folder, or a base model (default: the adapters' base)")
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH", help="another adapter on the same base")
+    p.add_argument("--base", help="base model, when MODEL is an adapter trained on a base found elsewhere")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require `Authorization: Bearer KEY` (default: $LORASMITH_API_KEY, else none)")
+    p.add_argument("--system", help="system prompt for requests without one (default: each run's training prompt; '' for none)")
+    p.add_argument("--max-tokens", type=int, default=1024, help="largest max_tokens a request may ask for")
+    p.add_argument("--max-batch", type=int, default=8, help="requests generated together at most")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting at most (then 503)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import os
+    import sys
+
+    from lorasmith.errors import LorasmithError
+    from lorasmith.serving.app import build
+
+    try:
+        import uvicorn
+    except ImportError:
+        raise LorasmithError("lorasmith serve needs FastAPI and uvicorn", hint="pip install 'lorasmith[serve]'") from None
+    api_key = args.api_key or os.environ.get("LORASMITH_API_KEY") or None
+    limits = {"max_tokens": args.max_tokens, "max_batch": args.max_batch, "max_queue": args.max_queue}
+    app, served = build(args.model, args.adapter, base=args.base, system=args.system, api_key=api_key, **limits)
+    keyed = " (API key required)" if api_key else ""
+    print(f"serving {', '.join(served)} on http://{args.host}:{args.port}/v1{keyed}", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0

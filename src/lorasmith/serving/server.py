@@ -1,0 +1,203 @@
+"""`lorasmith serve`: an OpenAI-compatible HTTP API (FastAPI) over the serving engine.
+FastAPI is an optional extra (`lorasmith[serve]`): only `lorasmith serve` imports this module.
+
+``GET /v1/models``, ``POST /v1/chat/completions`` (plain, or streamed as server-sent events: a role
+delta, content deltas, a last chunk with ``finish_reason``, then ``data: [DONE]``). Errors use
+OpenAI's shape (``{"error": {"message", "type", "param", "code"}}``) with 400 (bad request),
+401 (API key), 404 (unknown model or path), 413 (body too large) and 503 (queue full); a failure
+inside generation is a 500 with a message, never a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from typing import Literal
+
+from fastapi import FastAPI
+from fastapi import Request as HttpRequest
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from lorasmith.evaluation.generate import Sampling
+from lorasmith.serving.engine import Busy, Engine, Request
+
+ROLES = ("system", "user", "assistant")
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use (e.g. user)
+    model: str
+    messages: list[Message] = Field(min_length=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: int = 1
+    stream: bool = False
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, *, param: str | None = None, kind: str = "invalid_request_error"):
+        self.status, self.message, self.param, self.kind = status, message, param, kind
+
+
+def error_body(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def create_app(engine: Engine, *, api_key: str | None = None, max_tokens_limit: int = 1024, max_body_bytes: int = 1 << 20):
+    app = FastAPI(title="lorasmith", docs_url=None, redoc_url=None)
+
+    @app.middleware("http")
+    async def guard(request: HttpRequest, call_next):
+        if api_key is not None and request.headers.get("authorization") != f"Bearer {api_key}":
+            return JSONResponse(error_body("invalid or missing API key (Authorization: Bearer ...)", "authentication_error"), 401)
+        size = request.headers.get("content-length")
+        if size is not None and size.isdigit() and int(size) > max_body_bytes:
+            return JSONResponse(error_body(f"request body over {max_body_bytes} bytes", "invalid_request_error"), 413)
+        return await call_next(request)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request, e: ApiError):
+        return JSONResponse(error_body(e.message, e.kind, e.param), e.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request, e: RequestValidationError):
+        first = e.errors()[0] if e.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+        message = f"{where or 'body'}: {first.get('msg', 'invalid request')}"
+        if first.get("type") == "json_invalid":
+            where, message = None, f"the body is not valid JSON ({first.get('ctx', {}).get('error', 'parse error')})"
+        return JSONResponse(error_body(message, "invalid_request_error", where), 400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, e: StarletteHTTPException):
+        return JSONResponse(error_body(str(e.detail), "invalid_request_error"), e.status_code)
+
+    @app.exception_handler(Exception)
+    async def internal(request, e: Exception):
+        return JSONResponse(error_body(f"generation failed: {type(e).__name__}: {e}", "server_error"), 500)
+
+    @app.get("/v1/models")
+    async def models():
+        created = int(time.time())
+        data = [{"id": name, "object": "model", "created": created, "owned_by": "lorasmith"} for name in engine.served]
+        return {"object": "list", "data": data}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatRequest, http: HttpRequest):
+        req = _to_request(body, engine, max_tokens_limit)
+        try:
+            engine.submit(req)
+        except Busy as e:
+            raise ApiError(503, f"server busy: {e}; retry later", kind="server_error") from None
+        rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        if body.stream:
+            return StreamingResponse(_events(req, rid, created, http), media_type="text/event-stream")
+        try:
+            done = await asyncio.wrap_future(req.result)
+        except asyncio.CancelledError:
+            req.cancelled.set()
+            raise
+        return {
+            "id": rid,
+            "object": "chat.completion",
+            "created": created,
+            "model": body.model,
+            "choices": [
+                {"index": 0, "message": {"role": "assistant", "content": done.text}, "finish_reason": done.finish_reason}
+            ],
+            "usage": _usage(done),
+        }
+
+    return app
+
+
+def _to_request(body: ChatRequest, engine: Engine, max_tokens_limit: int) -> Request:
+    served = engine.served.get(body.model)
+    if served is None:
+        names = sorted(engine.served)
+        raise ApiError(404, f"model {body.model!r} is not served here; GET /v1/models lists {names}", param="model")
+    if body.n != 1:
+        raise ApiError(400, "n must be 1", param="n")
+    limit = body.max_completion_tokens or body.max_tokens or min(256, max_tokens_limit)
+    if limit > max_tokens_limit:
+        raise ApiError(400, f"max_tokens {limit} is over this server's limit of {max_tokens_limit}", param="max_tokens")
+    stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+    if len(stop) > 4 or any(not s for s in stop):
+        raise ApiError(400, "stop: up to 4 non-empty strings", param="stop")
+    messages = [m.model_dump() for m in body.messages]
+    if not any(m["role"] == "user" for m in messages):
+        raise ApiError(400, "messages: at least one user message is needed", param="messages")
+    if served.system_prompt and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": served.system_prompt})  # what the adapter was trained with
+    sampling = Sampling(temperature=body.temperature, top_p=body.top_p, seed=body.seed)
+    return Request(model=body.model, messages=messages, max_tokens=limit, sampling=sampling, stop=stop, stream=body.stream)
+
+
+def _usage(c) -> dict:
+    total = c.prompt_tokens + c.completion_tokens
+    return {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens, "total_tokens": total}
+
+
+async def _events(req: Request, rid: str, created: int, http):
+    """Server-sent events: the role, the text as it is generated (holding back what may start a stop
+    string), the last chunk with finish_reason, then [DONE]. A client that disconnects cancels generation."""
+    import queue
+
+    def chunk(delta: dict, finish: str | None = None, **extra) -> str:
+        body = {
+            "id": rid,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": req.model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+            **extra,
+        }
+        return f"data: {json.dumps(body)}\n\n"
+
+    hold = max((len(s) for s in req.stop), default=1) - 1
+    text, sent = "", 0
+    try:
+        yield chunk({"role": "assistant", "content": ""})
+        while True:
+            try:
+                piece = req.chunks.get_nowait()
+            except queue.Empty:
+                if await http.is_disconnected():
+                    req.cancelled.set()
+                    return
+                await asyncio.sleep(0.01)
+                continue
+            if piece is None:
+                break
+            text += piece
+            cut = min((text.find(s) for s in req.stop if s in text), default=-1)
+            safe = cut if cut >= 0 else len(text) - hold
+            if safe > sent:
+                yield chunk({"content": text[sent:safe]})
+                sent = safe
+        try:
+            done = await asyncio.wrap_future(req.result)
+        except Exception as e:
+            yield f"data: {json.dumps(error_body(f'generation failed: {e}', 'server_error'))}\n\n"
+            return
+        if len(done.text) > sent:
+            yield chunk({"content": done.text[sent:]})
+        yield chunk({}, done.finish_reason, usage=_usage(done))
+        yield "data: [DONE]\n\n"
+    finally:
+        req.cancelled.set()  # a no-op once finished; frees the worker if the client went away

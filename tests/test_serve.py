@@ -1,0 +1,193 @@
+"""`lorasmith serve`: the official openai client against a server on 127.0.0.1 (bounded in time and count),
+OpenAI-shaped errors, batching under load, and a cancelled stream freeing the worker."""
+
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from tests.conftest import write_jsonl
+
+from lorasmith.cli import main
+
+pytest.importorskip("fastapi")
+openai = pytest.importorskip("openai")
+
+ROOT = Path(__file__).parent.parent
+SYSTEM = "You are a ticket triage assistant."
+PROMPT = "My invoice is wrong, please help."
+KEY = "test-key"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, tiny_model_dir):
+    """A tiny trained run whose conversations all share one system prompt."""
+    folder = tmp_path_factory.mktemp("serve")
+    rows = [
+        {
+            "messages": [
+                {"role": "system", "content": SYSTEM},
+                {"role": "user", "content": f"ticket {i}: the app crashes"},
+                {"role": "assistant", "content": f"category=bug; priority={'high' if i % 2 else 'low'}"},
+            ]
+        }
+        for i in range(16)
+    ]
+    data = write_jsonl(folder / "train.jsonl", rows)
+    args = ["train", f"model.name={tiny_model_dir}", f"data.train={data}", f"output.dir={folder}", "output.name=triage"]
+    assert main([*args, "train.max_steps=2", "eval.samples=0", "train.lr=1e-2"]) == 0
+    return folder / "triage"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(run):
+    port = _free_port()
+    cmd = [sys.executable, "-m", "lorasmith", "serve", str(run), "--port", str(port), "--api-key", KEY, "--max-tokens", "64"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{base}/v1/models", headers={"Authorization": f"Bearer {KEY}"}, timeout=2).status_code == 200:
+                break
+        except httpx.TransportError:
+            time.sleep(0.5)
+        if proc.poll() is not None:
+            pytest.fail(f"server exited: {proc.stdout.read()[-3000:]}")
+    else:
+        proc.kill()
+        pytest.fail("server did not start within 120 s")
+    yield base
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def _client(base):
+    return openai.OpenAI(base_url=f"{base}/v1", api_key=KEY, timeout=60, max_retries=0)
+
+
+def test_openai_client_lists_models_and_answers_like_lorasmith_chat(server, run, capsys):
+    client = _client(server)
+    ids = [m.id for m in client.models.list().data]
+    assert "triage" in ids and len(ids) == 2  # the adapter and its base
+    messages = [{"role": "user", "content": PROMPT}]
+    plain = client.chat.completions.create(model="triage", messages=messages, temperature=0, max_tokens=16, seed=0)
+    choice = plain.choices[0]
+    assert choice.finish_reason in ("stop", "length") and plain.usage.completion_tokens <= 16
+    assert plain.usage.total_tokens == plain.usage.prompt_tokens + plain.usage.completion_tokens
+    stream = client.chat.completions.create(model="triage", messages=messages, temperature=0, max_tokens=16, stream=True)
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].choices[0].finish_reason == choice.finish_reason
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == choice.message.content
+    # The same answer as `lorasmith chat` gives, which also uses the run's training system prompt.
+    capsys.readouterr()
+    assert main(["chat", str(run), "--prompt", PROMPT, "--max-new-tokens", "16"]) == 0
+    out = capsys.readouterr()
+    assert out.out.strip() == choice.message.content.strip()
+    assert "trained with" in out.err
+
+
+def test_bad_requests_get_openai_shaped_errors(server):
+    auth = {"Authorization": f"Bearer {KEY}"}
+    ok = {"model": "triage", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    cases = [
+        ({**ok, "n": 2}, auth, 400, "n"),
+        ({**ok, "max_tokens": 65}, auth, 400, "max_tokens"),
+        ({**ok, "messages": [{"role": "robot", "content": "hi"}]}, auth, 400, "messages.0.role"),
+        ({**ok, "temperature": 3}, auth, 400, "temperature"),
+        ({**ok, "model": "nope"}, auth, 404, "model"),
+        (ok, {"Authorization": "Bearer wrong"}, 401, None),
+        ({**ok, "messages": [{"role": "user", "content": "x" * (2 << 20)}]}, auth, 413, None),
+    ]
+    for body, headers, status, param in cases:
+        r = httpx.post(f"{server}/v1/chat/completions", json=body, headers=headers, timeout=30)
+        assert r.status_code == status, (body.get("n"), r.text[:300])
+        error = r.json()["error"]
+        assert error["message"] and error["type"] and (param is None or error["param"] == param)
+    r = httpx.post(f"{server}/v1/chat/completions", content=b"{not json", headers={**auth, "content-type": "application/json"})
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+
+
+def test_a_few_hundred_concurrent_requests_all_answered(server):
+    auth = {"Authorization": f"Bearer {KEY}"}
+    results, lock = [], threading.Lock()
+
+    def client(k):
+        with httpx.Client(timeout=120) as http:
+            for i in range(15):
+                body = {"model": "triage", "messages": [{"role": "user", "content": f"ticket {k}-{i}"}], "max_tokens": 4}
+                r = http.post(f"{server}/v1/chat/completions", json=body, headers=auth)
+                with lock:
+                    results.append((r.status_code, r.json()))
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert len(results) == 240
+    assert all(status == 200 and body["choices"][0]["message"]["content"] is not None for status, body in results)
+
+
+def test_a_cancelled_stream_stops_generating(tiny_model_dir):
+    """A client that goes away mid-stream: generation stops at the next token, freeing the worker."""
+    from lorasmith.serving.chat import load_served
+    from lorasmith.serving.engine import Engine, Request, Served
+
+    model, tokenizer, precision = load_served(str(tiny_model_dir), {})
+    engine = Engine(model, tokenizer, precision, [Served("base", None)])
+    try:
+        req = engine.submit(Request("base", [{"role": "user", "content": "hi"}], max_tokens=500, stream=True))
+        assert req.chunks.get(timeout=60)  # the first piece of text arrived
+        req.cancelled.set()
+        done = req.result.result(timeout=60)
+        assert done.completion_tokens < 500
+        # The worker is free: the next request is answered.
+        nxt = engine.submit(Request("base", [{"role": "user", "content": "hi"}], max_tokens=3))
+        assert nxt.result.result(timeout=60).completion_tokens <= 3
+    finally:
+        engine.close()
+
+
+def test_a_full_queue_is_a_503(tiny_model_dir, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    from lorasmith.serving import engine as engine_mod
+    from lorasmith.serving.server import create_app
+
+    release = threading.Event()
+
+    def blocked(*a, **k):
+        release.wait(timeout=30)
+        raise RuntimeError("stopped by the test")
+
+    monkeypatch.setattr(engine_mod, "complete", blocked)
+    engine = engine_mod.Engine(None, None, None, [engine_mod.Served("m", None)], max_queue=1)
+    try:
+        body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+        engine.submit(engine_mod.Request("m", body["messages"], 4))  # taken by the worker, which blocks
+        time.sleep(0.3)
+        engine.submit(engine_mod.Request("m", body["messages"], 4))  # waits in the queue (size 1)
+        r = TestClient(create_app(engine)).post("/v1/chat/completions", json=body)
+        assert r.status_code == 503 and r.json()["error"]["type"] == "server_error"
+    finally:
+        release.set()
+        engine.close()
+
+
+def test_serve_without_anything_to_serve_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text("{}")
+    assert main(["serve", str(tmp_path / "run")]) == 2
+    assert "has no adapter yet" in capsys.readouterr().err
