@@ -132,3 +132,21 @@ def test_evaluation_leaves_a_4bit_model_trainable(tiny_model_dir, tokenizer, dem
     # Unpacking round-trips the quantization constants through bf16: 0.5% apart here. Left packed,
     # the gradients were 79% apart.
     assert float((after - before).norm() / before.norm()) < 0.05
+
+
+def test_merging_a_qlora_adapter_into_the_nf4_round_trip_matches_what_training_saw(tmp_path, tiny_model_dir, data_files, capsys):
+    run = _train(tiny_model_dir, data_files, tmp_path / "runs", "q4m", "quantization.bits=4")
+    capsys.readouterr()
+    assert main(["merge", str(run), "--out", str(tmp_path / "orig")]) == 0
+    printed = capsys.readouterr().out
+    assert "--base original" in printed and "--base nf4-roundtrip" in printed
+    assert main(["merge", str(run), "--out", str(tmp_path / "nf4"), "--base", "nf4-roundtrip"]) == 0
+    manifest = json.loads((tmp_path / "nf4" / "merge_manifest.json").read_text())
+    assert manifest["passed"] and manifest["qlora"]["chosen"] == "nf4-roundtrip"
+    gaps = manifest["qlora"]["gap_to_4bit_base_plus_adapter"]
+    # The round trip is the weights the 4-bit model computed with: (nearly) no gap; the original base keeps
+    # the quantization error the adapter learned to correct.
+
+    assert gaps["nf4-roundtrip"]["max_abs_logit_diff"] < 1e-2 < gaps["original"]["max_abs_logit_diff"]
+    assert gaps["nf4-roundtrip"]["mean_kl"] < gaps["original"]["mean_kl"] / 10
+    assert manifest["qlora"]["modules_round_tripped"] == 14  # 7 linear layers x 2 decoder layers

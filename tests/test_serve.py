@@ -191,3 +191,39 @@ def test_serve_without_anything_to_serve_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "run" / "config.yaml").write_text("{}")
     assert main(["serve", str(tmp_path / "run")]) == 2
     assert "has no adapter yet" in capsys.readouterr().err
+
+
+def test_streamed_requests_waiting_together_are_generated_as_one_batch(tiny_model_dir, monkeypatch):
+    """Each row of a batched generation streams to its own client, and the text streamed is the answer."""
+    from lorasmith.serving import engine as engine_mod
+    from lorasmith.serving.chat import load_served
+
+    sizes = []
+    real = engine_mod.complete
+
+    def counting(model, tokenizer, histories, **kw):
+        sizes.append(len(histories))
+        return real(model, tokenizer, histories, **kw)
+
+    monkeypatch.setattr(engine_mod, "complete", counting)
+    model, tokenizer, precision = load_served(str(tiny_model_dir), {})
+    engine = engine_mod.Engine(model, tokenizer, precision, [engine_mod.Served("base", None)], max_batch=4)
+    try:
+        busy = engine.submit(engine_mod.Request("base", [{"role": "user", "content": "go on"}], max_tokens=300))
+        deadline = time.monotonic() + 60
+        while not sizes and time.monotonic() < deadline:  # the worker has taken it: the next ones wait together
+            time.sleep(0.01)
+        streams = [
+            engine.submit(engine_mod.Request("base", [{"role": "user", "content": f"question {k}" * (k + 1)}], 12, stream=True))
+            for k in range(4)
+        ]
+        busy.result.result(timeout=120)
+        for req in streams:
+            done = req.result.result(timeout=120)
+            pieces = []
+            while (piece := req.chunks.get(timeout=10)) is not None:
+                pieces.append(piece)
+            assert "".join(pieces) == done.text and done.completion_tokens <= 12
+        assert sizes == [1, 4]  # the busy one alone, then the four streams together
+    finally:
+        engine.close()

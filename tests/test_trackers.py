@@ -1,5 +1,5 @@
-"""Trackers behind the metrics seam: what TensorBoard and W&B hold, read back with their own formats,
-equals metrics.jsonl."""
+"""Trackers behind the metrics seam: what TensorBoard, W&B and MLflow hold, read back with their own
+readers and formats, equals metrics.jsonl."""
 
 import json
 import struct
@@ -14,6 +14,7 @@ from lorasmith.cli import main
 def args(tmp_path, tiny_model_dir, demo_rows, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     train, val = demo_rows
     return [
         "train",
@@ -22,7 +23,7 @@ def args(tmp_path, tiny_model_dir, demo_rows, monkeypatch):
         f"data.val={write_jsonl(tmp_path / 'v.jsonl', val)}",
         f"output.dir={tmp_path / 'runs'}",
         "output.name=tracked",
-        "output.report_to=[tensorboard, wandb]",
+        "output.report_to=[tensorboard, wandb, mlflow]",
         "train.max_steps=4",
         "train.save_every=2",
         "train.micro_batch_size=4",
@@ -59,7 +60,7 @@ def wandb_records(path):
     return records
 
 
-def test_tensorboard_and_wandb_hold_what_metrics_jsonl_holds(args, tmp_path):
+def test_tensorboard_wandb_and_mlflow_hold_what_metrics_jsonl_holds(args, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     assert main(args) == 0
@@ -82,6 +83,19 @@ def test_tensorboard_and_wandb_hold_what_metrics_jsonl_holds(args, tmp_path):
                 history[items["_step"]] = items["loss"]
     assert history == pytest.approx(want, rel=1e-12)
 
+    run_id, client = mlflow_run(run)
+    got = {m.step: m.value for m in client.get_metric_history(run_id, "loss")}
+    assert got == pytest.approx(want, rel=1e-12)
+    assert client.get_run(run_id).data.params["train.max_steps"] == "4"
+    assert client.get_run(run_id).info.status == "FINISHED"
+
+
+def mlflow_run(run):
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{run / 'mlflow.db'}"
+    return (run / "mlflow_run_id").read_text().strip(), MlflowClient(uri, registry_uri=uri)
+
 
 def test_a_missing_tracker_is_a_clear_error_before_the_model_loads(args, monkeypatch, capsys):
     import importlib.util
@@ -95,7 +109,7 @@ def test_a_missing_tracker_is_a_clear_error_before_the_model_loads(args, monkeyp
     assert "output.report_to names wandb, which is not installed" in capsys.readouterr().err
 
 
-def test_a_resumed_run_continues_the_same_wandb_run(args, tmp_path):
+def test_a_resumed_run_continues_the_same_wandb_and_mlflow_runs(args, tmp_path):
     import shutil
 
     assert main(args) == 0
@@ -107,3 +121,7 @@ def test_a_resumed_run_continues_the_same_wandb_run(args, tmp_path):
     assert main([*args, "--resume"]) == 0
     ids = {p.name.rsplit("-", 1)[1] for p in (run / "wandb").glob("offline-run-*")}
     assert len(list((run / "wandb").glob("offline-run-*"))) == 2 and len(ids) == 1
+    run_id, client = mlflow_run(run)
+    (experiment,) = [e for e in client.search_experiments() if e.name == "lorasmith"]
+    assert [r.info.run_id for r in client.search_runs([experiment.experiment_id])] == [run_id]  # one MLflow run
+    assert sorted({m.step for m in client.get_metric_history(run_id, "loss")}) == [1, 2, 3, 4]

@@ -109,8 +109,9 @@ def init(timeout_minutes: float) -> Dist:
         torch.distributed.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
     dist = current()
     if not dist.is_main:
-        # One voice: the other ranks report warnings and errors only.
+        # One voice: the other ranks report warnings and errors only, and draw no progress bars.
         logging.getLogger("lorasmith").setLevel(logging.WARNING)
+        os.environ["LORASMITH_NO_PROGRESS"] = "1"
     log.info("distributed: %d processes, backend %s", dist.world_size, torch.distributed.get_backend())
     return dist
 

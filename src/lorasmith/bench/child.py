@@ -220,6 +220,7 @@ def run_lorasmith(model_dir: str, train: str, val: str, steps: int, extra: list[
             "data.max_length=512",
             f"lora.target_modules={','.join(SEED_TARGETS)}",
             "train.micro_batch_size=8",
+            "train.lr=2e-4",  # the peers' rate: the same optimisation problem for all
             f"train.max_steps={steps}",
             "eval.samples=0",
             f"output.dir={out}",

@@ -51,7 +51,7 @@ def evaluate_target(spec: str, convs, args, user_metrics) -> dict:
     from lorasmith.data.dataset import tokenize
     from lorasmith.evaluation.generate import generate, prompt_and_reference
     from lorasmith.evaluation.metrics import validation_loss
-    from lorasmith.evaluation.scores import score
+    from lorasmith.evaluation.scores import score_all
     from lorasmith.serving.chat import load_for_chat
 
     model_name, adapter = _target(spec)
@@ -61,11 +61,7 @@ def evaluate_target(spec: str, convs, args, user_metrics) -> dict:
     result.update(validation_loss(model, data, pad_id=tokenizer.pad_token_id, precision=precision, batch_size=16))
     histories, references = zip(*(prompt_and_reference(c.messages) for c in convs))
     answers = generate(model, tokenizer, list(histories), precision=precision, max_new_tokens=args.max_new_tokens)
-    result["scores"] = score(answers, list(references), [m for m in args.metrics.split(",") if m])
-    for name, fn in user_metrics.items():
-        value = fn(list(answers), list(references))
-        values = value if isinstance(value, dict) else {name: value}
-        result["scores"].update({key: {"mean": float(v)} for key, v in values.items()})
+    result["scores"] = score_all(answers, list(references), [m for m in args.metrics.split(",") if m] + list(user_metrics))
     result["answers"] = [{"answer": a, "reference": r} for a, r in zip(answers, references)]
     return result
 

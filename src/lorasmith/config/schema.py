@@ -162,8 +162,9 @@ class TrainConfig:
     """Conversations per optimizer step; required with micro_batch_size=auto, else micro_batch_size x grad_accum."""
     memory_budget_gb: float = 0.0
     """Memory the micro_batch_size=auto probe may fill (0: 90% of available RAM on CPU, of free memory on a GPU)."""
-    lr: float = 2e-4
-    """Peak learning rate of AdamW."""
+    lr: float | Literal["auto"] = "auto"
+    """Peak learning rate of AdamW; auto = a learning-rate range test on this run's model and data picks it
+    before training (~20 short steps, cached; README: "Learning rate")."""
     weight_decay: float = 0.0
     """AdamW weight decay on the LoRA weights."""
     warmup_ratio: float = 0.05
@@ -244,7 +245,7 @@ class TrainConfig:
                 f"{self.micro_batch_size} x {self.grad_accum}",
                 hint="set one of them, or use micro_batch_size=auto with effective_batch_size",
             )
-        if self.lr <= 0:
+        if self.lr != "auto" and self.lr <= 0:
             raise ConfigError(f"train.lr must be > 0, got {self.lr}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
@@ -269,6 +270,14 @@ class EvalConfig:
     """Conversations generated at once."""
     max_batches: int = 0
     """Validation-loss batches to evaluate (0: the whole validation set)."""
+    metrics: list[str] = field(default_factory=list)
+    """Scores of the generated answers (those of eval.exact_match), before and after training and every
+    train.eval_every steps: exact_match, normalised_match, json_valid, json_equal, rouge_l, chrf, and your own
+    as module:function or file.py:function (called with predictions and references, like compute_metrics)."""
+
+    def __post_init__(self):
+        if self.metrics and not self.exact_match:
+            raise ConfigError("eval.metrics scores generated answers: set eval.exact_match (how many, -1 for all)")
 
 
 @dataclass

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lorasmith import atomic
+from lorasmith import atomic, progress
 from lorasmith.config import DataConfig
 from lorasmith.data import workers
 from lorasmith.data.dataset import encode_options
@@ -231,7 +231,8 @@ def run_check(tokenizer, cfg: DataConfig, train_sources, val_source=None, n_work
             yield from _chunks(stream, report, finder, is_val)
 
     n = n_workers if n_workers is not None else workers.default_workers()
-    _collect(workers.map_chunks(_measure, all_chunks(), tokenizer, options, n), report, cfg)
+    chunks = progress.bar(workers.map_chunks(_measure, all_chunks(), tokenizer, options, n), desc="check", unit="x256")
+    _collect(chunks, report, cfg)
     report.duplicates = finder.found
     return report
 

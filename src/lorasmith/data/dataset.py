@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lorasmith import progress
 from lorasmith.config import DEMO, DataConfig, DataSource
 from lorasmith.data import demo, workers
 from lorasmith.data.masking import ChatTemplate, Encoded, encode_fitted
@@ -189,7 +190,8 @@ def _encode_chunk(state: workers.WorkerState, chunk: list[list[dict]]) -> list[t
 def _encode_all(tokenizer, conversations: list[Conversation], options: dict) -> list[tuple[Encoded | None, str | None]]:
     chunks = [[c.messages for c in conversations[i : i + 256]] for i in range(0, len(conversations), 256)]
     n = workers.default_workers() if len(conversations) >= _PARALLEL_FROM else 1
-    return [r for chunk in workers.map_chunks(_encode_chunk, chunks, tokenizer, options, n) for r in chunk]
+    results = workers.map_chunks(_encode_chunk, chunks, tokenizer, options, n)
+    return [r for chunk in progress.bar(results, total=len(chunks), desc="tokenize", unit="x256") for r in chunk]
 
 
 def _encode_cached(tokenizer, conversations: list[Conversation], options: dict):

@@ -8,6 +8,7 @@ from lorasmith.config import Config
 from lorasmith.data.dataset import TokenizedSet
 from lorasmith.evaluation.generate import generate, prompt_and_reference
 from lorasmith.evaluation.metrics import exact_match, validation_loss
+from lorasmith.evaluation.scores import score_all
 
 
 def evaluate(model, tokenizer, val_set: TokenizedSet, cfg: Config, precision, pad_id: int) -> dict:
@@ -33,6 +34,10 @@ def evaluate(model, tokenizer, val_set: TokenizedSet, cfg: Config, precision, pa
         out["exact_match"] = em["exact_match"]
         out["exact_match_n"] = em["n"]
         out["exact_match_answers"] = em["answers"]
+        if ev.metrics:
+            answers = [a["answer"] for a in em["answers"]]
+            out["scores"] = score_all(answers, [a["reference"] for a in em["answers"]], ev.metrics)
+            out.update({name: s["mean"] for name, s in out["scores"].items() if name not in out})
     return out
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lorasmith import progress
 from lorasmith.data.masking import render
 from lorasmith.models.hardware import Precision
 from lorasmith.models.quantization import evaluating
@@ -44,14 +45,18 @@ class Completion:
     completion_tokens: int
 
 
-class _Cancelled:
-    """A stopping criterion that ends generation when ``event`` is set (a client that went away)."""
+class _RowStop:
+    """A stopping criterion per row: its own token limit reached, or its event set (a client that went away)."""
 
-    def __init__(self, event):
-        self.event = event
+    def __init__(self, limits: list[int], prompt_width: int, events=None):
+        self.limits, self.prompt_width, self.events = limits, prompt_width, events
 
     def __call__(self, input_ids, scores, **kwargs):
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+        made = input_ids.shape[1] - self.prompt_width
+        done = [made >= limit for limit in self.limits]
+        if self.events is not None:
+            done = [d or e.is_set() for d, e in zip(done, self.events)]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
 @torch.no_grad()
@@ -90,8 +95,9 @@ def complete(
     """The next assistant turn of each history, in their order, with why it ended and token counts.
 
     ``max_new_tokens``: one limit, or one per history (a batch runs to its largest, and each answer is cut
-    at its own); ``stop``: strings that end an answer (not included in it); ``cancelled``: a
-    ``threading.Event`` that ends generation early."""
+    at its own); ``stop``: strings that end an answer (not included in it); ``cancelled``: one
+    ``threading.Event`` per history that ends its generation early; ``streamer``: a transformers
+    streamer, told which histories each batch holds if it has ``set_rows``."""
     device = next(model.parameters()).device
     limits = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(histories)
     side = tokenizer.padding_side
@@ -109,18 +115,23 @@ def complete(
         extra = {"do_sample": False}
     if stop:
         extra.update(stop_strings=list(stop), tokenizer=tokenizer)
-    if cancelled is not None:
-        from transformers import StoppingCriteriaList
-
-        extra["stopping_criteria"] = StoppingCriteriaList([_Cancelled(cancelled)])
     devices = [device.index or 0] if device.type == "cuda" else []
     try:
         with evaluating(model), torch.random.fork_rng(devices=devices, enabled=sampling.seed is not None):
             if sampling.seed is not None:
                 torch.manual_seed(sampling.seed)
-            for start in range(0, len(order), batch_size):
+            starts = range(0, len(order), batch_size)
+            for start in progress.bar(starts, total=len(starts) if streamer is None else 0, desc="generate", unit="batch"):
                 idx = order[start : start + batch_size]
                 enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+                if cancelled is not None or len({limits[i] for i in idx}) > 1:  # rows that end before the batch does
+                    from transformers import StoppingCriteriaList
+
+                    events = [cancelled[i] for i in idx] if cancelled is not None else None
+                    rows = _RowStop([limits[i] for i in idx], enc["input_ids"].shape[1], events)
+                    extra["stopping_criteria"] = StoppingCriteriaList([rows])
+                if hasattr(streamer, "set_rows"):
+                    streamer.set_rows(idx, [limits[i] for i in idx])
                 with precision.autocast():
                     out = model.generate(
                         **enc,

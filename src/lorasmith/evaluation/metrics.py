@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from lorasmith import progress
 from lorasmith.data.batching import collate
 from lorasmith.data.dataset import TokenizedSet
 from lorasmith.evaluation.generate import generate, prompt_and_reference
@@ -25,7 +26,9 @@ def validation_loss(
     order = sorted(range(len(data.encoded)), key=lambda i: len(data.encoded[i].input_ids))  # less padding
     loss = weight = correct = positions = 0.0
     with evaluating(model):
-        for n, s in enumerate(range(0, len(order), batch_size)):
+        starts = range(0, len(order), batch_size)
+        shown = len(starts) if not max_batches else min(max_batches, len(starts))
+        for n, s in enumerate(progress.bar(starts, total=shown, desc="validation loss", unit="batch")):
             if max_batches and n >= max_batches:
                 break
             batch = collate([data.encoded[i] for i in order[s : s + batch_size]], pad_id).to(device)

@@ -127,3 +127,23 @@ def load_user_metric(spec: str) -> Callable:
     if not callable(fn):
         raise ConfigError(f"--metric {spec!r}: {target} has no function {name!r}")
     return fn
+
+
+def check_metrics(names: list[str]) -> None:
+    """Unknown built-in names and user metrics that do not import fail before any model loads."""
+    unknown = [n for n in names if ":" not in n and n not in METRICS]
+    if unknown:
+        raise ConfigError(f"unknown metric(s) {', '.join(unknown)}", hint=f"choose from {', '.join(METRICS)} or module:function")
+    for spec in names:
+        if ":" in spec:
+            load_user_metric(spec)
+
+
+def score_all(predictions: list[str], references: list[str], names: list[str]) -> dict:
+    """Built-in metrics (with bootstrap intervals) and user metrics (``module:function``) by name."""
+    out = score(predictions, references, [n for n in names if ":" not in n])
+    for spec in (n for n in names if ":" in n):
+        value = load_user_metric(spec)(list(predictions), list(references))
+        values = value if isinstance(value, dict) else {spec: value}
+        out.update({key: {"mean": float(v)} for key, v in values.items()})
+    return out

@@ -58,6 +58,8 @@ class MergeReport:
     checks: dict = field(default_factory=dict)
     """Name -> {passed, and the figures}."""
     seconds: float = 0.0
+    qlora: dict = field(default_factory=dict)
+    """For an adapter trained on a 4-bit base: each merge base's logit gap to the 4-bit base + adapter."""
 
     @property
     def passed(self) -> bool:
@@ -80,12 +82,72 @@ def find_adapter(target: Path) -> tuple[Path, RunFolder | None]:
     return target, RunFolder.of_adapter(target)
 
 
-def _trained_bits(run: RunFolder | None) -> int:
+def _trained_quantization(run: RunFolder | None):
     if run is None:
-        return 0
+        return None
     from lorasmith.config import load
 
-    return load(run.config).quantization.bits
+    q = load(run.config).quantization
+    return q if q.bits else None
+
+
+def _linear(module):
+    return module.base_layer if hasattr(module, "base_layer") else module
+
+
+def _nf4_weights(base_name: str, quant) -> dict[str, torch.Tensor]:
+    """The base's linear weights exactly as the 4-bit model computes with them (dequantized from the same
+    quantization training used), by module name."""
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import dequantize_4bit
+
+    q4 = load_model(
+        ModelConfig(name=base_name),
+        device=torch.device("cpu"),
+        attn_implementation="sdpa",
+        dtype=torch.float32,
+        quantization=quant,
+        compute_dtype=torch.float32,
+    )
+    out = {
+        name: dequantize_4bit(m.weight.data, m.weight.quant_state).float()
+        for name, m in q4.named_modules()
+        if isinstance(m, bnb.nn.Linear4bit)
+    }
+    del q4
+    return out
+
+
+def _qlora_gaps(tuned, base_name: str, adapter: Path, quant, tokenizer, prompts, mode: str) -> dict:
+    """Logit gaps of base + adapter to the 4-bit base + adapter (what training saw and evaluated), for the
+    original base and for its NF4 round trip; leaves ``tuned`` on the base ``mode`` names."""
+    from peft import PeftModel
+
+    q4 = load_model(
+        ModelConfig(name=base_name),
+        device=torch.device("cpu"),
+        attn_implementation="sdpa",
+        dtype=torch.float32,
+        quantization=quant,
+        compute_dtype=torch.float32,
+    )
+    as_trained = _logits(PeftModel.from_pretrained(q4, adapter).eval(), tokenizer, prompts)
+    del q4
+    gaps = {"original": _compare_logits(as_trained, _logits(tuned, tokenizer, prompts))}
+    modules = dict(tuned.get_base_model().named_modules())
+    roundtrip = _nf4_weights(base_name, quant)
+    kept = {}
+    with torch.no_grad():
+        for name, weight in roundtrip.items():
+            target = _linear(modules[name]).weight
+            kept[name] = target.detach().clone()
+            target.copy_(weight.reshape(target.shape))
+    gaps["nf4-roundtrip"] = _compare_logits(as_trained, _logits(tuned, tokenizer, prompts))
+    if mode == "original":
+        with torch.no_grad():
+            for name, weight in kept.items():
+                _linear(modules[name]).weight.copy_(weight)
+    return {"modules_round_tripped": len(roundtrip), "chosen": mode, "gap_to_4bit_base_plus_adapter": gaps}
 
 
 def _prompts(tokenizer, run: RunFolder | None) -> list[list[dict]]:
@@ -116,20 +178,28 @@ def _compare_logits(ref: list[torch.Tensor], got: list[torch.Tensor]) -> dict:
     return {"max_abs_logit_diff": diff, "mean_kl": sum(kl) / len(kl), "top1_agreement": agree / positions}
 
 
-def merge(target: Path, out: Path, *, dtype: str = "auto", model: str | None = None, max_new_tokens: int = 24) -> MergeReport:
-    """Merge the adapter of ``target`` (a run folder or an adapter folder) into its base and write ``out``."""
+def merge(
+    target: Path, out: Path, *, dtype: str = "auto", model: str | None = None, max_new_tokens: int = 24, onto: str = "original"
+) -> MergeReport:
+    """Merge the adapter of ``target`` (a run folder or an adapter folder) into its base and write ``out``.
+
+    ``onto``: for an adapter trained on a 4-bit base, merge into the original weights, or into their NF4
+    round trip (the weights the 4-bit model computed with, which the adapter learned to correct)."""
     from peft import PeftModel
     from transformers import AutoTokenizer
 
     started = time.monotonic()
     adapter, run = find_adapter(Path(target))
     base_name = model or base_of(adapter)
-    bits = _trained_bits(run)
-    if bits:
+    quant = _trained_quantization(run)
+    if onto not in ("original", "nf4-roundtrip"):
+        raise LorasmithError(f"--base {onto}: choose original or nf4-roundtrip")
+    if onto == "nf4-roundtrip" and (quant is None or quant.bits != 4):
+        raise LorasmithError("--base nf4-roundtrip is for adapters trained on a 4-bit base (QLoRA)", hint="drop --base")
+    if quant is not None and quant.bits == 8:
         log.warning(
-            "this adapter was trained on a %d-bit base: it is merged into the full-precision base, whose weights differ "
-            "from what training saw by the quantization error (the figures below compare with the full-precision base)",
-            bits,
+            "this adapter was trained on an 8-bit base: it is merged into the full-precision base, whose weights differ "
+            "from what training saw by the quantization error (the figures below compare with the full-precision base)"
         )
     out = Path(out)
     if out.exists() and not (out / MANIFEST).is_file():
@@ -151,6 +221,9 @@ def merge(target: Path, out: Path, *, dtype: str = "auto", model: str | None = N
         ) from None
     tuned.eval()
     prompts = _prompts(tokenizer, run)
+    qlora = {}
+    if quant is not None and quant.bits == 4:
+        qlora = _qlora_gaps(tuned, base_name, adapter, quant, tokenizer, prompts, onto)
     reference = _logits(tuned, tokenizer, prompts)
     fp32 = Precision("fp32", "cpu")
     answers = generate(tuned, tokenizer, prompts[:4], precision=fp32, max_new_tokens=max_new_tokens)
@@ -158,7 +231,7 @@ def merge(target: Path, out: Path, *, dtype: str = "auto", model: str | None = N
     merged.to(DTYPES[target_name])
     merged.generation_config.eos_token_id = stop_token_ids(tokenizer, merged)  # stop at the end of a turn
     merged.generation_config.pad_token_id = tokenizer.pad_token_id
-    report = MergeReport(base_name, str(adapter), target_name, str(out))
+    report = MergeReport(base_name, str(adapter), target_name, str(out), qlora=qlora)
     with atomic.folder(out) as tmp:
         merged.config.use_cache = True
         merged.save_pretrained(tmp, safe_serialization=True, max_shard_size="2GB")

@@ -2,10 +2,10 @@
 
 One worker thread owns the model (adapters are switched between batches, never during one).
 Requests wait in a bounded queue; the worker takes the oldest and, with it, the waiting requests it
-can run in the same batch (same model, greedy, same stop strings, not streamed): on a CPU or GPU
-one batched generation of k prompts costs far less than k single ones. A streamed request runs
-alone and hands its text over as it is generated; a client that goes away sets ``cancelled`` and
-generation stops at the next token, freeing the worker. Generation itself is the one path used
+can run in the same batch (same model, greedy, same stop strings; streamed or not): on a CPU or
+GPU one batched generation of k prompts costs far less than k single ones. A streamed request's
+row is handed over as text as it is generated; a client that goes away sets ``cancelled`` and its
+row stops at the next token. Sampled requests run alone, so a seed reproduces an answer. Generation itself is the one path used
 everywhere (evaluation/generate.complete).
 """
 
@@ -42,8 +42,8 @@ class Request:
     cancelled: threading.Event = field(default_factory=threading.Event)
 
     def batch_key(self):
-        if self.stream or self.sampling != Sampling():
-            return None  # runs alone: sampled with a seed, or streamed
+        if self.sampling != Sampling():
+            return None  # sampled: runs alone, so its seed gives the same answer whatever else is waiting
         return (self.model, self.stop)
 
 
@@ -109,7 +109,8 @@ class Engine:
     def _run(self, batch: list[Request]) -> None:
         first = batch[0]
         try:
-            streamer = _ChunkStreamer(self.tokenizer, first.chunks) if first.stream else None
+            streaming = [r.chunks for r in batch]
+            streamer = _BatchStreamer(self.tokenizer, streaming) if any(q is not None for q in streaming) else None
             with self._adapter(self.served[first.model].adapter):
                 done = complete(
                     self.model,
@@ -121,7 +122,7 @@ class Engine:
                     sampling=first.sampling,
                     stop=first.stop,
                     streamer=streamer,
-                    cancelled=first.cancelled if first.stream else None,
+                    cancelled=[r.cancelled for r in batch],
                 )
             for r, c in zip(batch, done):
                 r.result.set_result(c)
@@ -148,28 +149,38 @@ class Engine:
         return nullcontext()
 
 
-class _ChunkStreamer:
-    """A transformers streamer that puts decoded text pieces on a queue (stop strings held back until
-    it is clear they are not one: the caller trims with the final completion)."""
+class _BatchStreamer:
+    """A transformers streamer for a batch: each streamed request's row, decoded as it grows, goes to that
+    request's queue as text deltas (rows of plain requests are skipped; a partial UTF-8 character is held
+    back until complete)."""
 
-    def __init__(self, tokenizer, chunks: queue.Queue):
-        from transformers import TextStreamer
+    def __init__(self, tokenizer, queues: list[queue.Queue | None]):
+        self.tokenizer, self.queues = tokenizer, queues
+        self.set_rows(list(range(len(queues))), [1 << 30] * len(queues))
 
-        outer = self
+    def set_rows(self, rows: list[int], limits: list[int]) -> None:
+        self.rows, self.limits, self.prompt = rows, limits, True
+        self.ids: list[list[int]] = [[] for _ in rows]
+        self.sent = ["" for _ in rows]
 
-        class _Streamer(TextStreamer):
-            def on_finalized_text(self, text: str, stream_end: bool = False):
-                if text:
-                    outer.chunks.put(text)
+    def put(self, value) -> None:
+        if self.prompt:  # generate() first puts the prompt
+            self.prompt = False
+            return
+        for k, token in enumerate(value.reshape(len(self.rows), -1)[:, -1].tolist()):
+            q = self.queues[self.rows[k]]
+            if q is None or len(self.ids[k]) >= self.limits[k]:  # a plain request's row, or past its own limit
+                continue
+            self.ids[k].append(token)
+            text = self.tokenizer.decode(self.ids[k], skip_special_tokens=True)
+            if text.endswith("\ufffd") or not text.startswith(self.sent[k]):
+                continue
+            if len(text) > len(self.sent[k]):
+                q.put(text[len(self.sent[k]) :])
+                self.sent[k] = text
 
-        self.chunks = chunks
-        self.inner = _Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-
-    def put(self, value):
-        self.inner.put(value)
-
-    def end(self):
-        self.inner.end()
+    def end(self) -> None:
+        pass
 
 
 def answer_of(c: Completion) -> str:

@@ -7,13 +7,19 @@ import torch
 from lorasmith.config import Config
 
 
-def build_optimizer(model, cfg: Config):
+def build_optimizer(model, cfg: Config, lr: float | None = None):
+    """AdamW at ``lr`` (default: train.lr, which must then be a number)."""
     params = [p for p in model.parameters() if p.requires_grad]
     # PyTorch's fused AdamW: one kernel over all LoRA tensors instead of a loop of small ops per
     # tensor (bench's 180 LoRA tensors on CPU: 1.5 ms a step against 7.2 ms).
     fused = all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.bfloat16) for p in params)
     return torch.optim.AdamW(
-        params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, betas=(0.9, 0.999), eps=1e-8, fused=fused or None
+        params,
+        lr=cfg.train.lr if lr is None else lr,
+        weight_decay=cfg.train.weight_decay,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        fused=fused or None,
     )
 
 

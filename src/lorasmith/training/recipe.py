@@ -18,18 +18,22 @@ with the global batch, data order and loss normalisation of one process; rank 0 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import random
 import signal
 import statistics
 import sys
 import time
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 import lorasmith
 from lorasmith import atomic, distributed
@@ -40,14 +44,16 @@ from lorasmith.data.records import shared_system_prompt
 from lorasmith.errors import ConfigError, TrainingError
 from lorasmith.evaluation.compare import evaluate, print_comparison, report_eval, sample_answers, side_by_side
 from lorasmith.evaluation.metrics import validation_loss
+from lorasmith.evaluation.scores import check_metrics
 from lorasmith.models.adapter import add_lora, base_weights_dtype, count_parameters, save_portable_identity
 from lorasmith.models.hardware import DTYPES, choose_attention, choose_precision, default_device
 from lorasmith.models.loading import bnb_config, load_config, load_model, load_tokenizer
 from lorasmith.models.probe import Shapes
+from lorasmith.report import DATA_STATS, write_report
 from lorasmith.runs import MetricsLogger, RunFolder, check_writable
 from lorasmith.runs.metrics import truncate_after
 from lorasmith.runs.trackers import check_installed, make_sinks
-from lorasmith.training import checkpoint
+from lorasmith.training import checkpoint, lr_finder
 from lorasmith.training.advice import advise
 from lorasmith.training.checkpoint import TrainerState, seed_everything
 from lorasmith.training.compile import compile_decoder_layers, should_compile
@@ -59,6 +65,8 @@ from lorasmith.training.resume import check_resumable, run_fingerprint
 from lorasmith.training.step import Stepper, StepPlan
 
 log = logging.getLogger(__name__)
+
+LR_TEST = "lr_range_test.json"
 
 
 def train(cfg: Config, *, config_path: str | None = None, resume: str | None = None, force_resume: bool = False) -> Path:
@@ -88,6 +96,8 @@ def train(cfg: Config, *, config_path: str | None = None, resume: str | None = N
             if main and not isinstance(e, SystemExit):  # a signal stop has already written its status and resume command
                 status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
                 run.write_status(status, error=str(e) or type(e).__name__)
+            if main:
+                _write_report(run)  # a failed or interrupted run gets its report too
             if recipe.dist.active and distributed.is_collective_failure(e):  # say which run and how to go on
                 raise recipe.lost_contact(e) from None
             raise
@@ -100,7 +110,18 @@ def train(cfg: Config, *, config_path: str | None = None, resume: str | None = N
     if main:
         run.write_status("complete", seconds={k: round(v, 1) for k, v in recipe.timings.items()})
         print("time: " + ", ".join(f"{k} {v:.0f} s" for k, v in recipe.timings.items()), file=sys.stderr)
+        if report := _write_report(run):
+            print(f"report:     {report}", file=sys.stderr)
     return run.path
+
+
+def _write_report(run: RunFolder) -> Path | None:
+    """The HTML report; a report that cannot be written is a warning, never the run's failure."""
+    try:
+        return write_report(run)
+    except Exception as e:  # the run's own outcome must stand
+        log.warning("could not write %s: %s", run.path / "report.html", e)
+        return None
 
 
 class LoraFinetune:
@@ -132,6 +153,7 @@ class LoraFinetune:
         if cfg.quantization.bits:
             bnb_config(cfg.quantization, torch.float32)  # bitsandbytes missing: say so before reading any data
         check_installed(cfg.output.report_to)
+        check_metrics(cfg.eval.metrics)
         seed_everything(cfg.train.seed)
         # Tokenizer before data: masks and lengths depend on its chat template.
         self.tokenizer = load_tokenizer(cfg.model)
@@ -221,6 +243,10 @@ class LoraFinetune:
         left_out = self.split.skipped + self.train_set.dropped + self.val_set.dropped
         atomic.write_json(run.data_split, {**split_ids, "left_out": left_out, **overlap(self.split.train, self.split.val)})
         atomic.write_json(run.prompting, shared_system_prompt(self.train_set.conversations) or {"system_prompt": None})
+        lengths = [len(e.input_ids) for e in self.train_set.encoded]
+        if len(lengths) > 20000:  # the report's histogram needs a sample, not every length
+            lengths = random.Random(0).sample(lengths, 20000)
+        atomic.write_json(run.path / DATA_STATS, {**self._data_stats(), "train_lengths": lengths})
         p = self.precision
         run.write_status("running", pid=os.getpid(), precision=p.name, attention=self.attention, device=str(self.device))
         return True
@@ -289,7 +315,8 @@ class LoraFinetune:
         )
         self.plan = StepPlan([len(e.input_ids) for e in self.train_set.encoded], tc, plan_mb, plan_accum)
         self.total_steps = self.plan.total_steps()
-        self.optimizer = build_optimizer(self.model, self.cfg)
+        self.lr = tc.lr if tc.lr != "auto" else self._auto_lr()
+        self.optimizer = build_optimizer(self.model, self.cfg, self.lr)
         self.scheduler = build_scheduler(self.optimizer, self.cfg, self.total_steps)
         scaler = torch.amp.GradScaler(self.device.type) if self.precision.needs_grad_scaler else None
         self.stepper = Stepper(
@@ -319,6 +346,29 @@ class LoraFinetune:
         config = {**self.cfg.to_dict(), "data_stats": self._data_stats(), "precision": self.precision.name}
         sinks = make_sinks(self.cfg.output.report_to, self.run.path, self.run.path.name, config) if self.dist.is_main else []
         self.metrics = MetricsLogger(self.run.metrics, enabled=self.dist.is_main, sinks=sinks)
+
+    def _auto_lr(self) -> float:
+        """train.lr=auto: the range test's rate (a resumed run keeps the rate it started with)."""
+        saved = self.run.path / LR_TEST
+        if self.ckpt is not None and saved.is_file():
+            return json.loads(saved.read_text())["chosen"]
+        result = lr_finder.range_test(
+            self.model,
+            lambda: build_optimizer(self.model, self.cfg, lr_finder.LR_MIN),
+            self.train_set,
+            self.plan,
+            self.pad_id,
+            self.precision,
+            self.device,
+            self.fingerprint,
+        )
+        chosen = float(self.dist.broadcast(result.chosen))  # every process trains at rank 0's rate
+        how = "cached" if result.cached else f"{len(result.lrs)} steps in {result.seconds:.1f} s"
+        log.info("learning rate auto: %.2g (range test %s; %s)", chosen, how, result.rule)
+        if self.dist.is_main:
+            atomic.write_json(saved, asdict(result))
+            lr_finder.plot(result, saved.with_suffix(".png"))
+        return chosen
 
     def _data_stats(self) -> dict:
         return {
@@ -359,6 +409,10 @@ class LoraFinetune:
         def on_oom(step, size):
             self.metrics.log(step, oom=True, micro_batch_size=size)
 
+        # Log lines while the bar is drawn go through tqdm.write, so neither garbles the other on a terminal.
+        redirect = contextlib.ExitStack()
+        if not bar.disable:
+            redirect.enter_context(logging_redirect_tqdm())
         try:
             while state.step < total_steps:
                 t0 = time.perf_counter()
@@ -401,15 +455,18 @@ class LoraFinetune:
                     # No terminal (a log file, CI): a plain progress line every 5% instead of the bar.
                     log.info("step %d/%d  loss %.4f  %.0f tok/s", state.step, total_steps, result.loss, result.real_tokens / dt)
                 if tc.eval_every and state.step % tc.eval_every == 0 and state.step < total_steps and self.val_set.encoded:
-                    val = validation_loss(
-                        self.model,
-                        self.val_set,
-                        pad_id=self.pad_id,
-                        precision=self.precision,
-                        batch_size=ev.batch_size,
-                        max_batches=ev.max_batches,
-                    )
-                    self.metrics.log(state.step, **{f"eval_{k}": v for k, v in val.items()})
+                    if ev.metrics:  # the full evaluation: loss and the scores of generated answers
+                        val = evaluate(self.model, self.tokenizer, self.val_set, self.cfg, self.precision, self.pad_id)
+                    else:
+                        val = validation_loss(
+                            self.model,
+                            self.val_set,
+                            pad_id=self.pad_id,
+                            precision=self.precision,
+                            batch_size=ev.batch_size,
+                            max_batches=ev.max_batches,
+                        )
+                    self.metrics.log(state.step, **{f"eval_{k}": v for k, v in val.items() if isinstance(v, float)})
                     if self.dist.is_main:
                         bar.write(f"step {state.step}: eval loss {val['loss']:.4f}")
                 signum, due = stopper.signum or 0, self._checkpoint_due(state.step)
@@ -421,6 +478,7 @@ class LoraFinetune:
                 if signum:
                     break
         finally:
+            redirect.close()
             bar.close()
             stopper.restore()
 
@@ -485,7 +543,7 @@ class LoraFinetune:
         print_comparison(before, after, self.sample_convs)
         rows = [json.loads(line) for line in run.metrics.read_text().splitlines() if line.strip()]
         trained = statistics.median(e.num_trained for e in self.train_set.encoded)
-        tips = advise(rows, before, after, self.cfg.train.lr, trained)
+        tips = advise(rows, before, after, self.lr, trained)
         for tip in tips:
             print(f"advice: {tip['message']}")
         extra = {"processes": self.dist.world_size, "distributed": self.strategy, **replicas} if self.dist.active else {}
