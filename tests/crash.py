@@ -3,7 +3,8 @@
     python tests/crash.py MODE N -- lorasmith-args...
 
 MODE: kill-before-step (SIGKILL before step N+1), term-before-step (SIGTERM before step N+1),
-term-mid-step (SIGTERM between two micro-batches of step N+1), kill-in-checkpoint (SIGKILL while
+term-mid-step (SIGTERM between two micro-batches of step N+1), oom-at-step (an out-of-memory error
+in the first micro-batch of step N+1), kill-in-checkpoint (SIGKILL while
 checkpoint N is half written), kill-in-adapter (SIGKILL while the final adapter is half written).
 Under torchrun (`torchrun ... tests/crash.py ...`) only the rank in CRASH_RANK (default: all) is hit.
 """
@@ -42,6 +43,24 @@ elif mode == "term-mid-step":
         return original_accumulate(model, batches, *a, **k)
 
     step.accumulate_gradients = patched_accumulate
+elif mode == "oom-at-step":  # one out-of-memory error in the first micro-batch of step N+1 (on CRASH_RANK)
+    from lorasmith.training import parallel
+
+    original_step, original_loss, now, fired = step.Stepper.step, parallel.weighted_loss, [0], []
+
+    def recording_step(self, state, on_oom=None):
+        now[0] = state.step
+        return original_step(self, state, on_oom)
+
+    def oom_once(model, batch, precision):
+        mine = os.environ.get("CRASH_RANK", os.environ.get("RANK", "0")) == os.environ.get("RANK", "0")
+        if mine and now[0] == n and not fired and batch.input_ids.shape[1] > 8:  # a real micro-batch, not the sync pass
+            fired.append(1)
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+        return original_loss(model, batch, precision)
+
+    step.Stepper.step = recording_step
+    parallel.weighted_loss = oom_once
 elif mode == "kill-in-checkpoint":
     original_save = torch.save
 

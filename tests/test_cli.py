@@ -143,7 +143,7 @@ def test_subprocess_exit_code_and_no_traceback(tmp_path):
 
 def test_config_command_lists_keys_with_defaults():
     proc = subprocess.run([sys.executable, "-m", "lorasmith", "config"], capture_output=True, text=True, check=True)
-    assert "lr: 0.0002" in proc.stdout and "target_modules: all-linear" in proc.stdout
+    assert "lr: auto" in proc.stdout and "target_modules: all-linear" in proc.stdout
 
 
 def test_chat_one_shot_with_adapter(tmp_path, tiny_model_dir, data_files, capsys):

@@ -153,3 +153,16 @@ def test_sigterm_on_one_process_stops_all_at_the_same_step(tmp_path, tiny_model_
     assert (proc := _launch([*args, "--resume"])).returncode == 0, proc.stderr[-3000:]
     assert _losses(run) == _losses(tmp_path / "ref")
     assert _equal(_adapter(run), _adapter(tmp_path / "ref"))
+
+
+def test_an_oom_on_one_process_makes_all_split_the_same_way(tmp_path, tiny_model_dir, data_files, one_process):
+    """Rank 1 runs out of memory at step 3: both processes retry that step in halves (the same gradients)."""
+    args = _args(tiny_model_dir, data_files, tmp_path, "oom", "lora.dropout=0")
+    proc = _launch(args, crash=("oom-at-step", 2))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "oom" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r.get("oom")] == [3]  # logged once, by rank 0, for rank 1's error
+    assert all(r["micro_batch_size"] == 1 for r in rows if "loss" in r and r["step"] >= 3)  # 2 per rank, halved
+    got, want = _losses(tmp_path / "oom"), _losses(one_process[4])
+    assert all(got[k] == pytest.approx(want[k], rel=1e-5) for k in want)
+    assert _close(_adapter(tmp_path / "oom"), _adapter(one_process[4]), ATOL)

@@ -39,6 +39,7 @@ def test_gguf_round_trip(gguf_run, tmp_path, capsys):
     reader = GGUFReader(str(out))
     tokenizer = AutoTokenizer.from_pretrained(gguf_run / "adapter")
     assert reader.get_field("tokenizer.chat_template").contents() == tokenizer.chat_template
+    assert reader.get_field("general.base_model.0.name").contents().endswith("tiny.gguf")  # the base it was trained on
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=out.name, dtype=torch.float32).eval()
     from peft import PeftModel
 

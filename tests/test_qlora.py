@@ -141,6 +141,9 @@ def test_merging_a_qlora_adapter_into_the_nf4_round_trip_matches_what_training_s
     printed = capsys.readouterr().out
     assert "--base original" in printed and "--base nf4-roundtrip" in printed
     assert main(["merge", str(run), "--out", str(tmp_path / "nf4"), "--base", "nf4-roundtrip"]) == 0
+    capsys.readouterr()
+    assert main(["chat", str(run), "--prompt", "hi", "--max-new-tokens", "3"]) == 0  # on the 4-bit base it trained on
+    assert "base quantized to 4-bit as in training" in capsys.readouterr().err
     manifest = json.loads((tmp_path / "nf4" / "merge_manifest.json").read_text())
     assert manifest["passed"] and manifest["qlora"]["chosen"] == "nf4-roundtrip"
     gaps = manifest["qlora"]["gap_to_4bit_base_plus_adapter"]

@@ -129,9 +129,15 @@ def export_gguf(source: Path, out: Path, *, out_type: str = "f16", model: str | 
         elif (source / "INCOMPLETE").exists():
             raise LorasmithError(f"{source} is marked INCOMPLETE: its merge failed a check")
         pending = out.with_name(out.name + ".incomplete")
-        _convert("convert_hf_to_gguf.py", [str(merged), "--outfile", str(pending), "--outtype", out_type])
+        base = _base_name(merged)
+        overrides = Path(tmp) / "metadata.json"
+        overrides.write_text(json.dumps({"general.base_models": [{"name": base}]} if base else {}))
+        _convert(
+            "convert_hf_to_gguf.py",
+            [str(merged), "--outfile", str(pending), "--outtype", out_type, "--metadata", str(overrides)],
+        )
         report = ExportReport(str(source), str(out), out_type)
-        _verify(report, merged, pending)
+        _verify(report, merged, pending, base)
     report.seconds = round(time.monotonic() - started, 1)
     atomic.write_json(out.with_name(out.name + ".manifest.json"), asdict(report) | {"passed": report.passed})
     if report.passed:
@@ -171,7 +177,19 @@ def export_lora_gguf(source: Path, out: Path, *, out_type: str = "f16", model: s
     return report
 
 
-def _verify(report: ExportReport, merged: Path, gguf_file: Path) -> None:
+def _base_name(merged: Path) -> str | None:
+    """The base a merged folder came from, by its portable name (the hub id for the embedded model)."""
+    from lorasmith.config import ModelConfig
+    from lorasmith.export.merge import MANIFEST
+    from lorasmith.models.adapter import portable_name
+
+    manifest = merged / MANIFEST
+    if not manifest.is_file():
+        return None
+    return portable_name(ModelConfig(name=json.loads(manifest.read_text())["base"]))
+
+
+def _verify(report: ExportReport, merged: Path, gguf_file: Path, base: str | None = None) -> None:
     from gguf import GGUFReader
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -185,6 +203,10 @@ def _verify(report: ExportReport, merged: Path, gguf_file: Path) -> None:
     field_ = reader.get_field("tokenizer.chat_template")
     template = field_.contents() if field_ is not None else None
     report.checks["chat_template"] = {"passed": template == tokenizer.chat_template, "in_metadata": template is not None}
+    if base is not None:
+        named = reader.get_field("general.base_model.0.name")
+        recorded = named.contents() if named is not None else None
+        report.checks["base_model"] = {"passed": recorded == base, "general.base_model.0.name": recorded}
     reference = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
     loaded = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32).eval()
     run = RunFolder.of_adapter(Path(report.source) / "adapter") or RunFolder(Path(report.source))

@@ -182,7 +182,14 @@ def render(run: RunFolder) -> str:
     for tip in status.get("advice") or []:
         parts.append(f"<p>advice: {_esc(tip.get('message', tip))}</p>")
     parts += ["<h2>Before and after</h2>", _metrics_table(before, after)]
-    parts += ["<h2>Training</h2>", "<div class='plots'>", *_plots(rows, stats), "</div>"]
+    plots = _plots(rows, stats)
+    lr_test, lr_png = _json(run.path / "lr_range_test.json"), run.path / "lr_range_test.png"
+    if lr_png.is_file():
+        encoded = base64.b64encode(lr_png.read_bytes()).decode()
+        plots.append(f'<img alt="learning-rate range test" src="data:image/png;base64,{encoded}">')
+    parts += ["<h2>Training</h2>", "<div class='plots'>", *plots, "</div>"]
+    if lr_test:
+        parts.append(f"<p>learning rate auto: {lr_test['chosen']:.2g} ({_esc(lr_test['rule'])}; {lr_test['seconds']:.0f} s)</p>")
     if stats:
         shown = {k: v for k, v in stats.items() if k != "train_lengths"}
         parts.append("<table>" + "".join(f"<tr><th>{_esc(k)}</th><td>{_esc(v)}</td></tr>" for k, v in shown.items()) + "</table>")

@@ -96,10 +96,12 @@ def train(cfg: Config, *, config_path: str | None = None, resume: str | None = N
             if main and not isinstance(e, SystemExit):  # a signal stop has already written its status and resume command
                 status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
                 run.write_status(status, error=str(e) or type(e).__name__)
+            if recipe.dist.active and distributed.is_collective_failure(e):
+                # Say which run and how to go on, at once: torchrun is about to stop this process too
+                # (`lorasmith report` writes the report later).
+                raise recipe.lost_contact(e) from None
             if main:
                 _write_report(run)  # a failed or interrupted run gets its report too
-            if recipe.dist.active and distributed.is_collective_failure(e):  # say which run and how to go on
-                raise recipe.lost_contact(e) from None
             raise
         finally:
             logging.getLogger("lorasmith").removeHandler(file_log)
