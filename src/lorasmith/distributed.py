@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -136,8 +137,11 @@ def launch(nproc: int, argv: list[str]) -> int:
     try:
         run(args)
     except ChildFailedError as e:
-        codes = [f.exitcode for f in e.failures.values() if f.exitcode]
-        code = codes[0] if codes else 1
+        rank, first = min(e.failures.items(), key=lambda kv: kv[1].timestamp)  # the root cause, not its echoes
+        code = first.exitcode or 1
+        how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+        print(f"error: process {rank} of {nproc} {how}; torchrun stopped the others", file=sys.stderr)
+        print("  how to fix: see its message above, then continue with the same command and --resume", file=sys.stderr)
         return 128 - code if code < 0 else code  # killed by a signal: the shell's convention
     except SignalException as e:  # SIGTERM/SIGINT on the launcher: torchrun passed it on and waited for the processes
         return 128 + int(e.sigval)
