@@ -95,32 +95,11 @@ def _linear(module):
     return module.base_layer if hasattr(module, "base_layer") else module
 
 
-def _nf4_weights(base_name: str, quant) -> dict[str, torch.Tensor]:
-    """The base's linear weights exactly as the 4-bit model computes with them (dequantized from the same
-    quantization training used), by module name."""
-    import bitsandbytes as bnb
-    from bitsandbytes.functional import dequantize_4bit
-
-    q4 = load_model(
-        ModelConfig(name=base_name),
-        device=torch.device("cpu"),
-        attn_implementation="sdpa",
-        dtype=torch.float32,
-        quantization=quant,
-        compute_dtype=torch.float32,
-    )
-    out = {
-        name: dequantize_4bit(m.weight.data, m.weight.quant_state).float()
-        for name, m in q4.named_modules()
-        if isinstance(m, bnb.nn.Linear4bit)
-    }
-    del q4
-    return out
-
-
 def _qlora_gaps(tuned, base_name: str, adapter: Path, quant, tokenizer, prompts, mode: str) -> dict:
     """Logit gaps of base + adapter to the 4-bit base + adapter (what training saw and evaluated), for the
     original base and for its NF4 round trip; leaves ``tuned`` on the base ``mode`` names."""
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import dequantize_4bit
     from peft import PeftModel
 
     q4 = load_model(
@@ -131,11 +110,17 @@ def _qlora_gaps(tuned, base_name: str, adapter: Path, quant, tokenizer, prompts,
         quantization=quant,
         compute_dtype=torch.float32,
     )
+    # The linear weights exactly as the 4-bit model computes with them, by module name (read before peft
+    # wraps the modules).
+    roundtrip = {
+        name: dequantize_4bit(m.weight.data, m.weight.quant_state).float()
+        for name, m in q4.named_modules()
+        if isinstance(m, bnb.nn.Linear4bit)
+    }
     as_trained = _logits(PeftModel.from_pretrained(q4, adapter).eval(), tokenizer, prompts)
     del q4
     gaps = {"original": _compare_logits(as_trained, _logits(tuned, tokenizer, prompts))}
     modules = dict(tuned.get_base_model().named_modules())
-    roundtrip = _nf4_weights(base_name, quant)
     kept = {}
     with torch.no_grad():
         for name, weight in roundtrip.items():
