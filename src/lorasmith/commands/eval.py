@@ -46,7 +46,7 @@ def _target(spec: str) -> tuple[str | None, str | None]:
     return spec, None
 
 
-def evaluate_target(spec: str, convs, args, user_metrics) -> dict:
+def evaluate_target(spec: str, convs, args, metrics: list[str]) -> dict:
     from lorasmith.config import DataConfig
     from lorasmith.data.dataset import tokenize
     from lorasmith.evaluation.generate import generate, prompt_and_reference
@@ -61,7 +61,7 @@ def evaluate_target(spec: str, convs, args, user_metrics) -> dict:
     result.update(validation_loss(model, data, pad_id=tokenizer.pad_token_id, precision=precision, batch_size=16))
     histories, references = zip(*(prompt_and_reference(c.messages) for c in convs))
     answers = generate(model, tokenizer, list(histories), precision=precision, max_new_tokens=args.max_new_tokens)
-    result["scores"] = score_all(answers, list(references), [m for m in args.metrics.split(",") if m] + list(user_metrics))
+    result["scores"] = score_all(answers, list(references), metrics)
     result["answers"] = [{"answer": a, "reference": r} for a, r in zip(answers, references)]
     return result
 
@@ -85,18 +85,17 @@ def to_markdown(results: list[dict]) -> str:
 def run(args) -> int:
     from lorasmith import atomic
     from lorasmith.data.records import read_source
-    from lorasmith.errors import ConfigError
-    from lorasmith.evaluation.scores import METRICS, load_user_metric
+    from lorasmith.evaluation.scores import check_metrics, load_user_metric
 
-    unknown = [m for m in args.metrics.split(",") if m and m not in METRICS]
-    if unknown:
-        raise ConfigError(f"--metrics: unknown {', '.join(unknown)}", hint=f"choose from {', '.join(METRICS)}")
-    user_metrics = {spec: load_user_metric(spec) for spec in args.metric}  # bad specs fail before any model loads
+    builtin = [m for m in args.metrics.split(",") if m]
+    check_metrics(builtin, "--metrics")  # bad names and user metrics fail before any model loads
+    for spec in args.metric:
+        load_user_metric(spec)
     convs = read_source(args.data, fmt=args.format).conversations
     convs = [c for c in convs if any(m["role"] == "assistant" for m in c.messages)]
     if args.limit:
         convs = convs[: args.limit]
-    results = [evaluate_target(t, convs, args, user_metrics) for t in args.targets]
+    results = [evaluate_target(t, convs, args, builtin + args.metric) for t in args.targets]
     table = to_markdown(results)
     print(f"{len(convs)} conversations from {args.data}; means with bootstrap 95% intervals\n", file=sys.stderr)
     print(table)

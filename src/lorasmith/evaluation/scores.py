@@ -129,11 +129,11 @@ def load_user_metric(spec: str) -> Callable:
     return fn
 
 
-def check_metrics(names: list[str]) -> None:
+def check_metrics(names: list[str], where: str = "eval.metrics") -> None:
     """Unknown built-in names and user metrics that do not import fail before any model loads."""
     unknown = [n for n in names if ":" not in n and n not in METRICS]
     if unknown:
-        raise ConfigError(f"unknown metric(s) {', '.join(unknown)}", hint=f"choose from {', '.join(METRICS)} or module:function")
+        raise ConfigError(f"{where}: unknown {', '.join(unknown)}", hint=f"choose from {', '.join(METRICS)} or module:function")
     for spec in names:
         if ":" in spec:
             load_user_metric(spec)

@@ -17,7 +17,7 @@ import threading
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-from lorasmith.evaluation.generate import Completion, Sampling, complete
+from lorasmith.evaluation.generate import Sampling, complete
 from lorasmith.models.hardware import Precision
 
 log = logging.getLogger(__name__)
@@ -181,7 +181,3 @@ class _BatchStreamer:
 
     def end(self) -> None:
         pass
-
-
-def answer_of(c: Completion) -> str:
-    return c.text.strip()

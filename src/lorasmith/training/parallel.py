@@ -98,17 +98,20 @@ class Parallel:
         else:
             yield
 
-    def warm_up(self) -> None:
+    def warm_up(self) -> bool:
         """DDP rebuilds its gradient buckets once, in the first forward after the first synchronised
         backward, with a broadcast from rank 0: a collective inside a forward. Since processes may run
         different numbers of micro-batches, trigger it now, on every process at once, with two
-        zero-weight passes (their gradients are zero and are cleared by the caller)."""
-        if self._ddp is not None and not self._warm:
+        zero-weight passes (their gradients are zero and are cleared by the caller). True if it ran."""
+        if self._warm:
+            return False
+        self._warm = True
+        if self._ddp is not None:
             devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
             with torch.random.fork_rng(devices=devices):  # dropout draws here would shift a resumed run's
                 self.zero_weight_pass()
                 self.zero_weight_pass()
-        self._warm = True
+        return True
 
     def zero_weight_pass(self) -> None:
         """Forward and backward of :attr:`filler` (set by the stepper: a few tokens of this step's data)

@@ -154,8 +154,7 @@ class Stepper:
             batches = [make([self.data.encoded[i] for i in p]).to(self.device) for p in pieces]
             if dist.active:
                 self.parallel.filler = self._zero_weight_batch(planned)
-                if not self.parallel._warm:
-                    self.parallel.warm_up()
+                if self.parallel.warm_up():
                     self.optimizer.zero_grad(set_to_none=True)
             if self.parallel.pads_micro_batches:
                 most = max(len(self.pieces(planned, state.split, r)) for r in range(dist.world_size))
