@@ -6,21 +6,43 @@ import sys
 
 from lorasmith.config import Config
 from lorasmith.data.dataset import TokenizedSet
-from lorasmith.evaluation.generate import generate, prompt_and_reference
-from lorasmith.evaluation.metrics import exact_match, validation_loss
+from lorasmith.evaluation.generate import generate, prompt_and_reference, stop_token_ids
+from lorasmith.evaluation.metrics import GREEDY_MARGIN, exact_match, reply_spans, validation_loss
 from lorasmith.evaluation.scores import score_all
 
+CHECKED = 3
+"""Answers the forward pass established that are generated all the same, to check the shortcut."""
 
-def evaluate(model, tokenizer, val_set: TokenizedSet, cfg: Config, precision, pad_id: int) -> dict:
-    """Validation loss (with perplexity and token accuracy) and, if asked for, exact match."""
+
+def evaluate(
+    model, tokenizer, val_set: TokenizedSet, cfg: Config, precision, pad_id: int, *, answers_from_forward: bool = True
+) -> dict:
+    """Validation loss (with perplexity and token accuracy) and, if asked for, exact match.
+
+    When both run, the loss's forward pass also tells which answers greedy decoding would write
+    word for word (their reply spans, every argmax on target): those are not generated again, save a
+    few that are, as a check (see metrics.exact_match). After training most answers are such.
+    ``answers_from_forward=False`` generates every answer."""
     ev = cfg.eval
     out: dict = {}
+    em_rows = range(len(val_set.conversations) if ev.exact_match < 0 else min(ev.exact_match, len(val_set.conversations)))
+    replies = None
+    if ev.exact_match and val_set.encoded and answers_from_forward:
+        stops = stop_token_ids(tokenizer, model)
+        replies = reply_spans(tokenizer, val_set, em_rows, stops, ev.max_new_tokens)
+    margins: dict[int, float] = {}
     if val_set.encoded:
-        out.update(
-            validation_loss(
-                model, val_set, pad_id=pad_id, precision=precision, batch_size=ev.batch_size, max_batches=ev.max_batches
-            )
+        loss = validation_loss(
+            model,
+            val_set,
+            pad_id=pad_id,
+            precision=precision,
+            batch_size=ev.batch_size,
+            max_batches=ev.max_batches,
+            replies=replies,
         )
+        margins = loss.pop("reply_margins", {})
+        out.update(loss)
     if ev.exact_match and val_set.conversations:
         em = exact_match(
             model,
@@ -30,9 +52,13 @@ def evaluate(model, tokenizer, val_set: TokenizedSet, cfg: Config, precision, pa
             precision=precision,
             max_new_tokens=ev.max_new_tokens,
             batch_size=ev.batch_size,
+            known={i: replies[i] for i in sorted(margins, key=margins.get) if margins[i] >= GREEDY_MARGIN[precision.name]},
+            check=max(ev.samples, CHECKED),
         )
         out["exact_match"] = em["exact_match"]
         out["exact_match_n"] = em["n"]
+        out["exact_match_from_forward_pass"] = em["from_forward_pass"]
+        out["exact_match_checked"] = em["checked"]
         out["exact_match_answers"] = em["answers"]
         if ev.metrics:
             answers = [a["answer"] for a in em["answers"]]

@@ -4,6 +4,7 @@ stopping at the tokenizer's and the model's end-of-turn ids."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -11,6 +12,7 @@ import torch
 from lorasmith import progress
 from lorasmith.data.masking import render
 from lorasmith.models.hardware import Precision
+from lorasmith.models.loss import causal_lm, lora_input_casts_off
 from lorasmith.models.quantization import evaluating
 
 
@@ -25,6 +27,25 @@ def stop_token_ids(tokenizer, model) -> list[int]:
     gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ids.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
     return sorted(i for i in ids if i is not None)
+
+
+@contextmanager
+def contiguous_head_input(model):
+    """Hand the LM head a contiguous input while generating.
+
+    transformers applies the head to ``hidden[:, -1:, :]``, a strided slice. On CPU, PyTorch's matmul
+    turns a non-contiguous 3-D input into a batched matmul that copies the head's weight once per row
+    (pytorch/pytorch#151934): 2.7 s for 50 prompts' prefill with SmolLM2's 49,152 x 576 bf16 head,
+    against 11 ms for the same product on a contiguous copy of the slice."""
+    head = causal_lm(model).get_output_embeddings()
+    if head is None:
+        yield
+        return
+    hook = head.register_forward_pre_hook(lambda _module, args: (args[0].contiguous(), *args[1:]))
+    try:
+        yield
+    finally:
+        hook.remove()
 
 
 @dataclass(frozen=True)
@@ -117,7 +138,12 @@ def complete(
         extra.update(stop_strings=list(stop), tokenizer=tokenizer)
     devices = [device.index or 0] if device.type == "cuda" else []
     try:
-        with evaluating(model), torch.random.fork_rng(devices=devices, enabled=sampling.seed is not None):
+        with (
+            evaluating(model),
+            lora_input_casts_off(model, precision),
+            contiguous_head_input(model),
+            torch.random.fork_rng(devices=devices, enabled=sampling.seed is not None),
+        ):
             if sampling.seed is not None:
                 torch.manual_seed(sampling.seed)
             starts = range(0, len(order), batch_size)

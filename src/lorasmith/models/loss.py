@@ -27,6 +27,11 @@ class LossParts:
     correct: int
     """Trained positions whose argmax prediction is the target."""
     positions: int
+    hits: torch.Tensor
+    """Whether the argmax is the target, per trained position (row-major, as ``batch.weights[:, 1:] > 0``)."""
+    margins: torch.Tensor | None = None
+    """Evaluation only: per trained position, the target's logit minus the highest other logit (> 0: only
+    the target is the argmax; 0: a tie)."""
 
 
 def causal_lm(model):
@@ -50,13 +55,19 @@ def lora_input_casts_off(model, precision: Precision):
         yield
 
 
-def token_losses(head, hidden: torch.Tensor, targets: torch.Tensor, softcap: float | None):
-    """Cross-entropy of each trained position, and how many of them the argmax gets right."""
+def token_losses(head, hidden: torch.Tensor, targets: torch.Tensor, softcap: float | None, margins: bool = False):
+    """Cross-entropy of each trained position, and whether the argmax gets it right (``margins``: by how
+    much, as the target's logit minus the highest other logit)."""
     logits = head(hidden).float()
     if softcap:  # Gemma-2 style soft-capping lives in the model's forward, which we bypass
         logits = torch.tanh(logits / softcap) * softcap
     ce = F.cross_entropy(logits, targets, reduction="none")
-    return ce, (logits.detach().argmax(-1) == targets).sum()
+    hits = logits.detach().argmax(-1) == targets
+    if not margins:
+        return ce, hits
+    top = logits.detach().topk(2, dim=-1)
+    target = logits.detach().gather(-1, targets[:, None]).squeeze(-1)
+    return ce, hits, target - torch.where(top.indices[:, 0] == targets, top.values[:, 1], top.values[:, 0])
 
 
 # A compiled token_losses per model (see use_compiled_token_losses), taken for training steps only.
@@ -77,9 +88,8 @@ def weighted_loss(model, batch: Batch, precision: Precision) -> LossParts:
     weights = batch.weights[:, 1:]
     keep = weights > 0
     targets = batch.input_ids[:, 1:][keep]
-    losses = token_losses
-    if lm.training and torch.is_grad_enabled():
-        losses = _compiled_token_losses.get(lm, token_losses)
+    training = lm.training and torch.is_grad_enabled()
+    softcap = getattr(lm.config, "final_logit_softcapping", None)
     with precision.autocast(), lora_input_casts_off(model, precision):
         # No padding mask, packed or not. Packed rows: positions restart per conversation and
         # transformers isolates them from position_ids. Padded rows are right-padded (collate), so
@@ -87,11 +97,17 @@ def weighted_loss(model, batch: Batch, precision: Precision) -> LossParts:
         # from seeing pads, and pads carry no loss, so loss and gradients are those of the masked
         # model, while SDPA takes its causal grouped-query path instead of a dense masked one.
         hidden = decoder(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).last_hidden_state
-        ce, correct = losses(head, hidden[:, :-1][keep], targets, getattr(lm.config, "final_logit_softcapping", None))
+        if training:
+            ce, hits = _compiled_token_losses.get(lm, token_losses)(head, hidden[:, :-1][keep], targets, softcap)
+            margins = None
+        else:
+            ce, hits, margins = token_losses(head, hidden[:, :-1][keep], targets, softcap, margins=True)
     w = weights[keep]
     return LossParts(
         loss_sum=(ce * w).sum(),
         weight_sum=float(w.sum()),
-        correct=int(correct),
+        correct=int(hits.sum()),
         positions=int(keep.sum()),
+        hits=hits,
+        margins=margins,
     )
