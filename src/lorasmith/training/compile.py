@@ -77,7 +77,11 @@ class _Fallback:
         if self.failed:
             return self.eager(*args, **kwargs)
         try:
-            return self.compiled(*args, **kwargs)
+            # Python floats (LoRA's scaling, the norms' epsilon) as constants, not symbolic inputs: traced
+            # symbolically they were specialised afterwards, which restarted every first compilation and
+            # threw its traced graph away uncached (~3 s of each warm start here).
+            with torch._dynamo.config.patch(specialize_float=True):
+                return self.compiled(*args, **kwargs)
         except Exception as e:
             if not _is_compiler_failure(e):
                 raise
@@ -86,9 +90,23 @@ class _Fallback:
             return self.eager(*args, **kwargs)
 
 
+def cache_autocast_regions() -> None:
+    """Let AOTAutograd's on-disk cache keep graphs that switch autocast off inside (the fp32 attention of
+    models/attention.py does). It refuses any function it does not know, and dynamo writes an autocast
+    region as calls to ``_enter_autocast``/``_exit_autocast``: each run then traced that graph again,
+    ~7 s of a warm start here. Their effect is fixed by their arguments, which are part of the graph
+    and so of the cache key; keyed by the torch version, as the config asks."""
+    import torch._inductor.config as inductor_config
+
+    marked = inductor_config.unsafe_marked_cacheable_functions
+    for name in ("_enter_autocast", "_exit_autocast"):
+        marked.setdefault(f"torch.amp.autocast_mode.{name}", torch.__version__)
+
+
 def compile_decoder_layers(model) -> int:
     """Give each decoder layer, and the loss over the LM head, a compiled version for training steps;
     return how many layers were wrapped."""
+    cache_autocast_regions()
     failed: list[bool] = []  # shared: one failure turns compiling off for the whole model
     layers = decoder_layers(model)
     for layer in layers:
