@@ -21,8 +21,8 @@ log = logging.getLogger(__name__)
 BATCH_TOKENS = 2048
 """Padded tokens per validation-loss batch, besides ``batch_size`` rows. Rows are sorted by length and
 cut where a batch would pass either bound: on 2 CPU cores the demo's 100 held-out conversations took
-14 s in batches of 16 (~2,000 tokens) against 20 s in batches of 50, whose wider activations and
-attention fall out of cache (`benchmarks/eval_speed.py`)."""
+13.5-14.4 s so against 17.1-22.5 s in batches of 50 rows, whose padding and wider activations fall out
+of cache (`benchmarks/eval_speed.py`)."""
 
 
 def length_batches(lengths: list[int], max_rows: int, max_tokens: int = BATCH_TOKENS) -> list[list[int]]:
