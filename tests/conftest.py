@@ -78,6 +78,15 @@ def write_jsonl(path: Path, rows) -> Path:
     return path
 
 
+def train_args(folder: Path, model_dir: Path, train, val=None) -> list[str]:
+    """The start of a `lorasmith train` command on ``model_dir`` with ``train`` (and ``val``) rows written
+    as JSONL into ``folder`` (t.jsonl, v.jsonl)."""
+    args = ["train", f"model={model_dir}", f"data.train={write_jsonl(folder / 't.jsonl', train)}"]
+    if val is not None:
+        args.append(f"data.val={write_jsonl(folder / 'v.jsonl', val)}")
+    return args
+
+
 @pytest.fixture(scope="session")
 def demo_rows():
     from lorasmith.data.demo import generate

@@ -2,7 +2,7 @@
 
 import json
 
-from tests.conftest import write_jsonl
+from tests.conftest import train_args
 
 from lorasmith.cli import main
 from lorasmith.training.advice import advise
@@ -37,10 +37,7 @@ def test_each_rule_fires_on_the_run_it_describes():
 def test_a_run_with_a_learning_rate_too_small_is_told_so(tmp_path, tiny_model_dir, demo_rows, capsys):
     train, val = demo_rows
     args = [
-        "train",
-        f"model={tiny_model_dir}",
-        f"data.train={write_jsonl(tmp_path / 't.jsonl', train)}",
-        f"data.val={write_jsonl(tmp_path / 'v.jsonl', val)}",
+        *train_args(tmp_path, tiny_model_dir, train, val),
         f"output.dir={tmp_path / 'runs'}",
         "output.name=slow",
         "train.max_steps=12",

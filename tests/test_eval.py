@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from tests.conftest import write_jsonl
+from tests.conftest import train_args, write_jsonl
 
 from lorasmith.cli import main
 from lorasmith.evaluation.scores import bootstrap, chrf, rouge_l, score
@@ -36,9 +36,7 @@ def test_eval_compares_base_and_adapter_with_a_user_metric(tmp_path, tiny_model_
     train, val = demo_rows
     data = write_jsonl(tmp_path / "val.jsonl", val)
     run_args = [
-        "train",
-        f"model={tiny_model_dir}",
-        f"data.train={write_jsonl(tmp_path / 't.jsonl', train)}",
+        *train_args(tmp_path, tiny_model_dir, train),
         f"data.val={data}",
         f"output.dir={tmp_path / 'runs'}",
         "output.name=r",

@@ -5,7 +5,7 @@ import json
 import math
 
 from safetensors.torch import load_file
-from tests.conftest import write_jsonl
+from tests.conftest import train_args
 
 from lorasmith.cli import main
 from lorasmith.training.lr_finder import CLAMP, FALLBACK, choose, smooth
@@ -36,10 +36,7 @@ def test_auto_equals_the_chosen_rate_given_by_hand(tmp_path, tiny_model_dir, dem
     monkeypatch.setenv("LORASMITH_CACHE", str(tmp_path / "cache"))  # a fresh range test, not a cached one
     train, val = demo_rows
     args = [
-        "train",
-        f"model={tiny_model_dir}",
-        f"data.train={write_jsonl(tmp_path / 't.jsonl', train)}",
-        f"data.val={write_jsonl(tmp_path / 'v.jsonl', val)}",
+        *train_args(tmp_path, tiny_model_dir, train, val),
         f"output.dir={tmp_path}",
         "train.max_steps=4",
         "train.micro_batch_size=4",

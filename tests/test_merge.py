@@ -5,7 +5,7 @@ import os
 
 import pytest
 import torch
-from tests.conftest import write_jsonl
+from tests.conftest import train_args
 
 from lorasmith.cli import main
 
@@ -15,10 +15,7 @@ def trained_run(tmp_path_factory, tiny_model_dir, demo_rows_module):
     tmp = tmp_path_factory.mktemp("merge")
     train, val = demo_rows_module
     args = [
-        "train",
-        f"model={tiny_model_dir}",
-        f"data.train={write_jsonl(tmp / 't.jsonl', train)}",
-        f"data.val={write_jsonl(tmp / 'v.jsonl', val)}",
+        *train_args(tmp, tiny_model_dir, train, val),
         f"output.dir={tmp / 'runs'}",
         "output.name=run",
         "train.max_steps=3",

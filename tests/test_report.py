@@ -6,7 +6,7 @@ import shutil
 import subprocess
 
 import pytest
-from tests.conftest import write_jsonl
+from tests.conftest import train_args
 
 from lorasmith.cli import main
 
@@ -17,10 +17,7 @@ def run(tmp_path_factory, tiny_model_dir, demo_rows):
     train, val = demo_rows
     (folder / "mine.py").write_text("def length(preds, refs):\n    return {'answer_chars': sum(map(len, preds)) / len(preds)}\n")
     args = [
-        "train",
-        f"model={tiny_model_dir}",
-        f"data.train={write_jsonl(folder / 't.jsonl', train)}",
-        f"data.val={write_jsonl(folder / 'v.jsonl', val)}",
+        *train_args(folder, tiny_model_dir, train, val),
         f"output.dir={folder}",
         "output.name=reported",
         "train.max_steps=4",
@@ -52,7 +49,7 @@ def test_a_failed_run_gets_a_report_and_report_rebuilds_it(tmp_path, tiny_model_
 
     monkeypatch.setattr(step, "accumulate_gradients", boom)
     train, _ = demo_rows
-    args = ["train", f"model={tiny_model_dir}", f"data.train={write_jsonl(tmp_path / 't.jsonl', train)}"]
+    args = train_args(tmp_path, tiny_model_dir, train)
     with pytest.raises(RuntimeError):
         main([*args, f"output.dir={tmp_path}", "output.name=failed", "eval.samples=0"])
     page = (tmp_path / "failed" / "report.html").read_text()

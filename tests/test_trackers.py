@@ -5,7 +5,7 @@ import json
 import struct
 
 import pytest
-from tests.conftest import write_jsonl
+from tests.conftest import train_args
 
 from lorasmith.cli import main
 
@@ -17,10 +17,7 @@ def args(tmp_path, tiny_model_dir, demo_rows, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     train, val = demo_rows
     return [
-        "train",
-        f"model={tiny_model_dir}",
-        f"data.train={write_jsonl(tmp_path / 't.jsonl', train)}",
-        f"data.val={write_jsonl(tmp_path / 'v.jsonl', val)}",
+        *train_args(tmp_path, tiny_model_dir, train, val),
         f"output.dir={tmp_path / 'runs'}",
         "output.name=tracked",
         "output.report_to=[tensorboard, wandb, mlflow]",
