@@ -338,20 +338,28 @@ def test_random_sigkills_then_rerunning_the_same_command_gives_the_uninterrupted
     whole = time.monotonic() - started
     shutil.rmtree(out / "chaos")
     rng = random.Random(1234)
-    kills = 0
-    for attempt in range(12):
-        proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        try:
-            rc = proc.wait(timeout=rng.uniform(0.1, 0.85) * whole if attempt < 4 else 300)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            kills += 1
-            continue
-        assert rc == 0, proc.stderr.read()[-2000:]
-        break
+    # A resumed run only has the steps after its checkpoint left, so a kill drawn late in `whole` can come
+    # after it has finished: a round with fewer than two kills proves too little and is played again with
+    # new moments (every round that completes is checked all the same).
+    for _round in range(3):
+        kills = 0
+        for attempt in range(12):
+            proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            try:
+                rc = proc.wait(timeout=rng.uniform(0.1, 0.85) * whole if attempt < 4 else 300)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+                kills += 1
+                continue
+            assert rc == 0, proc.stderr.read()[-2000:]
+            break
+        else:
+            pytest.fail("the run never completed")
+        assert _losses(out / "chaos") == _losses(reference)
+        assert _same_adapter(_adapter(out / "chaos"), _adapter(reference))
+        if kills >= 2:
+            break
+        shutil.rmtree(out / "chaos")
     else:
-        pytest.fail("the run never completed")
-    assert kills >= 2
-    assert _losses(out / "chaos") == _losses(reference)
-    assert _same_adapter(_adapter(out / "chaos"), _adapter(reference))
+        pytest.fail("three rounds of random kills each landed fewer than two kills")
