@@ -1,6 +1,6 @@
 """Profile one lorasmith training step on the embedded model and print where the time goes.
 
-    .venv/bin/python benchmarks/profile_step.py [--length N] [--eager] [key=value ...]
+    .venv/bin/python benchmarks/profile_step.py [--length N] [--eager] [--by-shape] [key=value ...]
     e.g. --length 100 lora.target_modules=q_proj,k_proj,v_proj
 
 Builds a micro-batch of the 8 shortest conversations of the bench's generated data that have at
@@ -32,6 +32,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--length", type=int, default=100)
     parser.add_argument("--eager", action="store_true")
+    parser.add_argument("--by-shape", action="store_true", help="also list the matmuls grouped by input shapes")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -52,11 +53,15 @@ def main() -> None:
     for _ in range(3):
         accumulate_gradients(model, [batch], precision)
         model.zero_grad(set_to_none=True)
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=args.by_shape) as prof:
         accumulate_gradients(model, [batch], precision)
     print(f"precision {precision.name}, base {dtype}, attention {attention}, {'compiled' if compiled else 'eager'} ({why})")
     print(f"batch {tuple(batch.input_ids.shape)}, {batch.num_real_tokens} real tokens")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+    if args.by_shape:
+        mms = [e for e in prof.key_averages(group_by_input_shape=True) if e.key in ("aten::mm", "aten::bmm", "aten::addmm")]
+        for e in sorted(mms, key=lambda e: -e.self_cpu_time_total)[:20]:
+            print(f"{e.key:10} {e.count:5} calls {e.self_cpu_time_total / 1e3:8.1f} ms  {e.input_shapes}")
 
 
 if __name__ == "__main__":
