@@ -27,8 +27,6 @@ class LossParts:
     correct: int
     """Trained positions whose argmax prediction is the target."""
     positions: int
-    hits: torch.Tensor
-    """Whether the argmax is the target, per trained position (row-major, as ``batch.weights[:, 1:] > 0``)."""
     margins: torch.Tensor | None = None
     """Evaluation only: per trained position, the target's logit minus the highest other logit (> 0: only
     the target is the argmax; 0: a tie)."""
@@ -108,6 +106,5 @@ def weighted_loss(model, batch: Batch, precision: Precision) -> LossParts:
         weight_sum=float(w.sum()),
         correct=int(hits.sum()),
         positions=int(keep.sum()),
-        hits=hits,
         margins=margins,
     )
