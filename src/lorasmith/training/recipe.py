@@ -92,6 +92,11 @@ def train(cfg: Config, *, config_path: str | None = None, resume: str | None = N
                 recipe.train_loop()
             with recipe.phase("evaluation after and saving"):
                 recipe.save_and_compare()
+            # Leave together: a process that tears its gloo group down while its peer still works (rank 0
+            # writes the adapter and the comparison) can abort at exit ("terminate called without an
+            # active exception"; cf. mosaicml/streaming#186). Only here: on a failure path a peer may never
+            # arrive, and a barrier would hang (torchtitan#1342).
+            recipe.dist.barrier()
         except BaseException as e:
             if main and not isinstance(e, SystemExit):  # a signal stop has already written its status and resume command
                 status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
