@@ -8,7 +8,7 @@ from tests.conftest import tiny_lora
 from lorasmith.data.batching import collate
 from lorasmith.data.masking import encode
 from lorasmith.models.attention import SDPA_FP32
-from lorasmith.models.hardware import Precision, choose_attention
+from lorasmith.models.hardware import Precision
 from lorasmith.models.loss import causal_lm, lora_input_casts_off, weighted_loss
 
 FP32 = Precision("fp32", "cpu")
@@ -32,13 +32,6 @@ def _loss_and_grads(model, batch, precision):
     (parts.loss_sum / parts.weight_sum).backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     return float(parts.loss_sum.detach()) / parts.weight_sum, grads
-
-
-def test_auto_attention_on_cpu_follows_the_precision():
-    cpu = torch.device("cpu")
-    assert choose_attention("auto", cpu, BF16) == SDPA_FP32
-    assert choose_attention("auto", cpu, FP32) == "sdpa"
-    assert choose_attention("eager", cpu, BF16) == "eager"
 
 
 def test_sdpa_fp32_matches_sdpa_and_eager_with_and_without_a_padding_mask(tiny_model_dir, batch):

@@ -1,4 +1,5 @@
-"""`precision: auto` is chosen by measurement on the model's shapes, cached per machine; `lorasmith doctor` shows it."""
+"""`precision: auto` and `attn_implementation: auto` are chosen by measurement on the model's shapes, cached per
+machine; `lorasmith doctor` shows them."""
 
 import json
 
@@ -7,6 +8,9 @@ import torch
 
 from lorasmith.cli import main
 from lorasmith.models import hardware, probe
+from lorasmith.models.hardware import Precision, choose_attention
+
+SMALL = probe.Shapes(hidden=64, intermediate=128, heads=4, kv_heads=2, head_dim=16)
 
 
 @pytest.fixture
@@ -15,6 +19,7 @@ def fake_speeds(monkeypatch, tmp_path):
     monkeypatch.setenv("LORASMITH_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(hardware, "cpu_has_bf16", lambda: True)
     speeds = {"bf16": 169.0, "fp32": 328.0}  # the Intel Xeon of issue 13: bf16 flag, slow bf16
+    speeds.update(sdpa=70.0, sdpa_fp32=72.0)  # attention on the AMD EPYC: a near tie
     calls = []
 
     def timed(name, shapes, seconds):
@@ -22,6 +27,7 @@ def fake_speeds(monkeypatch, tmp_path):
         return speeds[name]
 
     monkeypatch.setattr(probe, "_time_candidate", timed)
+    monkeypatch.setattr(probe, "_time_attention", timed)
     return speeds, calls
 
 
@@ -35,8 +41,7 @@ def test_auto_takes_the_faster_measured_precision_and_caches_it(fake_speeds, cap
     speeds.update(bf16=425.0, fp32=190.0)  # the same machine is not measured again...
     assert hardware.choose_precision("auto", cpu, probe.DEFAULT_SHAPES).name == "fp32" and len(calls) == 2
     assert hardware.choose_precision("auto", cpu, probe.DEFAULT_SHAPES, refresh=True).name == "bf16"  # ...unless asked
-    other = probe.Shapes(hidden=64, intermediate=128, kv=32)  # other shapes are a probe of their own
-    assert hardware.choose_precision("auto", cpu, other).name == "bf16" and len(calls) == 6
+    assert hardware.choose_precision("auto", cpu, SMALL).name == "bf16" and len(calls) == 6  # other shapes: measured
     assert hardware.choose_precision("bf16", cpu).name == "bf16" and len(calls) == 6  # an explicit setting wins
 
 
@@ -46,11 +51,27 @@ def test_a_cpu_without_bf16_instructions_is_not_probed(fake_speeds, monkeypatch)
     assert hardware.choose_precision("auto", torch.device("cpu")).name == "fp32" and not calls
 
 
-def test_the_probe_measures_real_work():
-    """Real timing, short: both candidates run the layer's matmuls and report a plausible rate."""
+def test_auto_attention_under_bf16_is_measured_and_sdpa_needs_a_clear_lead(fake_speeds):
+    speeds, calls = fake_speeds
+    cpu, bf16, fp32 = torch.device("cpu"), Precision("bf16", "cpu"), Precision("fp32", "cpu")
+    assert choose_attention("auto", cpu, bf16, probe.DEFAULT_SHAPES) == "sdpa_fp32"  # a near tie keeps sdpa_fp32
+    assert sorted(calls) == ["sdpa", "sdpa_fp32"]
+    speeds.update(sdpa=72.0 * probe.ATTENTION_MARGIN * 1.01)  # cached: not measured again...
+    assert choose_attention("auto", cpu, bf16, probe.DEFAULT_SHAPES) == "sdpa_fp32" and len(calls) == 2
+    assert choose_attention("auto", cpu, bf16, probe.DEFAULT_SHAPES, refresh=True) == "sdpa"  # ...unless asked
+    speeds.update(sdpa=72.0 * probe.ATTENTION_MARGIN * 0.99)
+    assert choose_attention("auto", cpu, bf16, SMALL) == "sdpa_fp32" and len(calls) == 6  # other shapes: measured
+    assert choose_attention("auto", cpu, fp32) == "sdpa" and len(calls) == 6  # no autocast: nothing to choose
+    assert choose_attention("eager", cpu, bf16) == "eager" and len(calls) == 6  # an explicit setting wins
+
+
+def test_the_probes_measure_real_work():
+    """Real timing, short: every candidate runs the layer's matmuls or attention and reports a plausible rate."""
+    shapes = probe.Shapes(hidden=128, intermediate=256, heads=4, kv_heads=2, head_dim=32)
     for name in probe.CANDIDATES:
-        gflops = probe._time_candidate(name, probe.Shapes(hidden=128, intermediate=256, kv=64), seconds=0.05)
-        assert 0.1 < gflops < 1e6
+        assert 0.1 < probe._time_candidate(name, shapes, seconds=0.05) < 1e6
+    for name in probe.ATTENTION_CANDIDATES:
+        assert 0.1 < probe._time_attention(name, shapes, seconds=0.02) < 1e6
 
 
 def test_doctor_reports_the_choices(fake_speeds, monkeypatch, tiny_model_dir, capsys):
@@ -59,6 +80,6 @@ def test_doctor_reports_the_choices(fake_speeds, monkeypatch, tiny_model_dir, ca
     found = json.loads(capsys.readouterr().out)
     assert found["precision_auto"] == "fp32" and found["attention_auto"] == "sdpa"
     assert found["precision_probe_gflops"] == {"bf16": 169.0, "fp32": 328.0}
-    assert found["layer_shapes"] == {"hidden": 64, "intermediate": 128, "kv": 32}
+    assert found["layer_shapes"] == {"hidden": 64, "intermediate": 128, "heads": 4, "kv_heads": 2, "head_dim": 16}
     assert main(["doctor", "--model", str(tiny_model_dir)]) == 0
     assert "precision:  auto -> fp32" in capsys.readouterr().out

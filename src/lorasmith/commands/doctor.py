@@ -6,17 +6,19 @@ import importlib.util
 import json
 import os
 import platform
+from dataclasses import asdict
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "doctor",
         help="show the device, measured matmul peaks per dtype, and the precision, attention and compile choices",
-        description="Measures this machine (about 10 s): the matmul peak of each dtype, and the precision probe that "
-        "`train.precision: auto` uses on the model's own layer shapes (cached; --reprobe measures again).",
+        description="Measures this machine (about 10 s): the matmul peak of each dtype, and the probes that "
+        "`train.precision: auto` and `model.attn_implementation: auto` use on the model's own layer shapes "
+        "(cached; --reprobe measures again).",
     )
     p.add_argument("--model", default="smollm2-135m-instruct", help="model whose layer shapes to probe")
-    p.add_argument("--reprobe", action="store_true", help="measure the precision probe again instead of using the cache")
+    p.add_argument("--reprobe", action="store_true", help="measure the probes again instead of using the cache")
     p.add_argument("--json", action="store_true", help="print the findings as JSON")
     p.set_defaults(func=run)
 
@@ -27,7 +29,7 @@ def run(args) -> int:
     from lorasmith.config import ModelConfig
     from lorasmith.models.hardware import choose_attention, choose_precision, default_device
     from lorasmith.models.loading import load_config
-    from lorasmith.models.probe import Shapes, cpu_name, matmul_peak
+    from lorasmith.models.probe import ATTENTION_ROWS, ATTENTION_TOKENS, Shapes, cpu_name, matmul_peak
     from lorasmith.paths import cache_dir
     from lorasmith.training.compile import MIN_PARAMETERS, cpp_compiler
 
@@ -48,9 +50,9 @@ def run(args) -> int:
             else {}
         ),
         "model": args.model,
-        "layer_shapes": {"hidden": shapes.hidden, "intermediate": shapes.intermediate, "kv": shapes.kv},
+        "layer_shapes": asdict(shapes),
         "precision_auto": precision.name,
-        "attention_auto": choose_attention("auto", device, precision),
+        "attention_auto": choose_attention("auto", device, precision, shapes, refresh=args.reprobe),
         "cpp_compiler": cpp_compiler(),
         "compile_auto_from_parameters": MIN_PARAMETERS,
         "bitsandbytes": importlib.util.find_spec("bitsandbytes") is not None,
@@ -61,6 +63,10 @@ def run(args) -> int:
         from lorasmith.models.probe import probe
 
         found["precision_probe_gflops"] = probe(shapes).gflops
+        if precision.autocast_dtype is not None:
+            from lorasmith.models.probe import probe_attention
+
+            found["attention_probe_gflops"] = probe_attention(shapes).gflops
     if args.json:
         print(json.dumps(found, indent=2))
         return 0
@@ -74,9 +80,14 @@ def run(args) -> int:
         probe_g = found["precision_probe_gflops"]
         shown = ", ".join(f"{k} {v:.0f}" for k, v in probe_g.items())
         lines.append(f"probe:      {shown} GFLOP/s on {args.model}'s layer (forward + backward to the activations)")
+    attention_measured = ""
+    if "attention_probe_gflops" in found:
+        shown = ", ".join(f"{k} {v:.0f}" for k, v in found["attention_probe_gflops"].items())
+        lengths = "/".join(map(str, ATTENTION_TOKENS))
+        attention_measured = f" ({shown} GFLOP/s; bf16 inputs, {ATTENTION_ROWS} rows of {lengths} tokens, forward + backward)"
     lines += [
         f"precision:  auto -> {found['precision_auto']}",
-        f"attention:  auto -> {found['attention_auto']}",
+        f"attention:  auto -> {found['attention_auto']}" + attention_measured,
         f"compile:    C++ compiler {found['cpp_compiler'] or 'not found'}; train.compile=auto compiles CPU runs of "
         f"bases with {MIN_PARAMETERS / 1e6:.0f}M+ parameters",
         f"qlora:      bitsandbytes {'installed' if found['bitsandbytes'] else 'not installed'}",

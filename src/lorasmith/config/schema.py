@@ -29,8 +29,9 @@ class ModelConfig:
     trust_remote_code: bool = False
     """Run model code shipped with a hub repo. Off unless you trust that repo."""
     attn_implementation: Literal["auto", "sdpa", "sdpa_fp32", "eager", "flash_attention_2"] = "auto"
-    """Attention kernel; auto picks flash_attention_2 on a supported GPU when installed, sdpa_fp32 on a
-    CPU under bf16 (SDPA on fp32 inputs: PyTorch's CPU kernel runs bf16 at half speed), else sdpa."""
+    """Attention kernel; auto picks flash_attention_2 on a supported GPU when installed; on a CPU under bf16,
+    sdpa_fp32 (SDPA on fp32 inputs) unless plain sdpa measures clearly faster on this model's heads
+    (cached per machine, `lorasmith doctor` shows the figures); else sdpa."""
     chat_template: str | None = None
     """Path to a Jinja chat template that replaces the tokenizer's own."""
 

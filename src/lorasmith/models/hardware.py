@@ -9,8 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from lorasmith.errors import ConfigError
-from lorasmith.models.attention import SDPA_FP32
-from lorasmith.models.probe import DEFAULT_SHAPES, Shapes, probe
+from lorasmith.models.probe import ATTENTION_MARGIN, DEFAULT_SHAPES, Shapes, probe, probe_attention
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +75,11 @@ def choose_precision(requested: str, device: torch.device, shapes: Shapes | None
     return Precision(requested, kind)
 
 
-def choose_attention(requested: str, device: torch.device, precision: Precision) -> str:
-    """The attention kernel for `model.attn_implementation` (see its docstring for what auto picks)."""
+def choose_attention(
+    requested: str, device: torch.device, precision: Precision, shapes: Shapes | None = None, *, refresh: bool = False
+) -> str:
+    """The attention kernel for `model.attn_implementation`: on a CPU training in bf16, auto is measured
+    (transformers' sdpa on bf16 inputs against sdpa_fp32 on ``shapes``' heads), cached per machine."""
     if requested != "auto":
         if requested == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
             raise ConfigError(
@@ -90,5 +92,7 @@ def choose_attention(requested: str, device: torch.device, precision: Precision)
         if major >= 8:
             return "flash_attention_2"
     if device.type == "cpu" and precision.autocast_dtype is not None:
-        return SDPA_FP32  # CPU flash attention runs bf16 at half its fp32 speed: see models/attention.py
+        result = probe_attention(shapes or DEFAULT_SHAPES, refresh=refresh)
+        log.info("attention %s (sdpa is taken from %.1fx sdpa_fp32's rate)", result.describe(), ATTENTION_MARGIN)
+        return result.chosen
     return "sdpa"

@@ -8,6 +8,12 @@ backward to the activations, as a frozen base with LoRA runs them) and takes the
 result is cached per machine (CPU model, threads, torch version) and shape in the lorasmith cache
 folder; ``LORASMITH_REPROBE=1`` or ``lorasmith doctor --reprobe`` measures again.
 
+When bf16 wins, the attention kernel is measured too (``model.attn_implementation: auto``): PyTorch's
+CPU flash attention ran bf16 inputs at half its fp32 speed on the AMD EPYC (so ``sdpa_fp32`` upcasts
+them), but a CPU whose bf16 kernels are fast (AMX) may run it the other way round. Both kernels time
+one forward and backward on the model's head shapes; sdpa is taken where it is clearly faster
+(ATTENTION_MARGIN), and the choice is cached alike.
+
 On GPUs bf16 (or fp16 where bf16 is missing) is not measured: their tensor cores run it at several
 times the fp32 rate on every generation that has it.
 """
@@ -32,14 +38,27 @@ CANDIDATES = ("bf16", "fp32")
 PROBE_TOKENS = 1024  # rows of the probe's activations: a typical micro-batch (8 x 128)
 PROBE_SECONDS = 0.6  # per candidate, after one warm-up pass
 
+ATTENTION_CANDIDATES = ("sdpa", "sdpa_fp32")
+ATTENTION_ROWS, ATTENTION_TOKENS = 8, (128, 256, 512)
+"""The attention probe's batches: 8 rows of each length, timed apart and summed. The kernels trade places
+with length (on the AMD EPYC, fp32 flash was 2x faster at 128 tokens, 10% at 256 and 5% slower at 512);
+compiled runs give rows up to 128 tokens to sdpa_fp32's matmul path instead (models/attention.py)."""
+ATTENTION_SECONDS = 0.15  # per candidate and length
+ATTENTION_MARGIN = 1.2
+"""How much faster sdpa must measure to be taken over sdpa_fp32: the probe runs uncompiled, so it does not
+see sdpa_fp32's compiled matmul path for short rows (2x PyTorch's flash kernel at 102 tokens), and a
+near tie flips with the machine's noise (three probes here: 70-71 against 70-73 GFLOP/s)."""
+
 
 @dataclass(frozen=True)
 class Shapes:
-    """The dimensions of one decoder layer's projections."""
+    """The dimensions of one decoder layer: its projections and its attention heads."""
 
     hidden: int
     intermediate: int
-    kv: int
+    heads: int
+    kv_heads: int
+    head_dim: int
 
     @classmethod
     def of(cls, config) -> Shapes:
@@ -48,14 +67,19 @@ class Shapes:
         heads = getattr(text, "num_attention_heads", 1) or 1
         kv_heads = getattr(text, "num_key_value_heads", None) or heads
         head_dim = getattr(text, "head_dim", None) or hidden // heads
-        return cls(hidden, getattr(text, "intermediate_size", None) or 4 * hidden, kv_heads * head_dim)
+        return cls(hidden, getattr(text, "intermediate_size", None) or 4 * hidden, heads, kv_heads, head_dim)
+
+    @property
+    def kv(self) -> int:
+        """Width of the key and value projections."""
+        return self.kv_heads * self.head_dim
 
     def linears(self) -> list[tuple[int, int]]:
-        h, i, kv = self.hidden, self.intermediate, self.kv
-        return [(h, h), (h, kv), (h, kv), (h, h), (h, i), (h, i), (i, h)]  # q k v o gate up down
+        h, i, q, kv = self.hidden, self.intermediate, self.heads * self.head_dim, self.kv
+        return [(h, q), (h, kv), (h, kv), (q, h), (h, i), (h, i), (i, h)]  # q k v o gate up down
 
 
-DEFAULT_SHAPES = Shapes(hidden=576, intermediate=1536, kv=192)
+DEFAULT_SHAPES = Shapes(hidden=576, intermediate=1536, heads=9, kv_heads=3, head_dim=64)
 """SmolLM2-135M's, for commands that have no model at hand (`lorasmith doctor` alone)."""
 
 
@@ -63,7 +87,7 @@ DEFAULT_SHAPES = Shapes(hidden=576, intermediate=1536, kv=192)
 class ProbeResult:
     key: str
     gflops: dict[str, float]
-    """Achieved GFLOP/s of each candidate on the probe."""
+    """Achieved GFLOP/s of each candidate on the probe (precisions, or attention kernels)."""
     chosen: str
     measured_at: str
 
@@ -84,7 +108,7 @@ def cpu_name() -> str:
 
 
 def machine_key(shapes: Shapes) -> str:
-    dims = f"{shapes.hidden}x{shapes.intermediate}x{shapes.kv}"
+    dims = f"{shapes.hidden}x{shapes.intermediate}x{shapes.heads}/{shapes.kv_heads}x{shapes.head_dim}"
     return f"{cpu_name()}|{torch.get_num_threads()} threads|torch {torch.__version__}|{dims}"
 
 
@@ -113,6 +137,51 @@ def _time_candidate(name: str, shapes: Shapes, seconds: float) -> float:
     return flops / best / 1e9
 
 
+class _AttentionLayer(torch.nn.Module):
+    """What the attention kernels read from the layer that calls them."""
+
+    def __init__(self, groups: int):
+        super().__init__()
+        self.is_causal, self.num_key_value_groups = True, groups
+
+
+def _time_attention(name: str, shapes: Shapes, seconds: float) -> float:
+    """GFLOP/s of the kernel ``name`` over one forward + backward at each of ATTENTION_TOKENS (best time
+    of each), on bf16 query, key and value of the model's head shapes, called as a decoder layer calls
+    it in training (causal, no padding mask).
+
+    Counted as the flash-attention papers count: forward 4 x rows x heads x length^2 x head_dim halved by
+    the causal mask, backward 2.5 times the forward."""
+    from transformers import AttentionInterface
+
+    from lorasmith.models.attention import register
+
+    register()
+    kernel = AttentionInterface()[name]
+    layer = _AttentionLayer(shapes.heads // shapes.kv_heads)
+    rows, dim = ATTENTION_ROWS, shapes.head_dim
+    flops = total = 0.0
+    for length in ATTENTION_TOKENS:
+        query = torch.randn(rows, shapes.heads, length, dim, dtype=torch.bfloat16, requires_grad=True)
+        key, value = (torch.randn(rows, shapes.kv_heads, length, dim, dtype=torch.bfloat16, requires_grad=True) for _ in "kv")
+        grad = torch.randn(rows, length, shapes.heads, dim, dtype=torch.bfloat16)
+
+        def once(query=query, key=key, value=value, grad=grad):
+            out, _ = kernel(layer, query, key, value, None, dropout=0.0, scaling=dim**-0.5)
+            out.backward(grad)
+            query.grad = key.grad = value.grad = None
+
+        once()
+        best, end = float("inf"), time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            t0 = time.perf_counter()
+            once()
+            best = min(best, time.perf_counter() - t0)
+        flops += 3.5 * 2 * rows * shapes.heads * length**2 * dim
+        total += best
+    return flops / total / 1e9
+
+
 def matmul_peak(dtype: torch.dtype, size: int = 2048, seconds: float = 1.5) -> float:
     """Best GFLOP/s of a square matmul over ``seconds``: the machine's ceiling for that dtype."""
     a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
@@ -127,8 +196,18 @@ def matmul_peak(dtype: torch.dtype, size: int = 2048, seconds: float = 1.5) -> f
 
 def probe(shapes: Shapes, *, refresh: bool = False, seconds: float = PROBE_SECONDS) -> ProbeResult:
     """The faster CPU precision for ``shapes``, from the cache or measured now (about a second or two)."""
+    return _cached(machine_key(shapes), lambda: {c: _time_candidate(c, shapes, seconds) for c in CANDIDATES}, refresh)
+
+
+def probe_attention(shapes: Shapes, *, refresh: bool = False, seconds: float = ATTENTION_SECONDS) -> ProbeResult:
+    """The faster CPU attention kernel for bf16 training on ``shapes``, from the cache or measured now."""
+    measure = lambda: {c: _time_attention(c, shapes, seconds) for c in ATTENTION_CANDIDATES}  # noqa: E731
+    choose = lambda g: "sdpa" if g["sdpa"] >= ATTENTION_MARGIN * g["sdpa_fp32"] else "sdpa_fp32"  # noqa: E731
+    return _cached(machine_key(shapes) + "|attention bf16", measure, refresh, choose)
+
+
+def _cached(key: str, measure, refresh: bool, choose=lambda gflops: max(gflops, key=gflops.get)) -> ProbeResult:
     path = cache_dir() / "probes.json"
-    key = machine_key(shapes)
     refresh = refresh or os.environ.get("LORASMITH_REPROBE") == "1"
     cached = {}
     if path.is_file():
@@ -138,11 +217,11 @@ def probe(shapes: Shapes, *, refresh: bool = False, seconds: float = PROBE_SECON
             cached = {}
     if key in cached and not refresh:
         return ProbeResult(**cached[key])
-    gflops = {name: round(_time_candidate(name, shapes, seconds), 1) for name in CANDIDATES}
-    result = ProbeResult(key, gflops, max(gflops, key=gflops.get), time.strftime("%Y-%m-%dT%H:%M:%S"))
+    gflops = {name: round(g, 1) for name, g in measure().items()}
+    result = ProbeResult(key, gflops, choose(gflops), time.strftime("%Y-%m-%dT%H:%M:%S"))
     cached[key] = asdict(result)
     try:
         atomic.write_json(path, cached)
     except OSError as e:  # a read-only cache only costs a re-measurement next time
-        log.warning("could not cache the precision probe in %s (%s)", path, e)
+        log.warning("could not cache the probe in %s (%s)", path, e)
     return result

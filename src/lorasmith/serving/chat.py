@@ -59,10 +59,11 @@ def load_served(model_name: str | None, adapters: dict[str, Path]):
 
         tokenizer = AutoTokenizer.from_pretrained(first)  # carries the chat template it was trained with
         ensure_pad_token(tokenizer)
-    precision = choose_precision("auto", device, Shapes.of(load_config(mcfg)))
+    shapes = Shapes.of(load_config(mcfg))
+    precision = choose_precision("auto", device, shapes)
     # Weights in the measured precision: bf16 weights skip autocast's per-step casts (~10% faster generation).
     dtype = DTYPES[precision.name] if precision.name != "fp16" else torch.float32
-    attention = choose_attention("auto", device, precision)
+    attention = choose_attention("auto", device, precision, shapes)
     compute = precision.autocast_dtype or torch.float32
     model = load_model(mcfg, device=device, attn_implementation=attention, dtype=dtype, quantization=quant, compute_dtype=compute)
     if quant is not None:

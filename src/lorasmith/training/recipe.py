@@ -142,7 +142,8 @@ class LoraFinetune:
         # Hardware first: a precision the machine cannot run fails before anything is loaded; auto is
         # measured on this model's layer shapes (its config only: no weights loaded yet), by rank 0 for all.
         self.device = default_device()
-        shapes = Shapes.of(load_config(cfg.model)) if cfg.train.precision == "auto" and self.dist.is_main else None
+        measured = "auto" in (cfg.train.precision, cfg.model.attn_implementation) and self.dist.is_main
+        shapes = Shapes.of(load_config(cfg.model)) if measured else None
         chosen = choose_precision(cfg.train.precision, self.device, shapes) if self.dist.is_main else None
         self.precision = choose_precision(self.dist.broadcast(chosen.name if chosen else None), self.device)
         self.strategy = ("fsdp" if cfg.train.distributed == "fsdp" else "ddp") if self.dist.active else "none"
@@ -156,7 +157,10 @@ class LoraFinetune:
                 "train.distributed=fsdp cannot shard a bitsandbytes-quantized base",
                 hint="use train.distributed=ddp for QLoRA (the 4-bit base fits where FSDP would be needed)",
             )
-        self.attention = choose_attention(cfg.model.attn_implementation, self.device, self.precision)
+        attention = (
+            choose_attention(cfg.model.attn_implementation, self.device, self.precision, shapes) if self.dist.is_main else None
+        )
+        self.attention = self.dist.broadcast(attention)
         if cfg.quantization.bits:
             bnb_config(cfg.quantization, torch.float32)  # bitsandbytes missing: say so before reading any data
         check_installed(cfg.output.report_to)
