@@ -46,8 +46,9 @@ compiled runs give rows up to 128 tokens to sdpa_fp32's matmul path instead (mod
 ATTENTION_SECONDS = 0.15  # per candidate and length
 ATTENTION_MARGIN = 1.2
 """How much faster sdpa must measure to be taken over sdpa_fp32: the probe runs uncompiled, so it does not
-see sdpa_fp32's compiled matmul path for short rows (2x PyTorch's flash kernel at 102 tokens), and a
-near tie flips with the machine's noise (three probes here: 70-71 against 70-73 GFLOP/s)."""
+see sdpa_fp32's compiled matmul path for short rows (whole steps of 8 x 122 tokens: 1,826-2,079 ms with it
+against 2,220-2,480 with sdpa), and a near tie flips with the machine's noise (five probes on the AMD
+EPYC: sdpa 68-71 against sdpa_fp32 64-73 GFLOP/s)."""
 
 
 @dataclass(frozen=True)
