@@ -129,13 +129,18 @@ def _time_candidate(name: str, shapes: Shapes, seconds: float) -> float:
         out.float().sum().backward()
         x.grad = None
 
+    return flops / _best_seconds(once, seconds) / 1e9
+
+
+def _best_seconds(once, seconds: float) -> float:
+    """The fastest of repeated calls of ``once`` over ``seconds``, after one warm-up call."""
     once()
     best, end = float("inf"), time.perf_counter() + seconds
     while time.perf_counter() < end:
         t0 = time.perf_counter()
         once()
         best = min(best, time.perf_counter() - t0)
-    return flops / best / 1e9
+    return best
 
 
 class _AttentionLayer(torch.nn.Module):
@@ -172,27 +177,15 @@ def _time_attention(name: str, shapes: Shapes, seconds: float) -> float:
             out.backward(grad)
             query.grad = key.grad = value.grad = None
 
-        once()
-        best, end = float("inf"), time.perf_counter() + seconds
-        while time.perf_counter() < end:
-            t0 = time.perf_counter()
-            once()
-            best = min(best, time.perf_counter() - t0)
         flops += 3.5 * 2 * rows * shapes.heads * length**2 * dim
-        total += best
+        total += _best_seconds(once, seconds)
     return flops / total / 1e9
 
 
 def matmul_peak(dtype: torch.dtype, size: int = 2048, seconds: float = 1.5) -> float:
     """Best GFLOP/s of a square matmul over ``seconds``: the machine's ceiling for that dtype."""
     a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-    torch.matmul(a, b)
-    best, end = 0.0, time.perf_counter() + seconds
-    while time.perf_counter() < end:
-        t0 = time.perf_counter()
-        torch.matmul(a, b)
-        best = max(best, 2 * size**3 / (time.perf_counter() - t0) / 1e9)
-    return best
+    return 2 * size**3 / _best_seconds(lambda: torch.matmul(a, b), seconds) / 1e9
 
 
 def probe(shapes: Shapes, *, refresh: bool = False, seconds: float = PROBE_SECONDS) -> ProbeResult:
