@@ -234,3 +234,26 @@ def test_an_adapter_names_its_base_portably_and_works_away_from_its_run(tmp_path
     assert json.loads((moved / "lorasmith.json").read_text())["model"] == str(tiny_model_dir)
     capsys.readouterr()
     assert main(["chat", "--adapter", str(moved), "--prompt", "hello", "--max-new-tokens", "3"]) == 0
+
+
+def _command_paths(parser, prefix=()):
+    """Every (sub)command of the parser as an argv prefix: ``()``, ``("train",)``, ``("data", "check")``..."""
+    import argparse
+
+    yield prefix
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _command_paths(sub, (*prefix, name))
+
+
+def test_help_of_every_command_exits_0(capsys):
+    from lorasmith.cli import build_parser
+
+    paths = list(_command_paths(build_parser()))
+    assert ("data", "check") in paths and ("serve",) in paths
+    for path in paths:
+        with pytest.raises(SystemExit) as stop:
+            main([*path, "--help"])
+        assert stop.value.code == 0, path
+        assert "usage: lorasmith" in capsys.readouterr().out, path

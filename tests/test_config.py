@@ -91,3 +91,13 @@ def test_nested_keys_and_the_model_shorthand(tmp_path):
     with pytest.raises(ConfigError, match=r"unknown config key 'train\.lr\.x'"):
         config.load(None, ["train.lr.x=1"])
     assert "data.loss_weights" in config.all_keys() and "train.lr" in config.all_keys()
+
+
+def test_a_saved_config_loads_back_as_it_was(tmp_path):
+    """A run's config.yaml (what `--resume runs/NAME` reads) gives the same config: `all-linear`
+    stays the keyword, not a one-item module list."""
+    cfg = config.load(None, ["lora.r=8", "data.train=x.jsonl"])
+    path = tmp_path / "config.yaml"
+    path.write_text(config.to_yaml(cfg))
+    assert config.load(path) == cfg
+    assert config.load(path).lora.target_modules == "all-linear"

@@ -109,6 +109,30 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, tiny_model_dir, data_fil
     assert hashlib.sha256(data_files[0].read_bytes()).hexdigest() == data_hash
 
 
+@pytest.mark.parametrize("n", [0, 5])  # killed before its first checkpoint, and after two
+def test_resume_run_alone_reads_its_own_config(tmp_path, tiny_model_dir, data_files, reference, n, capsys):
+    """`lorasmith train --resume runs/NAME`, the command every interrupted run prints, with no config:
+    the run's own config.yaml, not the demo's, and the same adapter as an uninterrupted run."""
+    out = tmp_path / "runs"
+    proc = _crash("kill-before-step", n, _args(tiny_model_dir, data_files, out, "alone"))
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    run = out / "alone"
+    saved = (run / "config.yaml").read_text()
+    assert main(["train", "--resume", str(run), "lora.r=4"]) == 2  # an override that changes the training
+    assert "changes what this run trains" in capsys.readouterr().err
+    assert (run / "config.yaml").read_text() == saved
+    assert main(["train", "--resume", str(run), "eval.samples=0"]) == 0
+    assert (run / "config.yaml").read_text() == saved
+    assert _losses(run) == _losses(reference)
+    assert _same_adapter(_adapter(run), _adapter(reference))
+
+
+def test_resume_of_a_folder_without_config_is_refused(tmp_path, capsys):
+    (tmp_path / "bare").mkdir()
+    assert main(["train", "--resume", str(tmp_path / "bare")]) == 2
+    assert "has no config.yaml" in capsys.readouterr().err
+
+
 def test_sigterm_checkpoints_and_exits_143(tmp_path, tiny_model_dir, data_files, reference):
     out = tmp_path / "runs"
     args = _args(tiny_model_dir, data_files, out, "termed")

@@ -18,7 +18,7 @@ DEFAULT_METRICS = "exact_match,normalised_match,json_valid,json_equal,rouge_l,ch
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "eval",
-        help="score models or adapters on a data file: loss, generation metrics with 95% intervals, your own metric",
+        help="score models or adapters on a data file: loss, generation metrics with 95%% intervals, your own metric",
         description=__doc__,
     )
     p.add_argument("targets", nargs="+", help="run folders, adapter folders or base models (two or more: a comparison)")

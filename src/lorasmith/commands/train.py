@@ -45,13 +45,19 @@ def run(args) -> int:
     from lorasmith import config, distributed
     from lorasmith.commands.inputs import is_data_path
     from lorasmith.training.recipe import train
+    from lorasmith.training.resume import check_overrides, resumed_config
 
     if is_data_path(args.config):  # `lorasmith train my.jsonl`: that file with the defaults
         args.overrides.insert(0, f"data.train={args.config}")
         args.config = None
-    # No config: the demo recipe, unless the command line brings its own data (then plain defaults).
-    own_data = any(o.split("=", 1)[0] == "data.train" for o in args.overrides)
-    cfg = config.load(args.config or (None if own_data else config.builtin_recipe("demo")), args.overrides)
+    run_config = resumed_config(args.resume) if args.resume and not args.config else None
+    if run_config is not None:  # `--resume runs/NAME` alone: that run, as it was started
+        cfg = config.load(run_config, args.overrides)
+        check_overrides(config.load(run_config), cfg, args.resume, args.force_resume)
+    else:
+        # No config: the demo recipe, unless the command line brings its own data (then plain defaults).
+        own_data = any(o.split("=", 1)[0] == "data.train" for o in args.overrides)
+        cfg = config.load(args.config or (None if own_data else config.builtin_recipe("demo")), args.overrides)
     if args.nproc > 1 and not distributed.launched():  # config errors are reported above, once, before any launch
         return distributed.launch(args.nproc, _child_argv(args))
     train(cfg, config_path=args.config, resume=args.resume, force_resume=args.force_resume)

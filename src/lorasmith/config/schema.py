@@ -137,6 +137,8 @@ class LoraConfig:
             raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}")
         if isinstance(self.target_modules, list) and not self.target_modules:
             raise ConfigError("lora.target_modules is empty", hint="use all-linear or name modules, e.g. [q_proj, v_proj]")
+        if self.target_modules == ["all-linear"]:  # `target_modules: all-linear` read as a one-item list
+            self.target_modules = "all-linear"
 
 
 @dataclass

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from lorasmith.config import Config
 from lorasmith.data.dataset import sources, val_source
-from lorasmith.errors import LorasmithError
+from lorasmith.errors import ConfigError, LorasmithError
+from lorasmith.runs.folder import CONFIG, RunFolder
 
 log = logging.getLogger(__name__)
 
@@ -53,4 +54,38 @@ def check_resumable(saved: dict, now: dict, force: bool) -> None:
     raise LorasmithError(
         f"cannot resume: the run changed since the checkpoint ({detail})",
         hint="restore the original config/data, or pass --force-resume to resume anyway",
+    )
+
+
+def resumed_config(resume: str) -> Path | None:
+    """The ``config.yaml`` of the run ``--resume PATH`` names (a run folder or a checkpoint in one), so
+    that ``lorasmith train --resume runs/NAME`` continues that run with its own settings. None for a
+    bare ``--resume`` (the newest run of the config given, or of the demo)."""
+    if resume == "latest":
+        return None
+    run = RunFolder.to_resume("", None, None, resume)
+    path = run.path / CONFIG
+    if not path.is_file():
+        raise ConfigError(
+            f"--resume {resume}: {run.path} has no {CONFIG}, so its settings are unknown",
+            hint=f"give the config it was started with: lorasmith train CONFIG --resume {resume}",
+        )
+    return path
+
+
+def check_overrides(saved: Config, now: Config, resume: str, force: bool) -> None:
+    """Command-line overrides on ``--resume RUN`` may change how the run is watched (evaluation,
+    checkpoints, trackers), not what it trains: those are refused, before any checkpoint is read."""
+    before, after = run_fingerprint(saved), run_fingerprint(now)
+    changed = [k for k in sorted(before) if before[k] != after.get(k)]
+    if not changed:
+        return
+    detail = "; ".join(f"{k}: {before[k]} -> {after.get(k)}" for k in changed)
+    if force:
+        log.warning("--resume %s with changed settings (%s)", resume, detail)
+        return
+    raise ConfigError(
+        f"--resume {resume}: the command line changes what this run trains ({detail})",
+        hint="drop those overrides to continue the run, pass --force-resume to change it anyway, "
+        "or start a new run (another output.name)",
     )
