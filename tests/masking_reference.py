@@ -185,3 +185,59 @@ def conversations(seed: int, n: int, *, system: bool = True) -> list[list[dict]]
             earlier.append(reply)
         out.append(msgs)
     return out
+
+
+# --- tool calls and reasoning ---------------------------------------------------------------------
+
+
+def tool_apply(tok, messages, tools=None, **kw) -> str:
+    """``apply_chat_template`` with the structure kept: calls (arguments as a mapping), tool results,
+    and reasoning as the template's ``reasoning_content`` field or, for templates that do not read it,
+    as lorasmith documents: ``<think>\\n{reasoning}\\n</think>\\n\\n`` before the content."""
+    reads = "reasoning_content" in (tok.chat_template or "")
+    shown = []
+    for m in messages:
+        d = {"role": m["role"], "content": m["content"]}
+        for key in ("tool_calls", "tool_call_id"):
+            if key in m:
+                d[key] = m[key]
+        if m.get("reasoning_content"):
+            if reads:
+                d["reasoning_content"] = m["reasoning_content"]
+            else:
+                d["content"] = "<think>\n" + m["reasoning_content"] + "\n</think>\n\n" + m["content"]
+        shown.append(d)
+    return tok.apply_chat_template(shown, tools=tools, tokenize=False, **kw)
+
+
+def tool_reference_weights(tok, messages, tools, end_of_turn: str, train_reasoning: bool = True) -> list[float] | None:
+    """Per token of ``tool_apply(tok, messages, tools)``: 1 for what each assistant turn adds after its
+    generation prompt up to the end-of-turn marker, 0 elsewhere (tool results, prompts); with
+    ``train_reasoning`` off, 0 for tokens wholly inside the reasoning text. None where the prefix renders
+    are not prefixes of the whole."""
+    full = tool_apply(tok, messages, tools)
+    spans, thoughts = [], []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        prompt = tool_apply(tok, messages[:i], tools, add_generation_prompt=True)
+        turn = tool_apply(tok, messages[: i + 1], tools)
+        if not turn.startswith(prompt) or not full.startswith(prompt):
+            return None
+        added = turn[len(prompt) :]
+        cut = added.rfind(end_of_turn)
+        if cut < 0 or not full.startswith(added[: cut + len(end_of_turn)], len(prompt)):
+            return None
+        spans.append((len(prompt), len(prompt) + cut + len(end_of_turn)))
+        reasoning = (m.get("reasoning_content") or "").strip("\n")
+        if reasoning and reasoning in added:
+            at = len(prompt) + added.find(reasoning)
+            thoughts.append((at, at + len(reasoning)))
+    enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
+    out = [0.0] * len(enc["input_ids"])
+    for t, (a, b) in enumerate(enc["offset_mapping"]):
+        if b > a and any(a < end and b > start for start, end in spans):
+            out[t] = 1.0
+        if not train_reasoning and any(start <= a and b <= end for start, end in thoughts):
+            out[t] = 0.0
+    return out

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 TEMPLATES = Path(__file__).parent / "chat_templates"
+SHIPPED = Path(__file__).parent.parent / "src" / "lorasmith" / "models" / "templates"
 
 
 @dataclass(frozen=True)
@@ -78,13 +79,32 @@ FAMILIES: dict[str, Family] = {
     "openchat3.5": Family("openchat-3.5-0106.jinja", "<|end_of_turn|>", (), "<s>", "<|end_of_turn|>"),
     "deepseek-coder": Family("deepseek-coder-33b-instruct.jinja", "<|EOT|>", (), "<｜begin▁of▁sentence｜>", "<|EOT|>"),
     "llama2-vigogne": Family("vigogne-2-70b-chat.jinja", "</s>", (), "<s>", "</s>"),
+    # Tool-capable templates (tests/test_tool_masks.py); these render plain conversations prefix-stably too.
+    "chatml-tools": Family(str(SHIPPED / "chatml-tools.jinja"), "<|im_end|>"),
+    "hermes-2-pro": Family("hermes-2-pro-tool-use.jinja", "<|im_end|>"),
+    "llama3.2": Family("llama-3.2-instruct.jinja", "<|eot_id|>", LLAMA3_SPECIALS, "<|begin_of_text|>", "<|eot_id|>"),
 }
+
+MISTRAL_TOOL_SPECIALS = (
+    "[INST]",
+    "[/INST]",
+    "[TOOL_CALLS]",
+    "[AVAILABLE_TOOLS]",
+    "[/AVAILABLE_TOOLS]",
+    "[TOOL_RESULTS]",
+    "[/TOOL_RESULTS]",
+)
+TOOL_FAMILIES: dict[str, Family] = {
+    # Nemo folds the system prompt into the last user turn and lists the tools before it.
+    "mistral-nemo": Family("mistral-nemo-2407.jinja", "</s>", MISTRAL_TOOL_SPECIALS, "<s>", "</s>"),
+}
+FAMILIES_WITH_TOOLS = {**FAMILIES, **TOOL_FAMILIES}
 
 
 def family_tokenizer(base, name: str, *, special_markers: bool = True):
     """A copy of ``base`` with the family's template and special tokens (``special_markers=False``
     leaves the end-of-turn marker as plain text, as a base model's tokenizer would)."""
-    fam = FAMILIES[name]
+    fam = FAMILIES_WITH_TOOLS[name]
     tok = copy.deepcopy(base)
     extra = [s for s in fam.specials if special_markers or s != fam.end_of_turn]
     special = {"additional_special_tokens": extra} if extra else {}

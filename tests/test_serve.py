@@ -1,6 +1,7 @@
 """`lorasmith serve`: the official openai client against a server on 127.0.0.1 (bounded in time and count),
 OpenAI-shaped errors, batching under load, and a cancelled stream freeing the worker."""
 
+import json
 import socket
 import subprocess
 import sys
@@ -225,5 +226,85 @@ def test_streamed_requests_waiting_together_are_generated_as_one_batch(tiny_mode
                 pieces.append(piece)
             assert "".join(pieces) == done.text and done.completion_tokens <= 12
         assert sizes == [1, 4]  # the busy one alone, then the four streams together
+    finally:
+        engine.close()
+
+
+def test_openai_client_runs_a_two_round_tool_loop(monkeypatch):
+    """The real openai client against the app (in process): tools and tool_choice reach the chat template,
+    a call the model writes comes back as tool_calls (finish_reason tool_calls, also streamed as deltas),
+    the client's tool result goes back in, and the model's answer to it ends the loop. The model's
+    answers are scripted: what is tested is the protocol, not the model."""
+    from fastapi.testclient import TestClient
+
+    from lorasmith.evaluation.generate import Completion
+    from lorasmith.models.loading import chat_template_text
+    from lorasmith.serving import engine as engine_mod
+    from lorasmith.serving.server import create_app
+
+    class Tok:  # only what the engine reads: the template that decides the call syntax
+        chat_template = chat_template_text("chatml-tools")
+
+    seen = []
+    call_text = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
+
+    def scripted(model, tokenizer, histories, **kw):
+        seen.append((histories[0], kw["tools"][0], kw["prefill"][0]))
+        last = histories[0][-1]
+        text = "It is 3 C in Oslo." if last["role"] == "tool" else call_text
+        if kw["prefill"][0]:
+            text = text[len(kw["prefill"][0]) :]
+        return [Completion(text, "stop", 10, 5, text)]
+
+    monkeypatch.setattr(engine_mod, "complete", scripted)
+    monkeypatch.setattr(engine_mod, "template_of", lambda tok: None)
+    engine = engine_mod.Engine(None, Tok(), None, [engine_mod.Served("m", None)])
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    try:
+        http = TestClient(create_app(engine))
+        client = openai.OpenAI(base_url="http://testserver/v1", api_key="x", http_client=http, max_retries=0)
+        messages = [
+            {"role": "developer", "content": "Use tools."},
+            {"role": "user", "content": [{"type": "text", "text": "Oslo?"}]},
+        ]
+        first = client.chat.completions.create(model="m", messages=messages, tools=tools, temperature=0)
+        choice = first.choices[0]
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None
+        (call,) = choice.message.tool_calls
+        assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Oslo"} and call.id
+        history, rendered_tools, _ = seen[-1]
+        assert history[0] == {"role": "system", "content": "Use tools."} and history[1]["content"] == "Oslo?"
+        assert rendered_tools[0]["function"]["name"] == "get_weather"
+        # Round two: the call and its result go back; the answer is plain text.
+        messages += [choice.message.model_dump(exclude_none=True), {"role": "tool", "tool_call_id": call.id, "content": "3 C"}]
+        second = client.chat.completions.create(model="m", messages=messages, tools=tools, temperature=0)
+        assert second.choices[0].finish_reason == "stop" and second.choices[0].message.content == "It is 3 C in Oslo."
+        history = seen[-1][0]
+        assert history[2]["tool_calls"][0]["function"]["arguments"] == {"city": "Oslo"}
+        assert history[3] == {"role": "tool", "content": "3 C", "tool_call_id": call.id}
+        # Streamed: the call arrives as tool-call deltas that the client joins.
+        stream = client.chat.completions.create(model="m", messages=messages[:2], tools=tools, temperature=0, stream=True)
+        chunks = list(stream)
+        deltas = [tc for c in chunks for tc in (c.choices[0].delta.tool_calls or [])]
+        assert deltas[0].function.name == "get_weather"
+        assert json.loads("".join(d.function.arguments or "" for d in deltas)) == {"city": "Oslo"}
+        assert chunks[-1].choices[0].finish_reason == "tool_calls"
+        assert not "".join(c.choices[0].delta.content or "" for c in chunks).strip()
+        # A named tool_choice: the server writes the call's opening, the model the arguments.
+        forced = {"type": "function", "function": {"name": "get_weather"}}
+        named = client.chat.completions.create(model="m", messages=messages[:2], tools=tools, tool_choice=forced, temperature=0)
+        assert seen[-1][2].startswith('<tool_call>\n{"name": "get_weather"')
+        assert named.choices[0].message.tool_calls[0].function.name == "get_weather"
+        # tool_choice none: no tools rendered, no call parsed.
+        client.chat.completions.create(model="m", messages=messages[:2], tools=tools, tool_choice="none", temperature=0)
+        assert seen[-1][1] is None
+        # Bad tool messages are 400s naming the field.
+        for bad in (
+            [{"role": "user", "content": "hi"}, {"role": "tool", "tool_call_id": "nope", "content": "1"}],
+            [{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": [{"id": "a", "type": "function",
+              "function": {"name": "get_weather", "arguments": "{oops"}}]}],
+        ):  # fmt: skip
+            r = http.post("/v1/chat/completions", json={"model": "m", "messages": bad, "tools": tools})
+            assert r.status_code == 400 and r.json()["error"]["param"].startswith("messages"), r.text
     finally:
         engine.close()

@@ -13,6 +13,11 @@ def add_parser(sub) -> None:
         "--system", help="system prompt (default: the one the run was trained with, if its conversations shared one; '' for none)"
     )
     p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument(
+        "--tools",
+        help="a JSON file of tool schemas (OpenAI's `tools` list) to offer the model; the calls it writes are shown, "
+        "and `/result TEXT` answers the last one",
+    )
     p.set_defaults(func=run)
 
 
@@ -34,4 +39,18 @@ def run(args) -> int:
                 f"{args.run} has no adapter yet (status: {folder.read_status().get('status', 'unknown')})",
                 hint=f"finish the run first: lorasmith train ... --resume {args.run}",
             )
-    return run_chat(args.model, adapter, args.prompt, args.system, args.max_new_tokens)
+    tools = read_tools_file(args.tools) if args.tools else None
+    return run_chat(args.model, adapter, args.prompt, args.system, args.max_new_tokens, tools)
+
+
+def read_tools_file(path: str) -> list[dict]:
+    import json
+    from pathlib import Path
+
+    from lorasmith.data.tools import ToolError, read_tools
+    from lorasmith.errors import ConfigError
+
+    try:
+        return read_tools(json.loads(Path(path).read_text(encoding="utf-8")), "--tools") or []
+    except (OSError, json.JSONDecodeError, ToolError) as e:
+        raise ConfigError(f"--tools {path}: {e}", hint='a JSON list like [{"type": "function", "function": {...}}]') from None

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+RECIPES = ("demo", "tools")
+
 
 def add_parser(sub) -> None:
     from lorasmith.config import describe
@@ -31,6 +33,12 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--force-resume", action="store_true", help="resume even if the model, data or config changed")
     p.add_argument(
+        "--recipe",
+        choices=RECIPES,
+        help="a built-in recipe instead of a config: demo (order sentences to JSON, the default with no config) "
+        "or tools (tool calling: the embedded model learns to call three tools)",
+    )
+    p.add_argument(
         "--nproc",
         type=int,
         default=1,
@@ -44,12 +52,17 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from lorasmith import config, distributed
     from lorasmith.commands.inputs import is_data_path
+    from lorasmith.errors import ConfigError
     from lorasmith.training.recipe import train
     from lorasmith.training.resume import check_overrides, resumed_config
 
     if is_data_path(args.config):  # `lorasmith train my.jsonl`: that file with the defaults
         args.overrides.insert(0, f"data.train={args.config}")
         args.config = None
+    if args.recipe:
+        if args.config:
+            raise ConfigError(f"give a config file or --recipe {args.recipe}, not both")
+        args.config = str(config.builtin_recipe(args.recipe))
     run_config = resumed_config(args.resume) if args.resume and not args.config else None
     if run_config is not None:  # `--resume runs/NAME` alone: that run, as it was started
         cfg = config.load(run_config, args.overrides)

@@ -4,6 +4,7 @@
 from lorasmith.config.describe import describe, field_docs, type_name
 from lorasmith.config.loading import all_keys, build, builtin_recipe, load, parse_override, to_yaml
 from lorasmith.config.schema import (
+    BUILTIN_DATA,
     DEMO,
     FORMATS,
     ROLES,
@@ -19,6 +20,7 @@ from lorasmith.config.schema import (
 )
 
 __all__ = [
+    "BUILTIN_DATA",
     "DEMO",
     "FORMATS",
     "ROLES",

@@ -15,6 +15,9 @@ from typing import Any, Literal
 from lorasmith.errors import ConfigError
 
 DEMO = "demo"
+TOOLS_DEMO = "demo-tools"
+BUILTIN_DATA = (DEMO, TOOLS_DEMO)
+"""Generated data sets `data.train` may name: the demo task, and the tool-calling task."""
 """Value of ``data.train`` that selects the built-in, generated field-extraction demo data."""
 
 
@@ -33,7 +36,8 @@ class ModelConfig:
     sdpa_fp32 (SDPA on fp32 inputs) unless plain sdpa measures clearly faster on this model's heads
     (cached per machine, `lorasmith doctor` shows the figures); else sdpa."""
     chat_template: str | None = None
-    """Path to a Jinja chat template that replaces the tokenizer's own."""
+    """A Jinja chat template file that replaces the tokenizer's own, or a shipped one by name: `chatml-tools`
+    (ChatML with Hermes/Qwen2.5-style `<tool_call>` JSON, for tool-calling data on ChatML models)."""
 
 
 @dataclass
@@ -75,8 +79,8 @@ class DataSource:
 @dataclass
 class DataConfig:
     train: str | list[DataSource] = DEMO
-    """Training data: a file or datasets folder, `demo` (built-in generated task), or a list of
-    sources {path, format, weight, fields} mixed by weight."""
+    """Training data: a file or datasets folder, `demo` or `demo-tools` (built-in generated tasks: order
+    sentences to JSON; tool calling), or a list of sources {path, format, weight, fields} mixed by weight."""
     val: str | None = None
     """Validation data (any supported file). Leave empty to split `val_fraction` off the training data."""
     format: Format = "auto"
@@ -94,7 +98,11 @@ class DataConfig:
     train_on: Literal["assistant", "last_assistant", "all"] = "assistant"
     """Which messages carry loss: every assistant turn, only the last one, or every message."""
     loss_weights: dict[str, float] = field(default_factory=dict)
-    """Per-role loss weights overriding train_on for those roles, e.g. {assistant: 1.0, user: 0.1, system: 0.0}."""
+    """Per-role loss weights overriding train_on for those roles, e.g. {assistant: 1.0, user: 0.1, system: 0.0}.
+    Tool results (role `tool`) are never trained unless given a weight here."""
+    train_reasoning: bool = True
+    """Train the assistant's reasoning (`reasoning_content`, or `thinking`): false leaves the reasoning text out
+    of the loss (its <think> markers and the answer stay trained)."""
     skip_bad_records: bool = False
     """Skip (and count) invalid records instead of stopping on the first file with errors."""
 
@@ -321,7 +329,7 @@ class Config:
 def check_across_sections(cfg: Config) -> None:
     if cfg.quantization.bits and cfg.lora.use_dora and cfg.quantization.bits == 8:
         raise ConfigError("lora.use_dora with quantization.bits=8 is not supported by peft", hint="use 4-bit or plain LoRA")
-    if cfg.eval.exact_match and not (cfg.data.val or cfg.data.val_fraction or cfg.data.train == DEMO):
+    if cfg.eval.exact_match and not (cfg.data.val or cfg.data.val_fraction or cfg.data.train in BUILTIN_DATA):
         raise ConfigError(
             "eval.exact_match needs validation data",
             hint="set data.val to a file or data.val_fraction to e.g. 0.1",

@@ -8,6 +8,7 @@ in worker processes on multi-core machines.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import re
 import statistics
@@ -18,9 +19,10 @@ from pathlib import Path
 from lorasmith import atomic, progress
 from lorasmith.config import DataConfig
 from lorasmith.data import workers
-from lorasmith.data.dataset import encode_options
+from lorasmith.data.dataset import check_tool_template, encode_options
 from lorasmith.data.masking import ChatTemplate, TemplateInfo, encode, encode_fitted
 from lorasmith.data.records import Conversation, iter_conversations
+from lorasmith.data.tools import uses_tools
 from lorasmith.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -32,10 +34,16 @@ def _normalise(text: str) -> str:
     return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
 
 
+def _said(m: dict) -> str:
+    """A message's text, with its calls (two conversations that differ only in a call's arguments differ)."""
+    calls = m.get("tool_calls")
+    return m["content"] + (json.dumps([c["function"] for c in calls], sort_keys=True) if calls else "")
+
+
 def conversation_keys(messages: list[dict]) -> tuple[bytes, bytes]:
     """(exact key, near key): near ignores case, punctuation and spacing."""
-    exact = "\x1e".join(f"{m['role']}\x1f{m['content']}" for m in messages)
-    near = "\x1e".join(f"{m['role']}\x1f{_normalise(m['content'])}" for m in messages)
+    exact = "\x1e".join(f"{m['role']}\x1f{_said(m)}" for m in messages)
+    near = "\x1e".join(f"{m['role']}\x1f{_normalise(_said(m))}" for m in messages)
     return hashlib.blake2b(exact.encode(), digest_size=12).digest(), hashlib.blake2b(near.encode(), digest_size=12).digest()
 
 
@@ -104,16 +112,38 @@ def overlap(train: list[Conversation], val: list[Conversation]) -> dict:
     return {"duplicates": found.exact + found.near, "leakage": found.leakage}
 
 
-def _measure(
-    state: workers.WorkerState, chunk: list[tuple[str, list[dict]]]
-) -> list[tuple[str, int, int, bool, int, str | None]]:
-    """(where, tokens before the policy, trained tokens after it, dropped, trained end-of-turn markers,
-    template error) per conversation."""
+@dataclass
+class Measured:
+    """What data check keeps of one conversation."""
+
+    where: str
+    tokens: int = 0
+    """Tokens before the over-length policy."""
+    trained: int = 0
+    """Trained tokens after it."""
+    dropped: bool = False
+    turn_ends: int = 0
+    """Trained end-of-turn markers."""
+    error: str | None = None
+    calls: int = 0
+    """Tool calls the conversation's assistant turns make."""
+    tool_call_tokens: int = 0
+    reasoning_tokens: int = 0
+
+
+def _measure(state: workers.WorkerState, chunk: list[tuple[str, list[dict], list | None]]) -> list[Measured]:
     tok, options, template = state.tokenizer, state.options, state.template
     max_length, policy = options["max_length"], options["over_length"]
-    kwargs = {"train_on": options["train_on"], "role_weights": options["role_weights"], "template": template}
+    kwargs = {
+        "train_on": options["train_on"],
+        "role_weights": options["role_weights"],
+        "train_reasoning": options["train_reasoning"],
+        "template": template,
+    }
     out = []
-    for where, messages in chunk:
+    for where, messages, tools in chunk:
+        kwargs["tools"] = tools
+        calls = sum(len(m.get("tool_calls") or ()) for m in messages)
         try:
             full = encode(tok, messages, max_length=1 << 30, **kwargs)
             dropped = False
@@ -125,9 +155,21 @@ def _measure(
                 fitted = encode_fitted(tok, messages, max_length=max_length, over_length=policy, **kwargs)
                 dropped, trained = fitted is None, fitted.num_trained if fitted else 0
         except DataError as e:
-            out.append((where, 0, 0, False, 0, e.message))
+            out.append(Measured(where, error=e.message, calls=calls))
             continue
-        out.append((where, len(full.input_ids), trained, dropped, full.turn_ends, None))
+        out.append(
+            Measured(
+                where,
+                len(full.input_ids),
+                trained,
+                dropped,
+                full.turn_ends,
+                None,
+                calls,
+                full.tool_call_tokens,
+                full.reasoning_tokens,
+            )
+        )
     return out
 
 
@@ -150,6 +192,15 @@ class CheckReport:
     """What the chat template does at turn boundaries (None if it cannot render the probe conversation)."""
     n_turn_ends: int = 0
     """Trained end-of-turn markers over all samples: 0 means the model never learns to stop."""
+    calls: list[int] = field(default_factory=list, repr=False)
+    """Tool calls per conversation that makes any."""
+    n_tool_results: int = 0
+    trained_tool_call_tokens: int = 0
+    trained_reasoning_tokens: int = 0
+    n_reasoning: int = 0
+    """Conversations with reasoning text."""
+    tool_warnings: list[str] = field(default_factory=list)
+    n_tool_warnings: int = 0
 
     @property
     def no_turn_end(self) -> bool:
@@ -158,7 +209,9 @@ class CheckReport:
     @property
     def n_warnings(self) -> int:
         d = self.duplicates
-        return d.n_exact + d.n_near + d.n_leakage + self.n_over_length + self.n_no_trained + self.no_turn_end
+        return (
+            d.n_exact + d.n_near + d.n_leakage + self.n_over_length + self.n_no_trained + self.no_turn_end + self.n_tool_warnings
+        )
 
     @property
     def exit_code(self) -> int:
@@ -205,7 +258,13 @@ def _chunks(stream: Iterator, report: CheckReport, finder: DuplicateFinder, is_v
             finder.add_val(where, conv.messages)
         else:
             finder.add_train(where, conv.messages)
-        chunk.append((where, conv.messages))
+        for w in conv.warnings:
+            report.n_tool_warnings += 1
+            if len(report.tool_warnings) < MAX_LISTED:
+                report.tool_warnings.append(f"{where}: {w}")
+        report.n_tool_results += sum(m["role"] == "tool" for m in conv.messages)
+        report.n_reasoning += any(m.get("reasoning_content") for m in conv.messages)
+        chunk.append((where, conv.messages, conv.tools))
         if len(chunk) >= _CHUNK:
             yield chunk
             chunk = []
@@ -216,6 +275,9 @@ def _chunks(stream: Iterator, report: CheckReport, finder: DuplicateFinder, is_v
 def run_check(tokenizer, cfg: DataConfig, train_sources, val_source=None, n_workers: int | None = None) -> CheckReport:
     """Check every record of the sources. ``train_sources``/``val_source`` are DataSource objects."""
     report = CheckReport(files=[s.path for s in train_sources] + ([val_source.path] if val_source else []))
+    first_tools = _first_tool_use([*train_sources, *([val_source] if val_source else [])])
+    if first_tools is not None:  # one error naming the fix, not one per conversation
+        check_tool_template(tokenizer, [first_tools])
     try:
         report.template = ChatTemplate(tokenizer).describe()
     except Exception as e:  # the template's own errors show per record below
@@ -237,13 +299,30 @@ def run_check(tokenizer, cfg: DataConfig, train_sources, val_source=None, n_work
     return report
 
 
+def _first_tool_use(sources) -> Conversation | None:
+    """The first conversation that uses tools, read from the start of each source (tool-calling files
+    show it in their first records; a file that starts without is checked per conversation)."""
+    for src in sources:
+        for k, (_where, conv, _problem) in enumerate(iter_conversations(src.path, src.format, src.fields)):
+            if conv is not None and uses_tools(conv.messages, conv.tools):
+                return conv
+            if k >= 200:
+                break
+    return None
+
+
 def _collect(results, report: CheckReport, cfg: DataConfig) -> None:
     for chunk in results:
-        for where, n_tokens, n_trained, dropped, turn_ends, error in chunk:
-            if error:
-                report.add_error(f"{where}: {error}")
+        for m in chunk:
+            where, n_tokens, n_trained, dropped = m.where, m.tokens, m.trained, m.dropped
+            if m.calls:
+                report.calls.append(m.calls)
+            if m.error:
+                report.add_error(f"{where}: {m.error}")
                 continue
-            report.n_turn_ends += turn_ends
+            report.trained_tool_call_tokens += m.tool_call_tokens
+            report.trained_reasoning_tokens += m.reasoning_tokens
+            report.n_turn_ends += m.turn_ends
             report.lengths.append(n_tokens)
             report.trained.append(n_trained)
             if n_tokens > cfg.max_length:
@@ -280,7 +359,9 @@ def to_json(report: CheckReport, cfg: DataConfig) -> dict:
             },
             "no_trained_tokens": {"count": report.n_no_trained, "first": report.no_trained},
             "no_end_of_turn_trained": report.no_turn_end,
+            "tool_calls_never_answered": {"count": report.n_tool_warnings, "first": report.tool_warnings},
         },
+        "tools": _tool_stats(report),
         "chat_template": None
         if report.template is None
         else {
@@ -293,6 +374,20 @@ def to_json(report: CheckReport, cfg: DataConfig) -> dict:
         "token_lengths": _stats(report.lengths),
         "trained_tokens_per_sample": _stats(report.trained),
         "exit_code": report.exit_code,
+    }
+
+
+def _tool_stats(report: CheckReport) -> dict:
+    trained = sum(report.trained)
+    calls = report.trained_tool_call_tokens
+    thought = report.trained_reasoning_tokens
+    return {
+        "conversations_with_calls": len(report.calls),
+        "calls": sum(report.calls),
+        "calls_per_conversation_with_calls": _stats(report.calls),
+        "tool_results": report.n_tool_results,
+        "conversations_with_reasoning": report.n_reasoning,
+        "trained_tokens": {"content": trained - calls - thought, "tool_calls": calls, "reasoning": thought},
     }
 
 
@@ -311,6 +406,7 @@ def summary(report: CheckReport, cfg: DataConfig) -> str:
         "train_val_leakage": "validation conversations also in training",
         "over_max_length": "longer than data.max_length",
         "no_trained_tokens": "samples with no trained token",
+        "tool_calls_never_answered": "conversations with a tool call never answered",
     }
     if report.n_warnings:
         lines.append("\nWARNINGS:")
@@ -339,6 +435,19 @@ def summary(report: CheckReport, cfg: DataConfig) -> str:
         lines.append(
             f"trained tokens per sample: min {r['min']}, median {r['median']}, max {r['max']}; "
             f"{r['total']} in all ({r['total'] / max(t['total'], 1):.0%} of tokens)"
+        )
+    tools = j["tools"]
+    if tools["conversations_with_calls"] or tools["conversations_with_reasoning"]:
+        split = tools["trained_tokens"]
+        per = tools["calls_per_conversation_with_calls"]
+        lines.append(
+            f"tool use: {tools['conversations_with_calls']} of {report.valid} conversations call tools "
+            f"({tools['calls']} calls, {per.get('mean', 0)} per such conversation, max {per.get('max', 0)}); "
+            f"{tools['tool_results']} tool results (never trained); {tools['conversations_with_reasoning']} with reasoning"
+        )
+        lines.append(
+            f"trained tokens by kind: content {split['content']}, tool calls {split['tool_calls']}, "
+            f"reasoning {split['reasoning']}" + ("" if cfg.train_reasoning else " (data.train_reasoning=false)")
         )
     verdict = {0: "clean", 1: "warnings only", 2: "errors"}[report.exit_code]
     lines.append(f"\nresult: {verdict} (exit {report.exit_code})")

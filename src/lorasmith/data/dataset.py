@@ -13,10 +13,11 @@ from pathlib import Path
 import numpy as np
 
 from lorasmith import progress
-from lorasmith.config import DEMO, DataConfig, DataSource
-from lorasmith.data import demo, workers
-from lorasmith.data.masking import ChatTemplate, Encoded, encode_fitted
+from lorasmith.config import BUILTIN_DATA, DEMO, DataConfig, DataSource
+from lorasmith.data import demo, tools_demo, workers
+from lorasmith.data.masking import ChatTemplate, Encoded, encode_fitted, template_of
 from lorasmith.data.records import Conversation, read_source
+from lorasmith.data.tools import uses_tools
 from lorasmith.errors import DataError
 from lorasmith.paths import cache_dir
 
@@ -49,16 +50,21 @@ class TokenizedSet:
 
 def sources(cfg: DataConfig) -> list[DataSource]:
     """The training sources as a list, whichever way the config gave them."""
-    if cfg.train == DEMO:
-        return [DataSource(str(demo.demo_files()[0]), "messages")]
+    if cfg.train in BUILTIN_DATA:
+        return [DataSource(str(builtin_files(cfg.train)[0]), "messages")]
     if isinstance(cfg.train, str):
         return [DataSource(cfg.train, cfg.format, 1.0, cfg.fields)]
     return cfg.train
 
 
+def builtin_files(name: str) -> tuple[Path, Path]:
+    """(train, validation) files of a generated data set, written once into the cache."""
+    return demo.demo_files() if name == DEMO else tools_demo.demo_files()
+
+
 def val_source(cfg: DataConfig) -> DataSource | None:
-    if cfg.train == DEMO and not cfg.val and not cfg.val_fraction:
-        return DataSource(str(demo.demo_files()[1]), "messages")
+    if cfg.train in BUILTIN_DATA and not cfg.val and not cfg.val_fraction:
+        return DataSource(str(builtin_files(cfg.train)[1]), "messages")
     return DataSource(cfg.val, cfg.format, 1.0, cfg.fields) if cfg.val else None
 
 
@@ -99,6 +105,7 @@ def encode_options(cfg: DataConfig) -> dict:
         "over_length": cfg.over_length,
         "train_on": cfg.train_on,
         "role_weights": cfg.loss_weights,
+        "train_reasoning": cfg.train_reasoning,
     }
 
 
@@ -106,6 +113,7 @@ def tokenize(tokenizer, conversations: list[Conversation], cfg: DataConfig, *, n
     """Encode every conversation (cached, in parallel when large); drop (and count) those left with
     nothing to train on."""
     options = encode_options(cfg)
+    check_tool_template(tokenizer, conversations)
     encoded, errors = _encode_cached(tokenizer, conversations, options)
     out = TokenizedSet([], [])
     n_truncated = 0
@@ -139,6 +147,22 @@ def tokenize(tokenizer, conversations: list[Conversation], cfg: DataConfig, *, n
     return out
 
 
+def check_tool_template(tokenizer, conversations) -> None:
+    """Fail once, before any conversation is encoded, when the data uses tools that the chat template
+    cannot render (rather than once per conversation)."""
+    using = next((c for c in conversations if uses_tools(c.messages, c.tools)), None)
+    if using is None:
+        return
+    template = template_of(tokenizer)
+    template.check_tools()
+    if any(c.tools for c in conversations) and not template.shows_tool_schemas:
+        log.warning(
+            "the chat template does not show the `tools` schemas to the model (e.g. %s): describe the tools in the "
+            "system prompt, or use a template that renders them",
+            using.source,
+        )
+
+
 def _warn_without_turn_end(tokenizer) -> None:
     try:
         info = ChatTemplate(tokenizer).describe()
@@ -160,7 +184,7 @@ def _warn_without_turn_end(tokenizer) -> None:
 
 # --- tokenization cache and workers ------------------------------------------------------------------
 
-_CACHE_VERSION = 2  # bump when masking changes what it produces
+_CACHE_VERSION = 3  # bump when masking changes what it produces
 _PARALLEL_FROM = 2000  # below this, starting worker processes costs more than it saves
 
 
@@ -173,22 +197,24 @@ def _cache_key(tokenizer, conversations: list[Conversation], options: dict) -> s
     )
     h.update(json.dumps(sorted(tokenizer.get_vocab().items())[:: max(1, len(tokenizer) // 4096)]).encode())
     for conv in conversations:
-        h.update(json.dumps(conv.messages, sort_keys=True).encode())
+        h.update(json.dumps([conv.messages, conv.tools], sort_keys=True).encode())
     return h.hexdigest()
 
 
-def _encode_chunk(state: workers.WorkerState, chunk: list[list[dict]]) -> list[tuple[Encoded | None, str | None]]:
+def _encode_chunk(
+    state: workers.WorkerState, chunk: list[tuple[list[dict], list | None]]
+) -> list[tuple[Encoded | None, str | None]]:
     out = []
-    for messages in chunk:
+    for messages, tools in chunk:
         try:
-            out.append((encode_fitted(state.tokenizer, messages, **state.options, template=state.template), None))
+            out.append((encode_fitted(state.tokenizer, messages, **state.options, template=state.template, tools=tools), None))
         except DataError as e:
             out.append((None, e.message))
     return out
 
 
 def _encode_all(tokenizer, conversations: list[Conversation], options: dict) -> list[tuple[Encoded | None, str | None]]:
-    chunks = [[c.messages for c in conversations[i : i + 256]] for i in range(0, len(conversations), 256)]
+    chunks = [[(c.messages, c.tools) for c in conversations[i : i + 256]] for i in range(0, len(conversations), 256)]
     n = workers.default_workers() if len(conversations) >= _PARALLEL_FROM else 1
     results = workers.map_chunks(_encode_chunk, chunks, tokenizer, options, n)
     return [r for chunk in progress.bar(results, total=len(chunks), desc="tokenize", unit="x256") for r in chunk]

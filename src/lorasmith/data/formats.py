@@ -4,6 +4,11 @@ File types: JSONL, JSON (a list, or an object holding one), Parquet, CSV, and a 
 ``datasets.Dataset.save_to_disk``. Record shapes: OpenAI messages, ShareGPT, Alpaca,
 prompt/completion (plain text or conversational). The shape is detected from the first record
 unless given; ``fields`` renames custom keys to the canonical ones.
+
+Tool use and reasoning keep their structure (``data/tools.py``): OpenAI's top-level ``tools`` with
+``tool_calls`` and ``tool`` messages, ShareGPT/LLaMA-Factory's ``function_call`` and ``observation``
+turns with a ``tools`` column, and an assistant's ``reasoning_content`` (or ``thinking``,
+``reasoning``), handed to the chat template as they are.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from lorasmith.data.tools import ToolError, number_calls, read_tool_calls, read_tools
 from lorasmith.errors import DataError
 
 SHAREGPT_ROLES = {
@@ -26,6 +32,7 @@ SHAREGPT_ROLES = {
     "bing": "assistant",
     "bard": "assistant",
     "system": "system",
+    "function_call": "assistant",
     "tool": "tool",
     "function": "tool",
     "function_response": "tool",
@@ -159,11 +166,52 @@ def detect_format(record, fields: dict[str, str]) -> str:
     return "unknown"
 
 
-def _text(content) -> str:
+def message_text(content) -> str:
     """OpenAI content may be a list of parts; keep the text parts."""
     if isinstance(content, list) and all(isinstance(p, dict) for p in content):
         return "".join(p.get("text", "") for p in content if p.get("type", "text") == "text")
     return content
+
+
+_REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")
+
+
+def structured_message(m: dict, role, content, where: str) -> dict:
+    """One message with its tool calls, tool result id and reasoning, in canonical form."""
+    if role == "developer":  # OpenAI's newer name for the system role
+        role = "system"
+    if role == "function":  # OpenAI's legacy function result
+        role = "tool"
+    msg = {"role": role, "content": content}
+    calls = m.get("tool_calls") or m.get("function_call")
+    try:
+        if calls:
+            msg["tool_calls"] = read_tool_calls(calls, where)
+    except ToolError as e:
+        raise RecordError(str(e)) from None
+    if calls and content is None:
+        msg["content"] = ""  # OpenAI writes content null beside tool calls
+    if role == "tool":
+        if isinstance(content, (dict, list)):
+            msg["content"] = json.dumps(content, ensure_ascii=False)
+        if m.get("tool_call_id"):
+            msg["tool_call_id"] = str(m["tool_call_id"])
+        if isinstance(m.get("name"), str):
+            msg["name"] = m["name"]
+    reasoning = next((m[k] for k in _REASONING_KEYS if isinstance(m.get(k), str) and m[k].strip()), None)
+    if reasoning is not None and role == "assistant":
+        msg["reasoning_content"] = reasoning
+    return msg
+
+
+def record_tools(record, fields: dict[str, str]) -> list[dict] | None:
+    """The record's tool schemas (a top-level ``tools`` list, or a JSON string of one), canonical."""
+    if not isinstance(record, dict):
+        return None
+    try:
+        return read_tools(record.get(fields.get("tools", "tools")))
+    except ToolError as e:
+        raise RecordError(str(e)) from None
 
 
 def to_messages(record, fmt: str, fields: dict[str, str]) -> list[dict]:
@@ -186,15 +234,16 @@ def to_messages(record, fmt: str, fields: dict[str, str]) -> list[dict]:
             raise RecordError(f"`messages` must be a list, got {type(msgs).__name__}")
         role_key, content_key = fields.get("role", "role"), fields.get("content", "content")
         out = []
-        for m in msgs:
+        for k, m in enumerate(msgs):
             if not isinstance(m, dict):
                 out.append(m)  # check_messages names the problem
                 continue
-            msg = {"role": m.get(role_key), "content": _text(m.get(content_key))}
+            msg = structured_message(m, m.get(role_key), message_text(m.get(content_key)), f"message {k}")
             for extra in ("weight", "train"):
                 if extra in m:
                     msg[extra] = m[extra]
             out.append(msg)
+        number_calls(out)
         return out
     if fmt == "sharegpt":
         turns = get("conversations")
@@ -210,13 +259,18 @@ def to_messages(record, fmt: str, fields: dict[str, str]) -> list[dict]:
                 raise RecordError(
                     f"turn {i} has unknown speaker {speaker!r} (expected one of {', '.join(sorted(SHAREGPT_ROLES))})"
                 )
-            msg = {"role": role, "content": t.get(fields.get("value", "value"))}
+            value = t.get(fields.get("value", "value"))
+            if str(speaker).lower() == "function_call":  # LLaMA-Factory: the value is the call(s) as JSON
+                msg = structured_message({"tool_calls": value}, "assistant", "", f"turn {i}")
+            else:
+                msg = structured_message(t, role, value, f"turn {i}")
             if "weight" in t:
                 msg["weight"] = t["weight"]
             out.append(msg)
         system = get("system")
         if isinstance(system, str) and system.strip() and not (out and out[0]["role"] == "system"):
             out.insert(0, {"role": "system", "content": system})
+        number_calls(out)
         return out
     if fmt == "alpaca":
         instruction, extra, output = get("instruction"), get("input") or "", get("output")

@@ -29,6 +29,17 @@ For each trained message i:
    trained as the text it is). The newline a template writes after the marker is not trained: the
    model stops at the marker.
 
+Tool calls and reasoning. Messages reach the template with their structure (``tool_calls``,
+``tool_call_id``, ``reasoning_content``; ``tools`` beside them), as ``apply_chat_template`` takes
+them. An assistant turn that calls tools is located the same way, its sentinel message standing in
+for content and calls together, so the calls and the end-of-turn marker after them are trained.
+Where the template refuses that stand-in (Mistral's templates check that turns without calls
+alternate), the turn is the text ``render(messages[:i+1])`` adds after the generation prompt, found
+in the full rendering after the text the two share. Tool results are never trained unless
+``data.loss_weights.tool`` says so. With ``train_reasoning`` off, the reasoning text, located by a
+sentinel of its own, is left out of the loss. A template that does not read ``reasoning_content``
+gets it inline, as ``<think>`` text before the content (what DeepSeek-R1-style data holds).
+
 Tokens that overlap the trained characters get the message's weight: a token that straddles the
 boundary between template text and the message (``]{`` under some BPEs) is trained whole, since
 predicting it is how the model emits the message's first character.
@@ -40,13 +51,25 @@ trained message two, and one tokenization of the whole conversation.
 from __future__ import annotations
 
 import bisect
+import json
 import re
 from dataclasses import dataclass
 from functools import cached_property
 
+from lorasmith.data.tools import uses_tools
 from lorasmith.errors import DataError
 
 _SENTINEL = "LsmTurnSentinel7q"
+_PROBE_TOOL = "LsmProbeTool"
+_TEMPLATE_ERRORS: tuple[type[Exception], ...] = (TypeError, ValueError, KeyError, IndexError, AttributeError)
+"""What rendering a template can raise besides Jinja's own errors (added below): a template that
+concatenates a mapping, indexes a missing key, or calls ``raise_exception`` (a TemplateError)."""
+try:
+    from jinja2.exceptions import TemplateError
+
+    _TEMPLATE_ERRORS = (TemplateError, *_TEMPLATE_ERRORS)
+except ImportError:  # transformers needs jinja2 for chat templates: only a broken install lands here
+    pass
 _ALIGN_WINDOW = 256  # characters before a reply searched for the end of a non-prefix generation prompt
 
 
@@ -62,6 +85,10 @@ class Encoded:
     truncated: bool = False
     turn_ends: int = 0
     """Trained turns whose end-of-turn marker is trained (not stored in the tokenization cache)."""
+    tool_call_tokens: int = 0
+    """Trained tokens of turns that call tools, other than their content and reasoning (not cached)."""
+    reasoning_tokens: int = 0
+    """Trained tokens of reasoning text (not cached)."""
 
     @property
     def num_trained(self) -> int:
@@ -82,19 +109,55 @@ def message_weights(messages: list[dict], train_on: str, role_weights: dict[str,
             base = 1.0 if i == last_assistant else 0.0
         else:
             base = 1.0 if m["role"] == "assistant" else 0.0
+        if m["role"] == "tool":
+            base = 0.0  # a tool's output is the world's, not the model's: only an explicit weight trains it
         if m["role"] in role_weights and (train_on != "last_assistant" or m["role"] != "assistant" or i == last_assistant):
             base = role_weights[m["role"]]
         out.append(base * float(m.get("weight", 1.0)))
     return out
 
 
-def render(tokenizer, messages: list[dict], **kwargs) -> str:
-    """The conversation as the tokenizer's chat template renders it (``apply_chat_template`` kwargs)."""
-    return tokenizer.apply_chat_template(_plain(messages), tokenize=False, **kwargs)
+def render(tokenizer, messages: list[dict], tools: list[dict] | None = None, add_generation_prompt: bool = False) -> str:
+    """The conversation as the tokenizer's chat template renders it (as ``apply_chat_template`` would)."""
+    return template_of(tokenizer).render(messages, add_generation_prompt, tools=tools)
 
 
-def _plain(messages: list[dict]) -> list[dict]:
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
+def template_of(tokenizer) -> ChatTemplate:
+    """The tokenizer's :class:`ChatTemplate`, made once per template text (it probes the template)."""
+    held = getattr(tokenizer, "_lorasmith_template", None)
+    if held is None or held.source != tokenizer.chat_template:
+        held = ChatTemplate(tokenizer)
+        tokenizer._lorasmith_template = held
+    return held
+
+
+_STRUCTURE = ("tool_calls", "tool_call_id", "name")
+
+
+def reads_reasoning(source) -> bool:
+    """The template renders an assistant's ``reasoning_content`` field itself (Qwen3, newer DeepSeek)."""
+    return isinstance(source, str) and "reasoning_content" in source
+
+
+def template_messages(messages: list[dict], inline_reasoning: bool, arguments_as_text: bool = False) -> list[dict]:
+    """Messages as chat templates take them: lorasmith's own fields (weight) dropped; reasoning as a
+    field, or inline as ``<think>`` text for templates that do not read the field; call arguments as a
+    mapping, or as JSON text for the templates that concatenate them (DeepSeek-V3, functionary)."""
+    out = []
+    for m in messages:
+        msg = {"role": m["role"], "content": m["content"], **{k: m[k] for k in _STRUCTURE if k in m}}
+        if arguments_as_text and m.get("tool_calls"):
+            msg["tool_calls"] = [
+                {**c, "function": {**c["function"], "arguments": json.dumps(c["function"]["arguments"], ensure_ascii=False)}}
+                for c in m["tool_calls"]
+            ]
+        reasoning = m.get("reasoning_content")
+        if reasoning is not None and inline_reasoning:
+            msg["content"] = f"<think>\n{reasoning}\n</think>\n\n{m['content']}"
+        elif reasoning is not None:
+            msg["reasoning_content"] = reasoning
+        out.append(msg)
+    return out
 
 
 class ChatTemplate:
@@ -112,14 +175,74 @@ class ChatTemplate:
         except ImportError:
             self._compiled = None
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    def render(self, messages: list[dict], add_generation_prompt: bool = False, tools: list[dict] | None = None) -> str:
+        shown = template_messages(messages, self.inline_reasoning, self.arguments_as_text if tools is not None else False)
         if self._compiled is None:
             return self.tokenizer.apply_chat_template(
-                _plain(messages), tokenize=False, add_generation_prompt=add_generation_prompt
+                shown, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt
             )
         return self._compiled.render(
-            messages=_plain(messages), tools=None, documents=None, add_generation_prompt=add_generation_prompt, **self._kwargs
+            messages=shown, tools=tools, documents=None, add_generation_prompt=add_generation_prompt, **self._kwargs
         )
+
+    @cached_property
+    def inline_reasoning(self) -> bool:
+        return not reads_reasoning(self.source)
+
+    def _tool_probe(self, arguments_as_text: bool) -> str:
+        """A conversation with a declared tool, a call, its result and a reply, rendered."""
+        schema = {"type": "object", "properties": {"a": {"type": "string", "description": "An argument."}}, "required": ["a"]}
+        probe_tools = [{"type": "function", "function": {"name": _PROBE_TOOL, "description": "A tool.", "parameters": schema}}]
+        call = {"id": "LsmProbe1", "type": "function", "function": {"name": "LsmProbeCall", "arguments": {"a": "LsmArg"}}}
+        probe = [
+            {"role": "user", "content": "Hi."},
+            {"role": "assistant", "content": "", "tool_calls": [call]},
+            {"role": "tool", "content": "LsmResult", "tool_call_id": "LsmProbe1"},
+            {"role": "assistant", "content": "Done."},
+        ]
+        shown = template_messages(probe, self.inline_reasoning, arguments_as_text)
+        if self._compiled is None:
+            return self.tokenizer.apply_chat_template(shown, tools=probe_tools, tokenize=False)
+        return self._compiled.render(messages=shown, tools=probe_tools, documents=None, **self._kwargs)
+
+    @cached_property
+    def _tool_probe_result(self) -> tuple[str | None, bool, bool]:
+        """(why the template cannot train tool calls, or None; whether it takes call arguments as JSON
+        text; whether it shows the tool schemas to the model)."""
+        failure = None
+        for as_text in (False, True):
+            try:
+                text = self._tool_probe(as_text)
+            except _TEMPLATE_ERRORS as e:
+                failure = failure or f"it fails on a conversation with a tool call ({e})"
+                continue
+            if "LsmArg" in text:
+                return None, as_text, _PROBE_TOOL in text
+        return failure or "it does not render tool calls", False, False
+
+    @property
+    def tool_support(self) -> str | None:
+        """Why this template cannot train tool calls (None: it renders them)."""
+        return self._tool_probe_result[0]
+
+    @property
+    def arguments_as_text(self) -> bool:
+        return self._tool_probe_result[1]
+
+    @property
+    def shows_tool_schemas(self) -> bool:
+        """The template renders ``tools`` (DeepSeek-V3's leaves them to the system prompt)."""
+        return self._tool_probe_result[2]
+
+    def check_tools(self) -> None:
+        """Raise the error that names the fix when this template cannot render tool use."""
+        why = self.tool_support
+        if why:
+            raise DataError(
+                f"the data calls tools, but the chat template of {self.name} cannot train that: {why}",
+                hint="use a tool-capable template: model.chat_template=chatml-tools (ChatML with Hermes/Qwen2.5-style "
+                "<tool_call> JSON, shipped with lorasmith), or your model family's own tool template file",
+            )
 
     @cached_property
     def special_texts(self) -> tuple[str, ...]:
@@ -142,6 +265,14 @@ class ChatTemplate:
                 return lead + text
         return lead + re.match(r"\S+", rest).group(0)
 
+    @cached_property
+    def describe_marker(self) -> str:
+        """The end-of-turn marker :meth:`describe` finds ('' when the template renders no probe)."""
+        try:
+            return self.describe().end_of_turn
+        except _TEMPLATE_ERRORS:
+            return ""
+
     def describe(self) -> TemplateInfo:
         """What the template does at turn boundaries, found on a probe conversation."""
         probe = [
@@ -153,7 +284,7 @@ class ChatTemplate:
         ]
         try:
             self.render(probe)
-        except Exception:  # templates without a system role
+        except _TEMPLATE_ERRORS:  # templates without a system role
             probe = probe[1:]
         full = self.render(probe)
         stable = True
@@ -162,7 +293,7 @@ class ChatTemplate:
                 prefixes = [self.render(probe[:i])]
                 if i < len(probe) and probe[i]["role"] == "assistant":
                     prefixes.append(self.render(probe[:i], add_generation_prompt=True))
-            except Exception:
+            except _TEMPLATE_ERRORS:
                 continue  # a template may refuse a conversation that ends on a system turn
             stable &= all(full.startswith(p) for p in prefixes)
         last = len(probe) - 1
@@ -186,8 +317,15 @@ class TemplateInfo:
 
 
 def _with_content(messages: list[dict], i: int, content: str) -> list[dict]:
+    """Message i replaced by a plain message holding ``content`` (its calls and reasoning dropped)."""
     out = list(messages)
     out[i] = {"role": messages[i]["role"], "content": content}
+    return out
+
+
+def _with_reasoning(messages: list[dict], i: int, reasoning: str) -> list[dict]:
+    out = list(messages)
+    out[i] = {**messages[i], "reasoning_content": reasoning}
     return out
 
 
@@ -214,71 +352,123 @@ def _common_suffix(a: str, b: str) -> int:
     return lo
 
 
+def _prompt_end(prompt: str, text: str, upto: int, lowest: int) -> int:
+    """Where in ``text`` (at most ``upto``, at least ``lowest``) a generation prompt ends: ``len(prompt)``
+    when it is a prefix, else the position after the longest stretch of text that ends the prompt."""
+    if len(prompt) <= upto and text.startswith(prompt):
+        return len(prompt)
+    best, best_k = 0, upto
+    for k in range(upto, lowest - 1, -1):
+        n = _common_suffix(prompt, text[:k])
+        if n > best:
+            best, best_k = n, k
+    return best_k
+
+
 class _Locator:
     """Finds the trained character span of each message of one conversation (see the module docstring)."""
 
-    def __init__(self, template: ChatTemplate, messages: list[dict], full: str):
-        self.t, self.messages, self.full = template, messages, full
+    def __init__(self, template: ChatTemplate, messages: list[dict], full: str, tools: list[dict] | None = None):
+        self.t, self.messages, self.full, self.tools = template, messages, full, tools
         self.sentinel = _SENTINEL
-        texts = [full, template.source or ""] + [m["content"] for m in messages]
+        texts = [full, template.source or ""] + [m["content"] + (m.get("reasoning_content") or "") for m in messages]
         while any(self.sentinel in s for s in texts):
             self.sentinel += "x"
 
+    def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+        return self.t.render(messages, add_generation_prompt, tools=self.tools)
+
     def fail(self, i: int, what: str) -> TemplateMismatch:
         m = self.messages[i]
+        shown = m["content"][:60] or ", ".join(c["function"]["name"] for c in m.get("tool_calls") or ()) or ""
         return TemplateMismatch(
-            f"the chat template of {self.t.name} {what} (message {i}, {m['role']}: {m['content'][:60]!r})",
+            f"the chat template of {self.t.name} {what} (message {i}, {m['role']}: {shown!r})",
             hint="use a template that renders each message once and keeps its text (model.chat_template), "
             "or set that message's weight to 0",
         )
 
-    def content(self, i: int) -> tuple[int, int] | None:
-        """(start, end) of message i's content as rendered in the full text; None if not rendered."""
+    def _between(self, marked: str) -> tuple[int, int] | None:
+        """(start, end) in the full text of what ``marked`` holds in place of its sentinel."""
         full = self.full
-        marked = self.t.render(_with_content(self.messages, i, self.sentinel))
         p = marked.find(self.sentinel)
         if p < 0:
             return None
         if marked.find(self.sentinel, p + 1) >= 0:
-            raise self.fail(i, "renders this message more than once")
+            raise ValueError("renders this message more than once")
         q = p + len(self.sentinel)
         tail = len(marked) - q
         start = p if full.startswith(marked[:p]) else min(p, _common_prefix(full, marked))
         end_tail = tail if full.endswith(marked[q:]) else min(tail, _common_suffix(full, marked))
         end = len(full) - end_tail
         if end < start:
-            raise self.fail(i, "renders the text around this message differently from the rest of the conversation")
+            raise ValueError("renders the text around this message differently from the rest of the conversation")
         return start, end
+
+    def content(self, i: int) -> tuple[int, int] | None:
+        """(start, end) of message i as rendered in the full text (content, and the calls of an assistant
+        turn); None if not rendered."""
+        try:
+            return self._between(self.render(_with_content(self.messages, i, self.sentinel)))
+        except ValueError as e:
+            raise self.fail(i, str(e)) from None
+
+    def reasoning(self, i: int) -> tuple[int, int] | None:
+        """(start, end) of message i's reasoning text in the full text; None if the template drops it."""
+        if not self.messages[i].get("reasoning_content"):
+            return None
+        try:
+            return self._between(self.render(_with_reasoning(self.messages, i, self.sentinel)))
+        except (ValueError, *_TEMPLATE_ERRORS):
+            return None
 
     def reply_start(self, i: int, start: int) -> int:
         """Where the model's generation of assistant message i begins: the end of the generation prompt."""
         if i == 0:
             return start
         try:
-            prompt = self.t.render(self.messages[:i], add_generation_prompt=True)
-        except Exception:  # a template may refuse this prefix; train from the content on
+            prompt = self.render(self.messages[:i], add_generation_prompt=True)
+        except _TEMPLATE_ERRORS:  # a template may refuse this prefix; train from the content on
             return start
-        if len(prompt) <= start and self.full.startswith(prompt):
-            return len(prompt)
-        best, best_k = 0, start
-        for k in range(start, max(_common_prefix(prompt, self.full), start - _ALIGN_WINDOW) - 1, -1):
-            n = _common_suffix(prompt, self.full[:k])
-            if n > best:
-                best, best_k = n, k
-        return best_k
+        return _prompt_end(prompt, self.full, start, max(_common_prefix(prompt, self.full), start - _ALIGN_WINDOW))
 
     def end_marker(self, i: int) -> str:
         """The end-of-turn marker the template writes after message i when the conversation ends there."""
         try:
-            own = self.t.render(_with_content(self.messages[: i + 1], i, self.sentinel))
-        except Exception:  # e.g. a template that refuses a conversation ending on a system turn
+            own = self.render(_with_content(self.messages[: i + 1], i, self.sentinel))
+        except _TEMPLATE_ERRORS:  # e.g. a template that refuses a conversation ending on a system turn
             return ""
         p = own.rfind(self.sentinel)
         return self.t.end_marker(own[p + len(self.sentinel) :]) if p >= 0 else ""
 
+    def turn_by_prefix(self, i: int) -> tuple[tuple[int, int], bool]:
+        """A tool-calling turn whose stand-in the template refuses: what ``render(messages[:i+1])`` adds
+        after the generation prompt, up to its last non-space character, found in the full text after
+        the text the two renderings share."""
+        try:
+            prompt = self.render(self.messages[:i], add_generation_prompt=True)
+            own = self.render(self.messages[: i + 1])
+        except _TEMPLATE_ERRORS as e:
+            raise self.fail(i, f"rejects a part of this conversation ({e})") from None
+        turn = own[_prompt_end(prompt, own, len(own), _common_prefix(prompt, own)) :].rstrip()
+        at = self.full.find(turn, _common_prefix(prompt, self.full)) if turn else -1
+        if at < 0:
+            raise self.fail(i, "renders this tool-calling turn differently inside the conversation than at its end")
+        marker = self.t.describe_marker
+        return (at, at + len(turn)), bool(marker) and turn.endswith(marker)
+
     def span(self, i: int) -> tuple[tuple[int, int] | None, bool]:
         """((first, end) characters to train for message i, or None; whether an end-of-turn marker is in it)."""
-        where = self.content(i)
+        calls = bool(self.messages[i].get("tool_calls"))
+        try:
+            where = self.content(i)
+        except TemplateMismatch:
+            if not calls:
+                raise
+            return self.turn_by_prefix(i)
+        except _TEMPLATE_ERRORS:
+            if not calls:
+                raise
+            return self.turn_by_prefix(i)
         if where is None:
             if self.messages[i]["role"] == "assistant":
                 raise self.fail(i, "does not render this assistant message")
@@ -287,11 +477,25 @@ class _Locator:
         first = self.reply_start(i, start) if self.messages[i]["role"] == "assistant" else start
         marker = self.end_marker(i)
         if marker and not self.full.startswith(marker, end):
+            if calls:
+                return self.turn_by_prefix(i)
             raise self.fail(
                 i,
                 f"ends this message with {self.full[end : end + 20]!r}, unlike a conversation that ends with it ({marker!r})",
             )
         return (first, end + len(marker)), bool(marker.strip())
+
+    def own_content(self, i: int) -> tuple[int, int] | None:
+        """A tool-calling turn's own text (not its calls), located with the calls kept in place."""
+        m = self.messages[i]
+        if not m["content"].strip():
+            return None
+        marked = list(self.messages)
+        marked[i] = {**m, "content": self.sentinel}
+        try:
+            return self._between(self.render(marked))
+        except (ValueError, *_TEMPLATE_ERRORS):
+            return None
 
 
 def encode(
@@ -302,21 +506,33 @@ def encode(
     train_on: str = "assistant",
     role_weights: dict[str, float] | None = None,
     template: ChatTemplate | None = None,
+    tools: list[dict] | None = None,
+    train_reasoning: bool = True,
 ) -> Encoded:
     """Tokenize one conversation with the model's chat template and weight its tokens."""
     template = template or ChatTemplate(tokenizer)
+    if uses_tools(messages, tools):
+        template.check_tools()
     weights_by_msg = message_weights(messages, train_on, role_weights)
     try:
-        full = template.render(messages)
-    except Exception as e:  # jinja raises TemplateError subclasses with the template's own message
+        full = template.render(messages, tools=tools)
+    except _TEMPLATE_ERRORS as e:  # jinja raises TemplateError subclasses with the template's own message
         raise DataError(f"the chat template of {template.name} rejects this conversation: {e}") from e
     enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     ids: list[int] = enc["input_ids"]
     offsets: list[tuple[int, int]] = enc["offset_mapping"]
-    locator = _Locator(template, messages, full)
+    locator = _Locator(template, messages, full, tools)
     weights = [0.0] * len(ids)
     token_ends = [b for _, b in offsets]  # non-decreasing: bisect finds a span's first token
-    turn_ends = 0
+
+    def tokens(first: int, end: int):
+        t = bisect.bisect_right(token_ends, first)
+        while t < len(ids) and offsets[t][0] < end:  # tokens overlapping the span
+            if offsets[t][1] > offsets[t][0]:  # zero-width tokens carry no text
+                yield t
+            t += 1
+
+    turn_ends = n_calls = n_reasoning = 0
     for i, w in enumerate(weights_by_msg):
         if w <= 0:
             continue
@@ -324,19 +540,28 @@ def encode(
             span, marked = locator.span(i)
         except TemplateMismatch:
             raise
-        except Exception as e:  # a template that refuses a partial conversation it needs for this message
+        except _TEMPLATE_ERRORS as e:  # a template that refuses a partial conversation it needs for this message
             raise locator.fail(i, f"rejects a part of this conversation ({e})") from e
         if span is None:
             continue
         turn_ends += marked
-        first, end = span
-        t = bisect.bisect_right(token_ends, first)
-        while t < len(ids) and offsets[t][0] < end:  # tokens overlapping the span
-            if offsets[t][1] > offsets[t][0]:  # zero-width tokens carry no text
-                weights[t] = w
-            t += 1
+        trained = set(tokens(*span))
+        for t in trained:
+            weights[t] = w
+        thought = locator.reasoning(i)
+        thought_tokens: set[int] = set()
+        if thought:
+            thought_tokens = {t for t in tokens(*thought) if thought[0] <= offsets[t][0] and offsets[t][1] <= thought[1]}
+        if not train_reasoning:  # tokens wholly inside the reasoning text; its <think> markers stay trained
+            for t in thought_tokens:
+                weights[t] = 0.0
+        n_reasoning += len(thought_tokens & trained) if train_reasoning else 0
+        if messages[i].get("tool_calls"):
+            text = locator.own_content(i)
+            own = set(tokens(*text)) if text else set()
+            n_calls += len(trained - thought_tokens - own)
     truncated = len(ids) > max_length
-    return Encoded(ids[:max_length], weights[:max_length], truncated, turn_ends)
+    return Encoded(ids[:max_length], weights[:max_length], truncated, turn_ends, n_calls, n_reasoning)
 
 
 def trained_spans(tokenizer, encoded: Encoded) -> list[str]:

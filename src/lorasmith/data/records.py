@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lorasmith.config import ROLES
-from lorasmith.data.formats import RecordError, detect_format, iter_raw, to_messages
+from lorasmith.data.formats import RecordError, detect_format, iter_raw, record_tools, to_messages
+from lorasmith.data.tools import check_tool_use
 from lorasmith.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -18,11 +19,16 @@ MAX_SHOWN_PROBLEMS = 20
 @dataclass
 class Conversation:
     messages: list[dict]
-    """Canonical messages: role, content and an optional float `weight` (0 = not trained)."""
+    """Canonical messages: role, content, a float `weight` (0 = not trained), and where present
+    `tool_calls`, `tool_call_id`, `name` (tool results) and `reasoning_content` (data/tools.py)."""
     source: str
     """file:line the conversation came from."""
     id: str = ""
     """Stable id (file stem + line) used for splits and reports."""
+    tools: list[dict] | None = None
+    """The tool schemas the conversation may call (OpenAI's `tools`), handed to the chat template."""
+    warnings: list[str] = field(default_factory=list)
+    """What is odd but trainable (a call never answered), for `data check`."""
 
 
 @dataclass
@@ -47,7 +53,7 @@ def check_messages(messages) -> str | None:
         content = msg.get("content")
         if not isinstance(content, str):
             return f"message {i} ({role}) has no text content (got {type(content).__name__})"
-        if not content.strip():
+        if not content.strip() and not msg.get("tool_calls") and role != "tool":
             return f"message {i} ({role}) is empty"
         if role == "system" and i != 0:
             return f"message {i} is a system message; only the first message may be one"
@@ -61,13 +67,16 @@ def check_messages(messages) -> str | None:
     return None
 
 
+_KEPT = ("tool_calls", "tool_call_id", "name", "reasoning_content")
+
+
 def _canonical(messages: list[dict]) -> list[dict]:
     out = []
     for m in messages:
         weight = float(m.get("weight", 1.0))
         if m.get("train") is False:
             weight = 0.0
-        out.append({"role": m["role"], "content": m["content"], "weight": weight})
+        out.append({"role": m["role"], "content": m["content"], "weight": weight, **{k: m[k] for k in _KEPT if k in m}})
     return out
 
 
@@ -82,14 +91,19 @@ def iter_conversations(path: str | Path, fmt: str = "auto", fields: dict[str, st
                 fmt = detected  # the first recognisable record fixes the format of the file
         try:
             messages = to_messages(record, fmt, fields)
+            tools = record_tools(record, fields)
         except RecordError as e:
             yield where, None, f"{where}: {e}"
             continue
         why = check_messages(messages)
+        warnings: list[str] = []
+        if not why:
+            why, warnings = check_tool_use(messages, tools)
         if why:
             yield where, None, f"{where}: {why}"
             continue
-        yield where, Conversation(_canonical(messages), where, f"{stem}:{where.rsplit(':', 1)[1]}"), None
+        conv = Conversation(_canonical(messages), where, f"{stem}:{where.rsplit(':', 1)[1]}", tools, warnings)
+        yield where, conv, None
 
 
 def read_source(

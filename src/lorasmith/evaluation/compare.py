@@ -6,8 +6,8 @@ import sys
 
 from lorasmith.config import Config
 from lorasmith.data.dataset import TokenizedSet
-from lorasmith.evaluation.generate import generate, prompt_and_reference, stop_token_ids
-from lorasmith.evaluation.metrics import GREEDY_MARGIN, exact_match, reply_spans, validation_loss
+from lorasmith.evaluation.generate import generate, prompt_and_reference, prompt_and_turn, stop_token_ids
+from lorasmith.evaluation.metrics import GREEDY_MARGIN, exact_match, reference_text, reply_spans, validation_loss
 from lorasmith.evaluation.scores import score_all
 
 CHECKED = 3
@@ -60,6 +60,8 @@ def evaluate(
         out["exact_match_from_forward_pass"] = em["from_forward_pass"]
         out["exact_match_checked"] = em["checked"]
         out["exact_match_answers"] = em["answers"]
+        if "tool_calls" in em:
+            out["tool_calls"] = em["tool_calls"]
         if ev.metrics:
             answers = [a["answer"] for a in em["answers"]]
             out["scores"] = score_all(answers, [a["reference"] for a in em["answers"]], ev.metrics)
@@ -73,7 +75,13 @@ def answers_for(model, tokenizer, convs, cfg: Config, precision) -> list[str]:
         return []
     histories = [prompt_and_reference(c.messages)[0] for c in convs]
     return generate(
-        model, tokenizer, histories, precision=precision, max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size
+        model,
+        tokenizer,
+        histories,
+        precision=precision,
+        max_new_tokens=cfg.eval.max_new_tokens,
+        batch_size=cfg.eval.batch_size,
+        tools=[c.tools for c in convs],
     )
 
 
@@ -88,12 +96,12 @@ def sample_answers(model, tokenizer, convs, cfg: Config, precision, result: dict
 def side_by_side(convs, before: dict, after: dict) -> list[dict]:
     rows = []
     for i, c in enumerate(convs):
-        history, reference = prompt_and_reference(c.messages)
+        history, turn = prompt_and_turn(c.messages)
         rows.append(
             {
                 "id": c.id,
                 "prompt": history[-1]["content"],
-                "reference": reference,
+                "reference": reference_text(turn),
                 "before": before.get("samples", [None] * len(convs))[i],
                 "after": after["samples"][i],
             }
@@ -107,6 +115,9 @@ def report_eval(label: str, result: dict) -> None:
         parts.append(f"val loss {result['loss']:.4f} (ppl {result['perplexity']:.2f}, token acc {result['token_accuracy']:.1%})")
     if "exact_match" in result:
         parts.append(f"exact match {result['exact_match']:.1%} of {result['exact_match_n']}")
+    if result.get("tool_calls", {}).get("exact") is not None:
+        t = result["tool_calls"]
+        parts.append(f"tool calls exactly right {t['exact']:.1%} of {t['turns_with_calls']}")
     if parts:
         print(f"{label}: " + ", ".join(parts), file=sys.stderr)
 
@@ -116,12 +127,32 @@ def print_comparison(before: dict, after: dict, convs) -> None:
         print(f"\nheld-out exact match: before {before['exact_match']:.1%} -> after {after['exact_match']:.1%}")
     if "loss" in before and "loss" in after:
         print(f"validation loss:      before {before['loss']:.4f} -> after {after['loss']:.4f}")
+    if "tool_calls" in before and "tool_calls" in after:
+        print_tool_calls(before["tool_calls"], after["tool_calls"])
     for row in side_by_side(convs, before, after):
         print("\n" + "-" * 80)
         print(f"prompt:    {_one_line(row['prompt'])}")
         print(f"reference: {_one_line(row['reference'])}")
         print(f"before:    {_one_line(row['before'])}")
         print(f"after:     {_one_line(row['after'])}")
+
+
+TOOL_ROWS = (
+    ("exact", "tool calls exactly right (name + arguments)"),
+    ("names", "right function names"),
+    ("valid_json", "calls that parse"),
+    ("missed_calls", "did not call when it should"),
+    ("false_calls", "called when it should not"),
+)
+
+
+def print_tool_calls(before: dict, after: dict) -> None:
+    def cell(v):
+        return "   n/a" if v is None else f"{v:6.1%}"
+
+    print(f"\nheld-out tool calls ({after['turns_with_calls']} turns that call, {after['turns']} scored): before -> after")
+    for key, label in TOOL_ROWS:
+        print(f"  {label:<46} {cell(before.get(key))} -> {cell(after.get(key))}")
 
 
 def _one_line(text, width: int = 200) -> str:

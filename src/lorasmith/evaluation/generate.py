@@ -18,8 +18,14 @@ from lorasmith.models.quantization import evaluating
 
 def prompt_and_reference(messages: list[dict]) -> tuple[list[dict], str]:
     """Split a conversation before its last assistant turn: (history to prompt with, reference answer)."""
+    history, turn = prompt_and_turn(messages)
+    return history, turn["content"]
+
+
+def prompt_and_turn(messages: list[dict]) -> tuple[list[dict], dict]:
+    """(history to prompt with, the last assistant message itself: its content, calls, reasoning)."""
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-    return messages[:last], messages[last]["content"]
+    return messages[:last], messages[last]
 
 
 def stop_token_ids(tokenizer, model) -> list[int]:
@@ -64,6 +70,9 @@ class Completion:
     """stop: an end-of-turn token or a stop string ended it; length: max_new_tokens did."""
     prompt_tokens: int
     completion_tokens: int
+    raw: str = ""
+    """The answer decoded with special tokens kept (tool-call markers such as Mistral's ``[TOOL_CALLS]``
+    are special tokens), the end-of-turn token left out: what tool calls are parsed from."""
 
 
 class _RowStop:
@@ -90,11 +99,20 @@ def generate(
     max_new_tokens: int = 128,
     batch_size: int = 16,
     streamer=None,
+    tools: list[list[dict] | None] | None = None,
 ) -> list[str]:
     """Greedy answers, one per history and in their order, decoded without special tokens (``streamer``: a
-    transformers streamer that prints the answer as it is generated, for a single history)."""
+    transformers streamer that prints the answer as it is generated, for a single history; ``tools``:
+    each history's tool schemas)."""
     done = complete(
-        model, tokenizer, histories, precision=precision, max_new_tokens=max_new_tokens, batch_size=batch_size, streamer=streamer
+        model,
+        tokenizer,
+        histories,
+        precision=precision,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        streamer=streamer,
+        tools=tools,
     )
     return [c.text.strip() for c in done]
 
@@ -112,18 +130,24 @@ def complete(
     stop: tuple[str, ...] = (),
     streamer=None,
     cancelled=None,
+    tools: list[list[dict] | None] | None = None,
+    prefill: list[str] | None = None,
 ) -> list[Completion]:
     """The next assistant turn of each history, in their order, with why it ended and token counts.
 
     ``max_new_tokens``: one limit, or one per history (a batch runs to its largest, and each answer is cut
     at its own); ``stop``: strings that end an answer (not included in it); ``cancelled``: one
     ``threading.Event`` per history that ends its generation early; ``streamer``: a transformers
-    streamer, told which histories each batch holds if it has ``set_rows``."""
+    streamer, told which histories each batch holds if it has ``set_rows``; ``tools``: the tool
+    schemas of each history (rendered by the chat template); ``prefill``: text each answer starts with,
+    appended to its prompt (not part of the returned text)."""
     device = next(model.parameters()).device
     limits = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(histories)
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # generation appends on the right
-    prompts = [render(tokenizer, h, add_generation_prompt=True) for h in histories]
+    tools = tools or [None] * len(histories)
+    prompts = [render(tokenizer, h, tools=t, add_generation_prompt=True) for h, t in zip(histories, tools)]
+    prompts = [p + extra for p, extra in zip(prompts, prefill or [""] * len(prompts))]
     # Batches of similar prompt lengths: less left padding to run through the prefill and attention.
     lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
     order = sorted(range(len(prompts)), key=lambda i: lengths[i])
@@ -181,8 +205,11 @@ def _finish(tokenizer, ids: list[int], eos: list[int], stop, prompt_tokens: int,
     ended = end is not None
     ids = ids[: end + 1] if ended else ids
     text = tokenizer.decode(ids, skip_special_tokens=True)
+    raw = tokenizer.decode(ids[:end] if ended else ids, skip_special_tokens=False)
     cut = min((text.find(s) for s in stop if s and s in text), default=-1)
     if cut >= 0:
         text, ended = text[:cut], True
+        raw_cut = min((raw.find(s) for s in stop if s and s in raw), default=-1)
+        raw = raw[:raw_cut] if raw_cut >= 0 else raw
     reason = "stop" if ended or len(ids) < limit else "length"
-    return Completion(text, reason, prompt_tokens, len(ids))
+    return Completion(text, reason, prompt_tokens, len(ids), raw)

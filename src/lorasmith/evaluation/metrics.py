@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 
@@ -11,7 +12,9 @@ from lorasmith import progress
 from lorasmith.data.batching import collate
 from lorasmith.data.dataset import TokenizedSet
 from lorasmith.data.masking import render
-from lorasmith.evaluation.generate import generate, prompt_and_reference
+from lorasmith.data.tools import syntax_of
+from lorasmith.evaluation.generate import complete, prompt_and_reference, prompt_and_turn
+from lorasmith.evaluation.tool_calls import score_turn, summarize
 from lorasmith.models.hardware import Precision
 from lorasmith.models.loss import weighted_loss
 from lorasmith.models.quantization import evaluating
@@ -47,8 +50,10 @@ def reply_spans(tokenizer, data: TokenizedSet, indices, stop_ids: list[int], max
     ``max_new_tokens``. Conversations whose template renders the prompt otherwise are left out."""
     spans = {}
     for i in indices:
-        history, _ = prompt_and_reference(data.conversations[i].messages)
-        prompt = tokenizer(render(tokenizer, history, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+        conv = data.conversations[i]
+        history, _ = prompt_and_reference(conv.messages)
+        text = render(tokenizer, history, tools=conv.tools, add_generation_prompt=True)
+        prompt = tokenizer(text, add_special_tokens=False)["input_ids"]
         ids = data.encoded[i].input_ids
         if ids[: len(prompt)] != prompt:
             continue
@@ -132,7 +137,10 @@ def exact_match(
     known: dict[int, tuple[int, int]] | None = None,
     check: int = 0,
 ) -> dict:
-    """Greedy answer to the last user turn == the reference answer (whitespace-stripped).
+    """Greedy answer to the last user turn == the reference answer (whitespace-stripped); for a
+    reference turn that calls tools, the calls read back from the answer equal its calls (names, and
+    arguments as JSON values). Conversations with tools are also scored for tool-call accuracy
+    (``tool_calls``: evaluation/tool_calls.py).
 
     Generation stops once answers are longer than the longest reference could be (its token count,
     plus a quarter and 4 tokens for another segmentation of the same text, plus the end-of-turn
@@ -145,30 +153,34 @@ def exact_match(
     compared: if any differs (a near-tie that the two computations break apart), every answer is
     generated."""
     convs = data.conversations if limit < 0 else data.conversations[:limit]
-    histories, refs = zip(*(prompt_and_reference(c.messages) for c in convs))
-    longest = max(len(ids) for ids in tokenizer(list(refs), add_special_tokens=False)["input_ids"])
+    histories, turns = zip(*(prompt_and_turn(c.messages) for c in convs))
+    refs = [reference_text(t) for t in turns]
+    replies = [rendered_reply(tokenizer, h, t, c.tools) for h, t, c in zip(histories, turns, convs)]
+    longest = max(len(ids) for ids in tokenizer(replies, add_special_tokens=False)["input_ids"])
     limit_tokens = min(max_new_tokens, longest + longest // 4 + 5)
     known = {i: span for i, span in (known or {}).items() if i < len(convs) and span[1] - span[0] < limit_tokens}
-    forward = {
-        i: tokenizer.decode(data.encoded[i].input_ids[a : b + 1], skip_special_tokens=True).strip() for i, (a, b) in known.items()
-    }
+    forward = {}
+    for i, (a, b) in known.items():
+        ids = data.encoded[i].input_ids
+        forward[i] = (tokenizer.decode(ids[a : b + 1], skip_special_tokens=True).strip(), tokenizer.decode(ids[a:b]).strip())
     checked = list(forward)[:check]
 
-    def answer(rows: list[int]) -> dict[int, str]:
+    def answer(rows: list[int]) -> dict[int, tuple[str, str]]:
         if not rows:
             return {}
-        texts = generate(
+        done = complete(
             model,
             tokenizer,
             [histories[i] for i in rows],
             precision=precision,
             max_new_tokens=limit_tokens,
             batch_size=batch_size,
+            tools=[convs[i].tools for i in rows],
         )
-        return dict(zip(rows, texts))
+        return {i: (c.text.strip(), c.raw.strip()) for i, c in zip(rows, done)}
 
     generated = answer([i for i in range(len(convs)) if i not in forward or i in checked])
-    differ = [i for i in checked if generated[i] != forward[i]]
+    differ = [i for i in checked if generated[i][0] != forward[i][0]]
     if differ:
         log.warning(
             "%d of %d answers checked differ from the forward pass's greedy reply: generating all %d",
@@ -178,11 +190,40 @@ def exact_match(
         )
         generated.update(answer([i for i in range(len(convs)) if i not in generated]))
     answers = [generated.get(i, forward.get(i)) for i in range(len(convs))]
-    hits = [a.strip() == r.strip() for a, r in zip(answers, refs)]
-    return {
+    syntax = syntax_of(tokenizer.chat_template)
+    tool_rows = [i for i, c in enumerate(convs) if c.tools or turns[i].get("tool_calls")]
+    scored = {i: score_turn(answers[i][1], turns[i], syntax) for i in tool_rows}
+    hits = [
+        scored[i].exact if i in scored and turns[i].get("tool_calls") else a[0] == r.strip()
+        for i, (a, r) in enumerate(zip(answers, refs))
+    ]
+    out = {
         "exact_match": sum(hits) / len(hits),
         "n": len(hits),
         "from_forward_pass": len(convs) - len(generated),
         "checked": {"generated": len(checked), "equal": len(checked) - len(differ)},
-        "answers": [{"id": c.id, "answer": a, "reference": r, "match": h} for c, a, r, h in zip(convs, answers, refs, hits)],
+        "answers": [
+            {"id": c.id, "answer": a[1] if i in scored else a[0], "reference": r, "match": h}
+            for i, (c, a, r, h) in enumerate(zip(convs, answers, refs, hits))
+        ],
     }
+    if scored:
+        out["tool_calls"] = summarize(list(scored.values()))
+    return out
+
+
+def rendered_reply(tokenizer, history: list[dict], turn: dict, tools) -> str:
+    """The reference turn as the chat template writes it after the generation prompt (tool calls in the
+    template's syntax), or its content where the template does not render the prompt as a prefix."""
+    prompt = render(tokenizer, history, tools=tools, add_generation_prompt=True)
+    full = render(tokenizer, [*history, turn], tools=tools)
+    return full[len(prompt) :] if full.startswith(prompt) else reference_text(turn)
+
+
+def reference_text(turn: dict) -> str:
+    """A reference turn as text: its content, then each call as ``name(arguments JSON)``."""
+    calls = [
+        f"{c['function']['name']}({json.dumps(c['function']['arguments'], ensure_ascii=False)})"
+        for c in turn.get("tool_calls") or ()
+    ]
+    return " ".join([turn["content"].strip(), *calls]).strip()

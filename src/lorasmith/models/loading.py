@@ -39,6 +39,25 @@ def _hub_error(name: str, err: Exception) -> ModelLoadError:
     return ModelLoadError(f"cannot load model {name!r}: {text.splitlines()[0] if text else type(err).__name__}")
 
 
+TEMPLATES = Path(__file__).parent / "templates"
+"""Chat templates shipped with lorasmith, selected by name (`model.chat_template: chatml-tools`)."""
+
+
+def chat_template_text(name_or_path: str) -> str:
+    """The Jinja text of ``model.chat_template``: a shipped template's name or a file."""
+    shipped = TEMPLATES / f"{name_or_path}.jinja"
+    if "/" not in name_or_path and shipped.is_file():
+        return shipped.read_text(encoding="utf-8")
+    path = Path(name_or_path).expanduser()
+    if not path.is_file():
+        names = ", ".join(sorted(p.stem for p in TEMPLATES.glob("*.jinja")))
+        raise ModelLoadError(
+            f"model.chat_template: no file {path}, and no shipped template of that name",
+            hint=f"give a Jinja template file, or one of: {names}",
+        )
+    return path.read_text(encoding="utf-8")
+
+
 def load_tokenizer(cfg: ModelConfig):
     from transformers import AutoTokenizer
 
@@ -48,10 +67,7 @@ def load_tokenizer(cfg: ModelConfig):
     except (OSError, ValueError) as e:
         raise _hub_error(cfg.name, e) if is_hub else ModelLoadError(f"cannot load tokenizer from {source}: {e}") from e
     if cfg.chat_template:
-        path = Path(cfg.chat_template).expanduser()
-        if not path.is_file():
-            raise ModelLoadError(f"model.chat_template file not found: {path}")
-        tok.chat_template = path.read_text(encoding="utf-8")
+        tok.chat_template = chat_template_text(cfg.chat_template)
     if not tok.chat_template:
         raise ModelLoadError(
             f"{cfg.name} has no chat template, so conversations cannot be rendered the way it expects",

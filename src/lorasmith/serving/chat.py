@@ -10,8 +10,10 @@ import torch
 
 from lorasmith import config
 from lorasmith.config import ModelConfig, QuantizationConfig
+from lorasmith.data.masking import template_of
+from lorasmith.data.tools import parse_calls, syntax_of
 from lorasmith.errors import LorasmithError
-from lorasmith.evaluation.generate import generate
+from lorasmith.evaluation.generate import complete
 from lorasmith.models.adapter import base_of
 from lorasmith.models.hardware import DTYPES, choose_attention, choose_precision, default_device
 from lorasmith.models.loading import ensure_pad_token, load_config, load_model, load_tokenizer
@@ -79,12 +81,31 @@ def load_served(model_name: str | None, adapters: dict[str, Path]):
     return model, tokenizer, precision
 
 
-def reply(model, tokenizer, messages: list[dict], precision, max_new_tokens: int, stream: bool = False) -> str:
-    """The model's greedy answer to ``messages`` (printed as it is generated with ``stream``)."""
+def reply(model, tokenizer, messages: list[dict], precision, max_new_tokens: int, stream: bool = False, tools=None) -> dict:
+    """The model's greedy answer to ``messages`` as an assistant message, its tool calls read back
+    (the text is printed as it is generated with ``stream``)."""
     from transformers import TextStreamer
 
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
-    return generate(model, tokenizer, [messages], precision=precision, max_new_tokens=max_new_tokens, streamer=streamer)[0]
+    (done,) = complete(
+        model, tokenizer, [messages], precision=precision, max_new_tokens=max_new_tokens, streamer=streamer, tools=[tools]
+    )
+    message = {"role": "assistant", "content": done.text.strip()}
+    if tools:
+        parsed = parse_calls(done.raw, syntax_of(tokenizer.chat_template))
+        if parsed.calls:
+            message["content"] = parsed.content
+            message["tool_calls"] = [
+                {"id": f"call{k:05d}", "type": "function", "function": c} for k, c in enumerate(parsed.calls, start=1)
+            ]
+    return message
+
+
+def show_calls(message: dict) -> str:
+    return "\n".join(
+        f"[tool call] {c['function']['name']}({json.dumps(c['function']['arguments'], ensure_ascii=False)})"
+        for c in message.get("tool_calls") or ()
+    )
 
 
 def trained_system_prompt(adapter: str | None) -> str | None:
@@ -95,17 +116,23 @@ def trained_system_prompt(adapter: str | None) -> str | None:
     return json.loads(run.prompting.read_text()).get("system_prompt")
 
 
-def run_chat(model_name: str | None, adapter: str | None, prompt: str | None, system: str | None, max_new_tokens: int) -> int:
+def run_chat(
+    model_name: str | None, adapter: str | None, prompt: str | None, system: str | None, max_new_tokens: int, tools=None
+) -> int:
     if system is None and (trained := trained_system_prompt(adapter)):
         system = trained
         shown = trained if len(trained) <= 80 else trained[:79] + "…"
         print(f"using the system prompt the run was trained with: {shown!r} (--system '' for none)", file=sys.stderr)
     model, tokenizer, precision = load_for_chat(model_name, adapter)
     history: list[dict] = [{"role": "system", "content": system}] if system else []
+    if tools:
+        template_of(tokenizer).check_tools()
     if prompt is not None:
-        print(reply(model, tokenizer, [*history, {"role": "user", "content": prompt}], precision, max_new_tokens))
+        message = reply(model, tokenizer, [*history, {"role": "user", "content": prompt}], precision, max_new_tokens, tools=tools)
+        print("\n".join(t for t in (message["content"], show_calls(message)) if t))
         return 0
-    print("chat: type a message; /reset clears the history, /exit (or Ctrl-D) quits.", file=sys.stderr)
+    extra = "; /result TEXT answers the last tool call" if tools else ""
+    print(f"chat: type a message; /reset clears the history, /exit (or Ctrl-D) quits{extra}.", file=sys.stderr)
     while True:
         try:
             text = input("you> ").strip()
@@ -119,7 +146,16 @@ def run_chat(model_name: str | None, adapter: str | None, prompt: str | None, sy
         if text == "/reset":
             history = history[:1] if system else []
             continue
-        history.append({"role": "user", "content": text})
+        if text.startswith("/result"):
+            calls = history[-1].get("tool_calls") if history else None
+            if not calls:
+                print("no tool call to answer", file=sys.stderr)
+                continue
+            history.append({"role": "tool", "content": text[len("/result") :].strip(), "tool_call_id": calls[-1]["id"]})
+        else:
+            history.append({"role": "user", "content": text})
         print("assistant> ", end="", flush=True)
-        answer = reply(model, tokenizer, history, precision, max_new_tokens, stream=True)
-        history.append({"role": "assistant", "content": answer})
+        message = reply(model, tokenizer, history, precision, max_new_tokens, stream=True, tools=tools)
+        if message.get("tool_calls"):
+            print(show_calls(message))
+        history.append(message)

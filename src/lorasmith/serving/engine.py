@@ -17,6 +17,8 @@ import threading
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
+from lorasmith.data.masking import template_of
+from lorasmith.data.tools import syntax_of
 from lorasmith.evaluation.generate import Sampling, complete
 from lorasmith.models.hardware import Precision
 
@@ -40,6 +42,12 @@ class Request:
     chunks: queue.Queue | None = None
     """For a streamed request: text pieces as generated, then None."""
     cancelled: threading.Event = field(default_factory=threading.Event)
+    tools: list[dict] | None = None
+    """Tool schemas rendered with the conversation (None: no tools)."""
+    prefill: str = ""
+    """The start of the answer, written by the server (a forced tool call's opening)."""
+    syntax: str = "json"
+    """How the model's chat template writes tool calls (data/tools.syntax_of)."""
 
     def batch_key(self):
         if self.sampling != Sampling():
@@ -59,6 +67,8 @@ class Served:
 class Engine:
     def __init__(self, model, tokenizer, precision: Precision, served: list[Served], *, max_batch=8, max_queue=64):
         self.model, self.tokenizer, self.precision = model, tokenizer, precision
+        self.template = template_of(tokenizer) if tokenizer is not None else None
+        self.syntax = syntax_of(getattr(tokenizer, "chat_template", None))
         self.served = {s.name: s for s in served}
         self.max_batch = max_batch
         self.queue: queue.Queue[Request] = queue.Queue(maxsize=max_queue)
@@ -123,6 +133,8 @@ class Engine:
                     stop=first.stop,
                     streamer=streamer,
                     cancelled=[r.cancelled for r in batch],
+                    tools=[r.tools for r in batch],
+                    prefill=[r.prefill for r in batch],
                 )
             for r, c in zip(batch, done):
                 r.result.set_result(c)

@@ -2,7 +2,10 @@
 FastAPI is an optional extra (`lorasmith[serve]`): only `lorasmith serve` imports this module.
 
 ``GET /v1/models``, ``POST /v1/chat/completions`` (plain, or streamed as server-sent events: a role
-delta, content deltas, a last chunk with ``finish_reason``, then ``data: [DONE]``). Errors use
+delta, content deltas, a last chunk with ``finish_reason``, then ``data: [DONE]``). Requests may carry
+``tools`` and ``tool_choice``, ``tool`` messages and assistant ``tool_calls``, ``content`` as a list of
+text parts, and the ``developer`` role (serving/tool_use.py); calls the model writes come back as
+``tool_calls`` with ``finish_reason: "tool_calls"``, streamed as OpenAI streams tool-call deltas. Errors use
 OpenAI's shape (``{"error": {"message", "type", "param", "code"}}``) with 400 (bad request),
 401 (API key), 404 (unknown model or path), 413 (body too large) and 503 (queue full); a failure
 inside generation is a 500 with a message, never a traceback.
@@ -24,15 +27,18 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lorasmith.evaluation.generate import Sampling
+from lorasmith.serving import tool_use
 from lorasmith.serving.engine import Busy, Engine, Request
-
-ROLES = ("system", "user", "assistant")
 
 
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "user", "assistant"]
-    content: str
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict] | None = None
+    tool_calls: list[dict] | None = None
+    tool_call_id: str | None = None
+    name: str | None = None
+    reasoning_content: str | None = None
 
 
 class ChatRequest(BaseModel):
@@ -47,6 +53,8 @@ class ChatRequest(BaseModel):
     seed: int | None = None
     n: int = 1
     stream: bool = False
+    tools: list[dict] | None = None
+    tool_choice: str | dict | None = None
 
 
 class ApiError(Exception):
@@ -112,14 +120,13 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_tokens_limit: 
         except asyncio.CancelledError:
             req.cancelled.set()
             raise
+        message, finish = tool_use.answer(done, req)
         return {
             "id": rid,
             "object": "chat.completion",
             "created": created,
             "model": body.model,
-            "choices": [
-                {"index": 0, "message": {"role": "assistant", "content": done.text}, "finish_reason": done.finish_reason}
-            ],
+            "choices": [{"index": 0, "message": message, "finish_reason": finish}],
             "usage": _usage(done),
         }
 
@@ -139,13 +146,33 @@ def _to_request(body: ChatRequest, engine: Engine, max_tokens_limit: int) -> Req
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
     if len(stop) > 4 or any(not s for s in stop):
         raise ApiError(400, "stop: up to 4 non-empty strings", param="stop")
-    messages = [m.model_dump() for m in body.messages]
+    try:
+        messages = tool_use.canonical_messages([m.model_dump(exclude_none=True) for m in body.messages])
+        tools, forced = tool_use.chosen_tools(body.tools, body.tool_choice)
+        tool_use.check(messages, body.tools and tools)
+    except tool_use.BadRequest as e:
+        raise ApiError(400, str(e), param=e.param) from None
     if not any(m["role"] == "user" for m in messages):
         raise ApiError(400, "messages: at least one user message is needed", param="messages")
     if served.system_prompt and messages[0]["role"] != "system":
         messages.insert(0, {"role": "system", "content": served.system_prompt})  # what the adapter was trained with
+    if tools and engine.template is not None and engine.template.tool_support:
+        raise ApiError(
+            400, f"tools: this model's chat template cannot render tools ({engine.template.tool_support})", param="tools"
+        )
     sampling = Sampling(temperature=body.temperature, top_p=body.top_p, seed=body.seed)
-    return Request(model=body.model, messages=messages, max_tokens=limit, sampling=sampling, stop=stop, stream=body.stream)
+    prefill = tool_use.forced_prefix(engine.syntax, forced) if forced else ""
+    return Request(
+        model=body.model,
+        messages=messages,
+        max_tokens=limit,
+        sampling=sampling,
+        stop=stop,
+        stream=body.stream,
+        tools=tools,
+        prefill=prefill,
+        syntax=engine.syntax,
+    )
 
 
 def _usage(c) -> dict:
@@ -169,8 +196,10 @@ async def _events(req: Request, rid: str, created: int, http):
         }
         return f"data: {json.dumps(body)}\n\n"
 
-    hold = max((len(s) for s in req.stop), default=1) - 1
-    text, sent = "", 0
+    markers = (*req.stop, *tool_use.markers(req))
+    hold = max((len(s) for s in markers), default=1) - 1
+    buffered = tool_use.buffers_stream(req)  # a syntax whose calls cannot be told from text as it streams
+    text, sent = req.prefill, 0
     try:
         yield chunk({"role": "assistant", "content": ""})
         while True:
@@ -185,7 +214,9 @@ async def _events(req: Request, rid: str, created: int, http):
             if piece is None:
                 break
             text += piece
-            cut = min((text.find(s) for s in req.stop if s in text), default=-1)
+            if buffered:
+                continue
+            cut = min((text.find(s) for s in markers if s in text), default=-1)
             safe = cut if cut >= 0 else len(text) - hold
             if safe > sent:
                 yield chunk({"content": text[sent:safe]})
@@ -195,9 +226,22 @@ async def _events(req: Request, rid: str, created: int, http):
         except Exception as e:
             yield f"data: {json.dumps(error_body(f'generation failed: {e}', 'server_error'))}\n\n"
             return
-        if len(done.text) > sent:
-            yield chunk({"content": done.text[sent:]})
-        yield chunk({}, done.finish_reason, usage=_usage(done))
+        message, finish = tool_use.answer(done, req)
+        content = message.get("content") or ""
+        if len(content) > sent:
+            yield chunk({"content": content[sent:]})
+        for k, call in enumerate(message.get("tool_calls") or ()):
+            head = {
+                "index": k,
+                "id": call["id"],
+                "type": "function",
+                "function": {"name": call["function"]["name"], "arguments": ""},
+            }
+            yield chunk({"tool_calls": [head]})
+            yield chunk({"tool_calls": [{"index": k, "function": {"arguments": call["function"]["arguments"]}}]})
+        if message.get("reasoning_content"):
+            yield chunk({"reasoning_content": message["reasoning_content"]})
+        yield chunk({}, finish, usage=_usage(done))
         yield "data: [DONE]\n\n"
     finally:
         req.cancelled.set()  # a no-op once finished; frees the worker if the client went away
