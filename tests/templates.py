@@ -79,9 +79,8 @@ FAMILIES: dict[str, Family] = {
     "openchat3.5": Family("openchat-3.5-0106.jinja", "<|end_of_turn|>", (), "<s>", "<|end_of_turn|>"),
     "deepseek-coder": Family("deepseek-coder-33b-instruct.jinja", "<|EOT|>", (), "<｜begin▁of▁sentence｜>", "<|EOT|>"),
     "llama2-vigogne": Family("vigogne-2-70b-chat.jinja", "</s>", (), "<s>", "</s>"),
-    # Tool-capable templates (tests/test_tool_masks.py); these render plain conversations prefix-stably too.
+    # Tool-capable templates (tests/test_tool_masks.py) that render plain conversations too.
     "chatml-tools": Family(str(SHIPPED / "chatml-tools.jinja"), "<|im_end|>"),
-    "hermes-2-pro": Family("hermes-2-pro-tool-use.jinja", "<|im_end|>"),
     "llama3.2": Family("llama-3.2-instruct.jinja", "<|eot_id|>", LLAMA3_SPECIALS, "<|begin_of_text|>", "<|eot_id|>"),
 }
 
@@ -95,6 +94,8 @@ MISTRAL_TOOL_SPECIALS = (
     "[/TOOL_RESULTS]",
 )
 TOOL_FAMILIES: dict[str, Family] = {
+    # Hermes-2-Pro's tool_use template iterates `tools` unconditionally: it renders tool conversations only.
+    "hermes-2-pro": Family("hermes-2-pro-tool-use.jinja", "<|im_end|>"),
     # Nemo folds the system prompt into the last user turn and lists the tools before it.
     "mistral-nemo": Family("mistral-nemo-2407.jinja", "</s>", MISTRAL_TOOL_SPECIALS, "<s>", "</s>"),
 }

@@ -211,7 +211,13 @@ def test_chat_uses_the_system_prompt_the_run_was_trained_with(tmp_path, tiny_mod
     from lorasmith.serving import chat
 
     seen = []
-    monkeypatch.setattr(chat, "generate", lambda model, tok, histories, **kw: seen.extend(histories) or ["ok"])
+    from lorasmith.evaluation.generate import Completion
+
+    def fake_complete(model, tok, histories, **kw):
+        seen.extend(histories)
+        return [Completion("ok", "stop", 1, 1, "ok")]
+
+    monkeypatch.setattr(chat, "complete", fake_complete)
     capsys.readouterr()
     assert main(["chat", str(out / "run"), "--prompt", "my printer is on fire"]) == 0
     assert "using the system prompt the run was trained with" in capsys.readouterr().err

@@ -50,10 +50,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(run):
+def _start(run, *extra):
     port = _free_port()
-    cmd = [sys.executable, "-m", "lorasmith", "serve", str(run), "--port", str(port), "--api-key", KEY, "--max-tokens", "64"]
+    cmd = [sys.executable, "-m", "lorasmith", "serve", str(run), "--port", str(port), "--api-key", KEY, *extra]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
@@ -68,6 +67,12 @@ def server(run):
     else:
         proc.kill()
         pytest.fail("server did not start within 120 s")
+    return proc, base
+
+
+@pytest.fixture(scope="module")
+def server(run):
+    proc, base = _start(run, "--max-tokens", "64")
     yield base
     proc.terminate()
     proc.wait(timeout=30)
@@ -110,12 +115,19 @@ def test_bad_requests_get_openai_shaped_errors(server):
         ({**ok, "model": "nope"}, auth, 404, "model"),
         (ok, {"Authorization": "Bearer wrong"}, 401, None),
         ({**ok, "messages": [{"role": "user", "content": "x" * (2 << 20)}]}, auth, 413, None),
+        ({**ok, "logprobs": True}, auth, 400, "logprobs"),
+        ({**ok, "frequency_penalty": 0.5}, auth, 400, "frequency_penalty"),
+        ({**ok, "response_format": {"type": "json_object"}}, auth, 400, "response_format"),
+        ({**ok, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, auth, 400, None),
     ]
     for body, headers, status, param in cases:
         r = httpx.post(f"{server}/v1/chat/completions", json=body, headers=headers, timeout=30)
         assert r.status_code == status, (body.get("n"), r.text[:300])
         error = r.json()["error"]
         assert error["message"] and error["type"] and (param is None or error["param"] == param)
+    # Fields that ask for nothing are accepted as OpenAI clients send them.
+    fine = {**ok, "user": "u1", "frequency_penalty": 0, "presence_penalty": 0, "stream_options": None, "logprobs": False}
+    assert httpx.post(f"{server}/v1/chat/completions", json=fine, headers=auth, timeout=30).status_code == 200
     r = httpx.post(f"{server}/v1/chat/completions", content=b"{not json", headers={**auth, "content-type": "application/json"})
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
 
@@ -258,6 +270,7 @@ def test_openai_client_runs_a_two_round_tool_loop(monkeypatch):
 
     monkeypatch.setattr(engine_mod, "complete", scripted)
     monkeypatch.setattr(engine_mod, "template_of", lambda tok: None)
+    monkeypatch.setattr(engine_mod.Engine, "prompt_tokens", lambda self, *a: 10)
     engine = engine_mod.Engine(None, Tok(), None, [engine_mod.Served("m", None)])
     tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
     try:
@@ -308,3 +321,64 @@ def test_openai_client_runs_a_two_round_tool_loop(monkeypatch):
             assert r.status_code == 400 and r.json()["error"]["param"].startswith("messages"), r.text
     finally:
         engine.close()
+
+
+def test_an_over_context_prompt_is_refused_before_queueing(server):
+    """The tiny model's context is 1,024 tokens: a prompt over it is a 400 naming both numbers within a
+    second, and the next request is answered at once (nothing was queued)."""
+    auth = {"Authorization": f"Bearer {KEY}"}
+    long = {"model": "triage", "messages": [{"role": "user", "content": "word " * 3000}], "max_tokens": 8}
+    started = time.monotonic()
+    r = httpx.post(f"{server}/v1/chat/completions", json=long, headers=auth, timeout=30)
+    assert r.status_code == 400 and time.monotonic() - started < 5, r.text
+    error = r.json()["error"]
+    assert error["param"] == "messages" and "1024" in error["message"] and "max_tokens 8" in error["message"]
+    ok = {"model": "triage", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    started = time.monotonic()
+    assert httpx.post(f"{server}/v1/chat/completions", json=ok, headers=auth, timeout=30).status_code == 200
+    assert time.monotonic() - started < 10
+
+
+def test_a_chunked_body_over_the_limit_is_a_413(server):
+    """No Content-Length (chunked transfer): the limit holds while the body is read."""
+    auth = {"Authorization": f"Bearer {KEY}", "content-type": "application/json"}
+    piece = b"x" * (64 << 10)
+
+    def body():
+        yield b'{"model": "triage", "messages": [{"role": "user", "content": "'
+        for _ in range(32):  # 2 MiB of content
+            yield piece
+        yield b'"}]}'
+
+    r = httpx.post(f"{server}/v1/chat/completions", content=body(), headers=auth, timeout=30)
+    assert r.status_code == 413 and "body over" in r.json()["error"]["message"]
+    assert httpx.get(f"{server}/health", headers=auth, timeout=10).json()["status"] == "ok"
+
+
+def test_sigterm_during_a_long_generation_exits_within_the_grace(run):
+    import signal
+
+    proc, base = _start(run, "--max-tokens", "900", "--grace", "1")
+    try:
+        auth = {"Authorization": f"Bearer {KEY}"}
+        body = {"model": "triage", "messages": [{"role": "user", "content": "go"}], "max_tokens": 900, "stream": True}
+        got = threading.Event()
+
+        def stream():
+            try:
+                with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, headers=auth, timeout=60) as r:
+                    for _ in r.iter_lines():
+                        got.set()
+            except httpx.HTTPError:
+                pass
+
+        client = threading.Thread(target=stream, daemon=True)
+        client.start()
+        assert got.wait(60)  # the generation is under way
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        assert time.monotonic() - started < 10  # the grace (1 s) and the step in flight, not the 900 tokens
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -206,3 +206,31 @@ def test_the_tool_task_holds_out_argument_values():
         }
 
     assert values(val) and not values(val) & values(train)
+
+
+def test_chat_shows_the_calls_the_model_writes(tmp_path, tiny_model_dir, capsys, monkeypatch):
+    from lorasmith.evaluation.generate import Completion
+    from lorasmith.serving import chat
+
+    data = write_jsonl(tmp_path / "d.jsonl", [openai_row(i) for i in range(4)])
+    out = tmp_path / "runs"
+    args = ["train", f"model.name={tiny_model_dir}", f"data.train={data}", "model.chat_template=chatml-tools"]
+    assert main([*args, f"output.dir={out}", "output.name=c", "train.max_steps=1", "eval.samples=0"]) == 0
+    seen = []
+    text = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
+
+    def scripted(model, tok, histories, **kw):
+        seen.append((histories[0], kw["tools"][0], tok.chat_template))
+        return [Completion(text, "stop", 5, 5, text)]
+
+    monkeypatch.setattr(chat, "complete", scripted)
+    tools = tmp_path / "tools.json"
+    tools.write_text(json.dumps([WEATHER]))
+    capsys.readouterr()
+    assert main(["chat", str(out / "c"), "--tools", str(tools), "--prompt", "Weather in Oslo?"]) == 0
+    assert '[tool call] get_weather({"city": "Oslo"})' in capsys.readouterr().out
+    history, rendered_tools, template = seen[-1]
+    assert history[-1] == {"role": "user", "content": "Weather in Oslo?"}
+    assert rendered_tools[0]["function"]["name"] == "get_weather" and "<tool_call>" in template  # the run's template
+    tools.write_text("{not json")
+    assert main(["chat", str(out / "c"), "--tools", str(tools), "--prompt", "x"]) == 2

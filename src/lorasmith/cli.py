@@ -13,8 +13,8 @@ import warnings
 from lorasmith.errors import LorasmithError
 
 
-def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("lorasmith").setLevel(logging.INFO)
     # Libraries chatter about things the user cannot act on; keep their warnings and errors only.
     for noisy in ("transformers", "peft", "bitsandbytes", "datasets", "accelerate", "matplotlib"):
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "config", None) and "=" in args.config and not os.path.exists(args.config):
         args.overrides.insert(0, args.config)  # `lorasmith train lora.r=8`: an override, not a file
         args.config = None
-    _setup_logging(verbose=True)
+    _setup_logging()
     try:
         return args.func(args)
     except LorasmithError as e:

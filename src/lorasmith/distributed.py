@@ -47,10 +47,6 @@ class Dist:
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX if op == "max" else torch.distributed.ReduceOp.SUM)
         return t.cpu().tolist()
 
-    def any(self, flag: bool) -> bool:
-        """True on every process if it is true on any (decisions taken by the clock or a signal)."""
-        return bool(self.all_reduce([float(flag)], op="max")[0])
-
     def broadcast(self, obj):
         """Rank 0's ``obj`` on every process (a picklable value: a path, a decision)."""
         if not self.active:

@@ -22,23 +22,15 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from pathlib import Path
-
     from lorasmith.errors import LorasmithError
-    from lorasmith.runs import RunFolder
+    from lorasmith.models.target import resolve
     from lorasmith.serving.chat import run_chat
 
     adapter = args.adapter
     if args.run:
         if adapter:
             raise LorasmithError("give the adapter once: as RUN or as --adapter, not both")
-        folder = RunFolder(Path(args.run))
-        adapter = str(folder.adapter) if folder.adapter.is_dir() else args.run
-        if not folder.adapter.is_dir() and folder.config.is_file():
-            raise LorasmithError(
-                f"{args.run} has no adapter yet (status: {folder.read_status().get('status', 'unknown')})",
-                hint=f"finish the run first: lorasmith train ... --resume {args.run}",
-            )
+        adapter = str(resolve(args.run, need_adapter=True).adapter)
     tools = read_tools_file(args.tools) if args.tools else None
     return run_chat(args.model, adapter, args.prompt, args.system, args.max_new_tokens, tools)
 

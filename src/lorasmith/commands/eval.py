@@ -33,35 +33,32 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
-def _target(spec: str) -> tuple[str | None, str | None]:
-    """(base model, adapter folder) of a target."""
-    from lorasmith.runs import RunFolder
-
-    path = Path(spec)
-    if (path / "adapter_config.json").is_file():
-        return None, str(path)
-    run = RunFolder(path)
-    if run.adapter.is_dir():
-        return None, str(run.adapter)
-    return spec, None
-
-
 def evaluate_target(spec: str, convs, args, metrics: list[str]) -> dict:
     from lorasmith.config import DataConfig
     from lorasmith.data.dataset import tokenize
-    from lorasmith.evaluation.generate import generate, prompt_and_reference
-    from lorasmith.evaluation.metrics import validation_loss
+    from lorasmith.data.tools import syntax_of
+    from lorasmith.evaluation.generate import complete, prompt_and_turn
+    from lorasmith.evaluation.metrics import reference_text, validation_loss
     from lorasmith.evaluation.scores import score_all
+    from lorasmith.evaluation.tool_calls import score_turn, with_intervals
+    from lorasmith.models.target import resolve
     from lorasmith.serving.chat import load_for_chat
 
-    model_name, adapter = _target(spec)
-    model, tokenizer, precision = load_for_chat(model_name, adapter)
+    target = resolve(spec)
+    adapter = str(target.adapter) if target.adapter else None
+    model, tokenizer, precision = load_for_chat(None if adapter else spec, adapter)
     data = tokenize(tokenizer, convs, DataConfig(train="eval", max_length=args.max_length))
     result: dict = {"target": spec, "precision": precision.name}
     result.update(validation_loss(model, data, pad_id=tokenizer.pad_token_id, precision=precision, batch_size=16))
-    histories, references = zip(*(prompt_and_reference(c.messages) for c in convs))
-    answers = generate(model, tokenizer, list(histories), precision=precision, max_new_tokens=args.max_new_tokens)
+    histories, turns = zip(*(prompt_and_turn(c.messages) for c in convs))
+    references = [reference_text(t) for t in turns]
+    tools = [c.tools for c in convs]
+    done = complete(model, tokenizer, list(histories), precision=precision, max_new_tokens=args.max_new_tokens, tools=tools)
+    answers = [c.text.strip() for c in done]
     result["scores"] = score_all(answers, list(references), metrics)
+    syntax = syntax_of(tokenizer.chat_template)
+    scored = [score_turn(d.raw, t, syntax) for d, t, c in zip(done, turns, convs) if c.tools or t.get("tool_calls")]
+    result["scores"].update(with_intervals(scored))
     result["answers"] = [{"answer": a, "reference": r} for a, r in zip(answers, references)]
     return result
 

@@ -20,6 +20,11 @@ def add_parser(sub) -> None:
     p.add_argument("--max-tokens", type=int, default=1024, help="largest max_tokens a request may ask for")
     p.add_argument("--max-batch", type=int, default=8, help="requests generated together at most")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting at most (then 503)")
+    p.add_argument(
+        "--max-prompt-tokens", type=int, help="longest prompt accepted, in tokens (default: the model's context less max_tokens)"
+    )
+    p.add_argument("--request-timeout", type=float, default=600.0, help="seconds after which a request is ended (504)")
+    p.add_argument("--grace", type=float, default=10.0, help="seconds in-flight requests get to finish on SIGTERM/SIGINT")
     p.set_defaults(func=run)
 
 
@@ -34,10 +39,43 @@ def run(args) -> int:
         import uvicorn
     except ImportError:
         raise LorasmithError("lorasmith serve needs FastAPI and uvicorn", hint="pip install 'lorasmith[serve]'") from None
+    GracefulServer = _graceful_server_class()
     api_key = args.api_key or os.environ.get("LORASMITH_API_KEY") or None
     limits = {"max_tokens": args.max_tokens, "max_batch": args.max_batch, "max_queue": args.max_queue}
-    app, served = build(args.model, args.adapter, base=args.base, system=args.system, api_key=api_key, **limits)
+    extra = {"max_prompt_tokens": args.max_prompt_tokens, "request_timeout": args.request_timeout}
+    app, served = build(args.model, args.adapter, base=args.base, system=args.system, api_key=api_key, **limits, **extra)
     keyed = " (API key required)" if api_key else ""
+    if not api_key and args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(
+            f"warning: serving on {args.host} without an API key: anyone who reaches it can use it (--api-key)", file=sys.stderr
+        )
     print(f"serving {', '.join(served)} on http://{args.host}:{args.port}/v1{keyed}", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    server = GracefulServer(
+        uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=args.grace)
+    )
+    server.run()
+    app.state.engine.close()
+    print("stopped", file=sys.stderr)
     return 0
+
+
+def _graceful_server_class():
+    import os
+    import sys
+
+    import uvicorn
+
+    class GracefulServer(uvicorn.Server):
+        """uvicorn's server: the first SIGTERM/SIGINT stops accepting and gives in-flight requests
+        ``timeout_graceful_shutdown`` seconds, then cancels them (their generation stops at the next
+        token), and the command exits 0 (uvicorn would raise the signal again once stopped, which ends the
+        process as killed); a second signal ends the process at once."""
+
+        def handle_exit(self, sig, frame):
+            if self.should_exit:
+                print("second signal: exiting now", file=sys.stderr)
+                os._exit(1)
+            print(f"signal {sig}: finishing in-flight requests (--grace), then exiting", file=sys.stderr)
+            self.should_exit = True
+
+    return GracefulServer

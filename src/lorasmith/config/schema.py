@@ -273,6 +273,9 @@ class EvalConfig:
     exact_match: int = 0
     """Greedy-generate the last assistant turn of the first N validation conversations and score exact
     match, before and after training (0: off, -1: all)."""
+    tool_calls: int = 100
+    """When exact_match is 0 and the validation data calls tools: the first N validation conversations are
+    generated all the same and scored for tool-call accuracy and exact match (0: off, -1: all)."""
     samples: int = 3
     """Validation conversations whose answers are shown and saved before and after training."""
     max_new_tokens: int = 128

@@ -20,7 +20,7 @@ from lorasmith import atomic, progress
 from lorasmith.config import DataConfig
 from lorasmith.data import workers
 from lorasmith.data.dataset import check_tool_template, encode_options
-from lorasmith.data.masking import ChatTemplate, TemplateInfo, encode, encode_fitted
+from lorasmith.data.masking import TEMPLATE_ERRORS, ChatTemplate, TemplateInfo, encode, encode_fitted
 from lorasmith.data.records import Conversation, iter_conversations
 from lorasmith.data.tools import uses_tools
 from lorasmith.errors import DataError
@@ -280,7 +280,7 @@ def run_check(tokenizer, cfg: DataConfig, train_sources, val_source=None, n_work
         check_tool_template(tokenizer, [first_tools])
     try:
         report.template = ChatTemplate(tokenizer).describe()
-    except Exception as e:  # the template's own errors show per record below
+    except TEMPLATE_ERRORS as e:  # the template's own errors show per record below
         log.warning("could not describe the chat template: %s", e)
     finder = DuplicateFinder()
     options = encode_options(cfg)
@@ -449,6 +449,11 @@ def summary(report: CheckReport, cfg: DataConfig) -> str:
             f"trained tokens by kind: content {split['content']}, tool calls {split['tool_calls']}, "
             f"reasoning {split['reasoning']}" + ("" if cfg.train_reasoning else " (data.train_reasoning=false)")
         )
+        if tools["conversations_with_reasoning"] and cfg.train_reasoning and not split["reasoning"]:
+            lines.append(
+                "  note: the chat template renders none of the reasoning (DeepSeek-R1's drops <think> blocks from every "
+                "assistant turn): nothing of it is trained; use a template that renders it to train it"
+            )
     verdict = {0: "clean", 1: "warnings only", 2: "errors"}[report.exit_code]
     lines.append(f"\nresult: {verdict} (exit {report.exit_code})")
     return "\n".join(lines)

@@ -15,7 +15,7 @@ import numpy as np
 from lorasmith import progress
 from lorasmith.config import BUILTIN_DATA, DEMO, DataConfig, DataSource
 from lorasmith.data import demo, tools_demo, workers
-from lorasmith.data.masking import ChatTemplate, Encoded, encode_fitted, template_of
+from lorasmith.data.masking import TEMPLATE_ERRORS, ChatTemplate, Encoded, encode_fitted, template_of
 from lorasmith.data.records import Conversation, read_source
 from lorasmith.data.tools import uses_tools
 from lorasmith.errors import DataError
@@ -166,7 +166,7 @@ def check_tool_template(tokenizer, conversations) -> None:
 def _warn_without_turn_end(tokenizer) -> None:
     try:
         info = ChatTemplate(tokenizer).describe()
-    except Exception:  # the template's errors were reported per conversation
+    except TEMPLATE_ERRORS:  # the template's errors were reported per conversation
         return
     if not info.end_of_turn:
         log.warning(

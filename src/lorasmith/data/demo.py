@@ -199,10 +199,16 @@ def generate(n_train: int = 600, n_val: int = 100, seed: int = 0) -> tuple[list[
 
 def demo_files(seed: int = 0) -> tuple[Path, Path]:
     """Paths of the demo's train.jsonl and val.jsonl, written once into the cache."""
-    folder = cache_dir() / "data" / f"demo-v{VERSION}-seed{seed}"
+    return generated_files(f"demo-v{VERSION}-seed{seed}", lambda: generate(seed=seed))
+
+
+def generated_files(name: str, make) -> tuple[Path, Path]:
+    """(train.jsonl, val.jsonl) of a generated data set, written once into the cache folder ``name``
+    (``make()`` returns the train and validation records)."""
+    folder = cache_dir() / "data" / name
     if not (folder / "val.jsonl").is_file():
-        train, val = generate(seed=seed)
+        train, val = make()
         with atomic.folder(folder) as tmp:
-            for name, rows in (("train.jsonl", train), ("val.jsonl", val)):
-                (tmp / name).write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+            for file, rows in (("train.jsonl", train), ("val.jsonl", val)):
+                (tmp / file).write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return folder / "train.jsonl", folder / "val.jsonl"

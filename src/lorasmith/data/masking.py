@@ -53,6 +53,7 @@ from __future__ import annotations
 import bisect
 import json
 import re
+import weakref
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -61,13 +62,13 @@ from lorasmith.errors import DataError
 
 _SENTINEL = "LsmTurnSentinel7q"
 _PROBE_TOOL = "LsmProbeTool"
-_TEMPLATE_ERRORS: tuple[type[Exception], ...] = (TypeError, ValueError, KeyError, IndexError, AttributeError)
+TEMPLATE_ERRORS: tuple[type[Exception], ...] = (TypeError, ValueError, KeyError, IndexError, AttributeError)
 """What rendering a template can raise besides Jinja's own errors (added below): a template that
 concatenates a mapping, indexes a missing key, or calls ``raise_exception`` (a TemplateError)."""
 try:
     from jinja2.exceptions import TemplateError
 
-    _TEMPLATE_ERRORS = (TemplateError, *_TEMPLATE_ERRORS)
+    TEMPLATE_ERRORS = (TemplateError, *TEMPLATE_ERRORS)
 except ImportError:  # transformers needs jinja2 for chat templates: only a broken install lands here
     pass
 _ALIGN_WINDOW = 256  # characters before a reply searched for the end of a non-prefix generation prompt
@@ -122,12 +123,15 @@ def render(tokenizer, messages: list[dict], tools: list[dict] | None = None, add
     return template_of(tokenizer).render(messages, add_generation_prompt, tools=tools)
 
 
+_TEMPLATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""Each tokenizer's ChatTemplate, beside it rather than on it (a compiled template neither copies nor pickles)."""
+
+
 def template_of(tokenizer) -> ChatTemplate:
     """The tokenizer's :class:`ChatTemplate`, made once per template text (it probes the template)."""
-    held = getattr(tokenizer, "_lorasmith_template", None)
+    held = _TEMPLATES.get(tokenizer)
     if held is None or held.source != tokenizer.chat_template:
-        held = ChatTemplate(tokenizer)
-        tokenizer._lorasmith_template = held
+        held = _TEMPLATES[tokenizer] = ChatTemplate(tokenizer)
     return held
 
 
@@ -213,7 +217,7 @@ class ChatTemplate:
         for as_text in (False, True):
             try:
                 text = self._tool_probe(as_text)
-            except _TEMPLATE_ERRORS as e:
+            except TEMPLATE_ERRORS as e:
                 failure = failure or f"it fails on a conversation with a tool call ({e})"
                 continue
             if "LsmArg" in text:
@@ -270,7 +274,7 @@ class ChatTemplate:
         """The end-of-turn marker :meth:`describe` finds ('' when the template renders no probe)."""
         try:
             return self.describe().end_of_turn
-        except _TEMPLATE_ERRORS:
+        except TEMPLATE_ERRORS:
             return ""
 
     def describe(self) -> TemplateInfo:
@@ -284,7 +288,7 @@ class ChatTemplate:
         ]
         try:
             self.render(probe)
-        except _TEMPLATE_ERRORS:  # templates without a system role
+        except TEMPLATE_ERRORS:  # templates without a system role
             probe = probe[1:]
         full = self.render(probe)
         stable = True
@@ -293,7 +297,7 @@ class ChatTemplate:
                 prefixes = [self.render(probe[:i])]
                 if i < len(probe) and probe[i]["role"] == "assistant":
                     prefixes.append(self.render(probe[:i], add_generation_prompt=True))
-            except _TEMPLATE_ERRORS:
+            except TEMPLATE_ERRORS:
                 continue  # a template may refuse a conversation that ends on a system turn
             stable &= all(full.startswith(p) for p in prefixes)
         last = len(probe) - 1
@@ -418,7 +422,7 @@ class _Locator:
             return None
         try:
             return self._between(self.render(_with_reasoning(self.messages, i, self.sentinel)))
-        except (ValueError, *_TEMPLATE_ERRORS):
+        except (ValueError, *TEMPLATE_ERRORS):
             return None
 
     def reply_start(self, i: int, start: int) -> int:
@@ -427,7 +431,7 @@ class _Locator:
             return start
         try:
             prompt = self.render(self.messages[:i], add_generation_prompt=True)
-        except _TEMPLATE_ERRORS:  # a template may refuse this prefix; train from the content on
+        except TEMPLATE_ERRORS:  # a template may refuse this prefix; train from the content on
             return start
         return _prompt_end(prompt, self.full, start, max(_common_prefix(prompt, self.full), start - _ALIGN_WINDOW))
 
@@ -435,7 +439,7 @@ class _Locator:
         """The end-of-turn marker the template writes after message i when the conversation ends there."""
         try:
             own = self.render(_with_content(self.messages[: i + 1], i, self.sentinel))
-        except _TEMPLATE_ERRORS:  # e.g. a template that refuses a conversation ending on a system turn
+        except TEMPLATE_ERRORS:  # e.g. a template that refuses a conversation ending on a system turn
             return ""
         p = own.rfind(self.sentinel)
         return self.t.end_marker(own[p + len(self.sentinel) :]) if p >= 0 else ""
@@ -447,7 +451,7 @@ class _Locator:
         try:
             prompt = self.render(self.messages[:i], add_generation_prompt=True)
             own = self.render(self.messages[: i + 1])
-        except _TEMPLATE_ERRORS as e:
+        except TEMPLATE_ERRORS as e:
             raise self.fail(i, f"rejects a part of this conversation ({e})") from None
         turn = own[_prompt_end(prompt, own, len(own), _common_prefix(prompt, own)) :].rstrip()
         at = self.full.find(turn, _common_prefix(prompt, self.full)) if turn else -1
@@ -465,7 +469,7 @@ class _Locator:
             if not calls:
                 raise
             return self.turn_by_prefix(i)
-        except _TEMPLATE_ERRORS:
+        except TEMPLATE_ERRORS:
             if not calls:
                 raise
             return self.turn_by_prefix(i)
@@ -494,7 +498,7 @@ class _Locator:
         marked[i] = {**m, "content": self.sentinel}
         try:
             return self._between(self.render(marked))
-        except (ValueError, *_TEMPLATE_ERRORS):
+        except (ValueError, *TEMPLATE_ERRORS):
             return None
 
 
@@ -516,7 +520,7 @@ def encode(
     weights_by_msg = message_weights(messages, train_on, role_weights)
     try:
         full = template.render(messages, tools=tools)
-    except _TEMPLATE_ERRORS as e:  # jinja raises TemplateError subclasses with the template's own message
+    except TEMPLATE_ERRORS as e:  # jinja raises TemplateError subclasses with the template's own message
         raise DataError(f"the chat template of {template.name} rejects this conversation: {e}") from e
     enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     ids: list[int] = enc["input_ids"]
@@ -540,7 +544,7 @@ def encode(
             span, marked = locator.span(i)
         except TemplateMismatch:
             raise
-        except _TEMPLATE_ERRORS as e:  # a template that refuses a partial conversation it needs for this message
+        except TEMPLATE_ERRORS as e:  # a template that refuses a partial conversation it needs for this message
             raise locator.fail(i, f"rejects a part of this conversation ({e})") from e
         if span is None:
             continue

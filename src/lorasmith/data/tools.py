@@ -28,18 +28,22 @@ class ToolError(ValueError):
     """A tool schema, call or result that cannot be used; the message says which and why."""
 
 
+def _as_list(raw, what: str):
+    """``raw`` decoded when it is JSON text (datasets often store these columns so), one object as a list."""
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise ToolError(f"{what} is not valid JSON ({e.msg}): {raw[:80]!r}") from None
+    return [raw] if isinstance(raw, dict) else raw
+
+
 def read_tools(raw, where: str = "tools") -> list[dict] | None:
     """OpenAI tool schemas from ``raw``: a list of ``{"type": "function", "function": {...}}`` or of bare
     ``{"name", "parameters"}`` (LLaMA-Factory's column), possibly as a JSON string."""
     if raw is None or raw == "" or raw == []:
         return None
-    if isinstance(raw, str):
-        try:
-            raw = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise ToolError(f"`{where}` is not valid JSON ({e.msg})") from None
-    if isinstance(raw, dict):
-        raw = [raw]
+    raw = _as_list(raw, f"`{where}`")
     if not isinstance(raw, list):
         raise ToolError(f"`{where}` must be a list of tool schemas, got {type(raw).__name__}")
     out = []
@@ -80,13 +84,7 @@ def read_arguments(raw, where: str):
 def read_tool_calls(raw, where: str) -> list[dict]:
     """Canonical calls from OpenAI ``tool_calls`` (``{"id", "function": {"name", "arguments"}}``), the
     legacy ``function_call`` (one ``{"name", "arguments"}``) or a list of bare ``{"name", "arguments"}``."""
-    if isinstance(raw, str):
-        try:
-            raw = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise ToolError(f"{where}: the call is not valid JSON ({e.msg}): {raw[:80]!r}") from None
-    if isinstance(raw, dict):
-        raw = [raw]
+    raw = _as_list(raw, f"{where}: the call")
     if not isinstance(raw, list) or not raw:
         raise ToolError(f"{where}: tool calls must be a non-empty list")
     calls = []

@@ -17,9 +17,7 @@ import json
 import random
 from pathlib import Path
 
-from lorasmith import atomic
-from lorasmith.data.demo import MONTHS, NUMBER_WORDS
-from lorasmith.paths import cache_dir
+from lorasmith.data.demo import MONTHS, NUMBER_WORDS, generated_files
 
 VERSION = 2
 
@@ -219,10 +217,4 @@ def generate(n_train: int = 320, n_val: int = 100, seed: int = 0) -> tuple[list[
 
 def demo_files(seed: int = 0) -> tuple[Path, Path]:
     """Paths of the task's train.jsonl and val.jsonl, written once into the cache."""
-    folder = cache_dir() / "data" / f"demo-tools-v{VERSION}-seed{seed}"
-    if not (folder / "val.jsonl").is_file():
-        train, val = generate(seed=seed)
-        with atomic.folder(folder) as tmp:
-            for name, rows in (("train.jsonl", train), ("val.jsonl", val)):
-                (tmp / name).write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return folder / "train.jsonl", folder / "val.jsonl"
+    return generated_files(f"demo-tools-v{VERSION}-seed{seed}", lambda: generate(seed=seed))

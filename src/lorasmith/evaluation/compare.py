@@ -25,9 +25,10 @@ def evaluate(
     ``answers_from_forward=False`` generates every answer."""
     ev = cfg.eval
     out: dict = {}
-    em_rows = range(len(val_set.conversations) if ev.exact_match < 0 else min(ev.exact_match, len(val_set.conversations)))
+    n_em = generated_count(cfg, val_set)
+    em_rows = range(len(val_set.conversations) if n_em < 0 else min(n_em, len(val_set.conversations)))
     replies = None
-    if ev.exact_match and val_set.encoded and answers_from_forward:
+    if n_em and val_set.encoded and answers_from_forward:
         stops = stop_token_ids(tokenizer, model)
         replies = reply_spans(tokenizer, val_set, em_rows, stops, ev.max_new_tokens)
     margins: dict[int, float] = {}
@@ -43,12 +44,12 @@ def evaluate(
         )
         margins = loss.pop("reply_margins", {})
         out.update(loss)
-    if ev.exact_match and val_set.conversations:
+    if n_em and val_set.conversations:
         em = exact_match(
             model,
             tokenizer,
             val_set,
-            limit=ev.exact_match,
+            limit=n_em,
             precision=precision,
             max_new_tokens=ev.max_new_tokens,
             batch_size=ev.batch_size,
@@ -62,11 +63,22 @@ def evaluate(
         out["exact_match_answers"] = em["answers"]
         if "tool_calls" in em:
             out["tool_calls"] = em["tool_calls"]
+            # Flat figures too: trackers, run.json and the report read the top-level numbers.
+            out.update({f"tool_calls_{k}": v for k, v in em["tool_calls"].items() if isinstance(v, float)})
         if ev.metrics:
             answers = [a["answer"] for a in em["answers"]]
             out["scores"] = score_all(answers, [a["reference"] for a in em["answers"]], ev.metrics)
             out.update({name: s["mean"] for name, s in out["scores"].items() if name not in out})
     return out
+
+
+def generated_count(cfg: Config, val_set: TokenizedSet) -> int:
+    """Validation conversations whose last turn is generated and scored: eval.exact_match, else, for
+    validation data that calls tools, eval.tool_calls (tool-call accuracy is what such a run is for)."""
+    if cfg.eval.exact_match:
+        return cfg.eval.exact_match
+    calls = any(c.tools or any(m.get("tool_calls") for m in c.messages) for c in val_set.conversations)
+    return cfg.eval.tool_calls if calls else 0
 
 
 def answers_for(model, tokenizer, convs, cfg: Config, precision) -> list[str]:

@@ -142,10 +142,11 @@ def exact_match(
     arguments as JSON values). Conversations with tools are also scored for tool-call accuracy
     (``tool_calls``: evaluation/tool_calls.py).
 
-    Generation stops once answers are longer than the longest reference could be (its token count,
-    plus a quarter and 4 tokens for another segmentation of the same text, plus the end-of-turn
-    token): a longer answer cannot match, and a base model that rambles to ``max_new_tokens`` would
-    otherwise spend most of the evaluation before training on text that is scored as wrong anyway.
+    Each answer's generation stops once it is longer than its reference could be (the reference turn's
+    token count as the template writes it, plus a quarter and 4 tokens for another segmentation of the
+    same text, plus the end-of-turn token): a longer answer cannot match, and a base model that rambles
+    to ``max_new_tokens`` would otherwise spend most of the evaluation before training on text that is
+    scored as wrong anyway.
 
     ``known``: conversations whose greedy answer a forward pass has already established (the reply
     span of their tokens: :func:`validation_loss` with ``replies``), smallest margin first; they are not
@@ -156,9 +157,9 @@ def exact_match(
     histories, turns = zip(*(prompt_and_turn(c.messages) for c in convs))
     refs = [reference_text(t) for t in turns]
     replies = [rendered_reply(tokenizer, h, t, c.tools) for h, t, c in zip(histories, turns, convs)]
-    longest = max(len(ids) for ids in tokenizer(replies, add_special_tokens=False)["input_ids"])
-    limit_tokens = min(max_new_tokens, longest + longest // 4 + 5)
-    known = {i: span for i, span in (known or {}).items() if i < len(convs) and span[1] - span[0] < limit_tokens}
+    lengths = [len(ids) for ids in tokenizer(replies, add_special_tokens=False)["input_ids"]]
+    limits = [min(max_new_tokens, n + n // 4 + 5) for n in lengths]
+    known = {i: span for i, span in (known or {}).items() if i < len(convs) and span[1] - span[0] < limits[i]}
     forward = {}
     for i, (a, b) in known.items():
         ids = data.encoded[i].input_ids
@@ -173,7 +174,7 @@ def exact_match(
             tokenizer,
             [histories[i] for i in rows],
             precision=precision,
-            max_new_tokens=limit_tokens,
+            max_new_tokens=[limits[i] for i in rows],
             batch_size=batch_size,
             tools=[convs[i].tools for i in rows],
         )

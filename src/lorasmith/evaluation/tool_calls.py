@@ -57,5 +57,24 @@ def summarize(scores: list[TurnScore]) -> dict:
         "valid_json": rate([s.valid_json for s in attempted]),
         "missed_calls": rate([not s.called for s in calling]),
         "false_calls": rate([s.called for s in plain]),
-        "turns_without_calls_right": rate([s.exact for s in plain]),
     }
+
+
+def with_intervals(scores: list[TurnScore]) -> dict:
+    """The rates of :func:`summarize` as ``{mean, ci95, n}`` with bootstrap intervals (`lorasmith eval`)."""
+    from lorasmith.evaluation.scores import bootstrap
+
+    calling = [s for s in scores if s.should_call]
+    groups = {
+        "tool_call_exact": [float(s.exact) for s in calling],
+        "tool_call_names": [float(s.names) for s in calling],
+        "tool_call_valid_json": [float(s.valid_json) for s in scores if s.called],
+        "tool_call_missed": [float(not s.called) for s in calling],
+        "tool_call_false": [float(s.called) for s in scores if not s.should_call],
+    }
+    out = {}
+    for name, values in groups.items():
+        if values:
+            lo, hi = bootstrap(values)
+            out[name] = {"mean": sum(values) / len(values), "ci95": [lo, hi], "n": len(values)}
+    return out

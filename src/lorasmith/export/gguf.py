@@ -147,12 +147,12 @@ def export_gguf(source: Path, out: Path, *, out_type: str = "f16", model: str | 
 
 def export_lora_gguf(source: Path, out: Path, *, out_type: str = "f16", model: str | None = None) -> ExportReport:
     """The adapter alone as a LoRA GGUF for llama.cpp's ``--lora``, checked by reading it back."""
-    from lorasmith.export.merge import find_adapter
     from lorasmith.models.adapter import base_of
     from lorasmith.models.builtin import resolve_local
+    from lorasmith.models.target import resolve
 
     started = time.monotonic()
-    adapter, _ = find_adapter(Path(source))
+    adapter = resolve(source, need_adapter=True).adapter
     base = model or base_of(adapter)
     base_dir = resolve_local(base, None) or Path(base)
     pending = out.with_name(out.name + ".incomplete")

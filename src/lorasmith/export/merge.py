@@ -27,6 +27,7 @@ from lorasmith.evaluation.generate import generate, stop_token_ids
 from lorasmith.models.adapter import base_of
 from lorasmith.models.hardware import DTYPES, Precision
 from lorasmith.models.loading import ensure_pad_token, load_model
+from lorasmith.models.target import resolve
 from lorasmith.runs import RunFolder
 
 log = logging.getLogger(__name__)
@@ -64,31 +65,6 @@ class MergeReport:
     @property
     def passed(self) -> bool:
         return all(c["passed"] for c in self.checks.values())
-
-
-def find_adapter(target: Path) -> tuple[Path, RunFolder | None]:
-    """The adapter folder of a run folder (refused if the run did not complete), or the adapter folder itself."""
-    run = RunFolder(target)
-    if run.config.is_file() and not (target / "adapter_config.json").is_file():
-        if not run.adapter.is_dir():
-            status = run.read_status().get("status", "unknown")
-            raise LorasmithError(
-                f"{target} has no adapter: the run did not complete (status: {status})",
-                hint=f"finish it first: lorasmith train ... --resume {target}",
-            )
-        return run.adapter, run
-    if not (target / "adapter_config.json").is_file():
-        raise LorasmithError(f"{target} is neither a run folder nor a PEFT adapter folder (no adapter_config.json)")
-    return target, RunFolder.of_adapter(target)
-
-
-def _trained_quantization(run: RunFolder | None):
-    if run is None:
-        return None
-    from lorasmith.config import load
-
-    q = load(run.config).quantization
-    return q if q.bits else None
 
 
 def _linear(module):
@@ -174,9 +150,10 @@ def merge(
     from transformers import AutoTokenizer
 
     started = time.monotonic()
-    adapter, run = find_adapter(Path(target))
+    found = resolve(target, need_adapter=True)
+    adapter, run = found.adapter, found.run
     base_name = model or base_of(adapter)
-    quant = _trained_quantization(run)
+    quant = found.quantization
     if onto not in ("original", "nf4-roundtrip"):
         raise LorasmithError(f"--base {onto}: choose original or nf4-roundtrip")
     if onto == "nf4-roundtrip" and (quant is None or quant.bits != 4):

@@ -9,7 +9,7 @@ import torch
 
 from lorasmith import atomic
 from lorasmith.config import Config, ModelConfig
-from lorasmith.config import load as load_config
+from lorasmith.config import load as load_run_config
 from lorasmith.errors import LorasmithError
 from lorasmith.models.builtin import BUILTIN_MODELS
 from lorasmith.runs import RunFolder
@@ -79,7 +79,7 @@ def base_of(adapter: Path) -> str:
     recorded in lorasmith.json, else adapter_config.json's base_model_name_or_path."""
     run = RunFolder.of_adapter(adapter)
     if run is not None:
-        return load_config(run.config).model.name
+        return load_run_config(run.config).model.name
     if (adapter / LORASMITH_META).is_file():
         return json.loads((adapter / LORASMITH_META).read_text())["model"]
     meta = adapter / "adapter_config.json"

@@ -111,7 +111,8 @@ def _plots(rows: list[dict], stats: dict | None) -> list[str]:
 
 def _metrics_table(before: dict | None, after: dict | None) -> str:
     before, after = before or {}, after or {}
-    keys = [k for k in ("loss", "perplexity", "token_accuracy", "exact_match") if k in before or k in after]
+    tool_keys = tuple(f"tool_calls_{k}" for k in ("exact", "names", "valid_json", "missed_calls", "false_calls"))
+    keys = [k for k in ("loss", "perplexity", "token_accuracy", "exact_match", *tool_keys) if k in before or k in after]
     if not keys:
         return '<p class="muted">no evaluation was recorded</p>'
 
@@ -122,6 +123,8 @@ def _metrics_table(before: dict | None, after: dict | None) -> str:
         if key == "exact_match" and result.get("exact_match_answers"):
             lo, hi = bootstrap([float(a["match"]) for a in result["exact_match_answers"]])
             return f"{value:.1%} <span class='muted'>[{lo:.1%}, {hi:.1%}] of {len(result['exact_match_answers'])}</span>"
+        if key.startswith("tool_calls_") and isinstance(value, float):
+            return f"{value:.1%}"
         return f"{value:.4f}" if isinstance(value, float) else _esc(value)
 
     lines = ["<table><tr><th>metric</th><th>before training</th><th>after training</th></tr>"]
@@ -129,6 +132,11 @@ def _metrics_table(before: dict | None, after: dict | None) -> str:
     lines.append("</table>")
     if "exact_match" in keys:
         lines.append("<p class='muted'>Exact match: bootstrap 95% interval (1000 seeded resamples).</p>")
+    if any(k.startswith("tool_calls_") for k in keys):
+        lines.append(
+            "<p class='muted'>Tool calls (held-out turns whose reference calls tools): exact = names and arguments equal as "
+            "JSON; valid_json over answers that call; missed = no call where one was due; false = a call where none was.</p>"
+        )
     return "\n".join(lines)
 
 

@@ -1,5 +1,5 @@
-"""The run folder: one type that owns its layout, so train, chat, bench and the commands to come
-(merge, eval, report, serve) name its files the same way.
+"""The run folder: one type that owns its layout, so train, chat, eval, merge, export, report, serve
+and bench name its files the same way.
 
     runs/NAME/
       config.yaml          the resolved config

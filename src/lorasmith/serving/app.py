@@ -7,7 +7,7 @@ from pathlib import Path
 
 from lorasmith.errors import LorasmithError
 from lorasmith.models.adapter import base_of
-from lorasmith.runs import RunFolder
+from lorasmith.models.target import resolve
 from lorasmith.serving.chat import load_served, trained_system_prompt
 from lorasmith.serving.engine import Engine, Served
 
@@ -16,20 +16,22 @@ log = logging.getLogger(__name__)
 
 def adapter_folder(path: str) -> tuple[str, Path] | None:
     """(name, adapter folder) for a run folder or an adapter folder; None for anything else (a base model)."""
-    folder = Path(path)
-    run = RunFolder(folder)
-    if run.adapter.is_dir():
-        return folder.resolve().name, run.adapter
-    if run.config.is_file():
-        status = run.read_status().get("status", "unknown")
-        raise LorasmithError(f"{path} has no adapter yet (status: {status})", hint=f"finish it: lorasmith train --resume {path}")
-    if (folder / "adapter_config.json").is_file():
-        name = folder.resolve().parent.name if folder.name == "adapter" else folder.name
-        return name, folder
-    return None
+    target = resolve(path)
+    return (target.name, target.adapter) if target.adapter is not None else None
 
 
-def build(model: str | None, extra: list[str], *, base=None, system=None, api_key=None, max_tokens=1024, **limits):
+def build(
+    model: str | None,
+    extra: list[str],
+    *,
+    base=None,
+    system=None,
+    api_key=None,
+    max_tokens=1024,
+    max_prompt_tokens=None,
+    request_timeout=None,
+    **limits,
+):
     """The FastAPI app and the served names."""
     from lorasmith.serving.server import create_app
 
@@ -59,6 +61,8 @@ def build(model: str | None, extra: list[str], *, base=None, system=None, api_ke
             log.info("%s: requests without a system prompt get the one it was trained with", name)
         served.append(Served(name, name, prompt or None))
     engine = Engine(model_obj, tokenizer, precision, served, **limits)
-    app = create_app(engine, api_key=api_key, max_tokens_limit=max_tokens)
+    app = create_app(
+        engine, api_key=api_key, max_tokens_limit=max_tokens, max_prompt_tokens=max_prompt_tokens, request_timeout=request_timeout
+    )
     app.state.engine = engine
     return app, [s.name for s in served]

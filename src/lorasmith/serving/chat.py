@@ -8,8 +8,7 @@ from pathlib import Path
 
 import torch
 
-from lorasmith import config
-from lorasmith.config import ModelConfig, QuantizationConfig
+from lorasmith.config import ModelConfig
 from lorasmith.data.masking import template_of
 from lorasmith.data.tools import parse_calls, syntax_of
 from lorasmith.errors import LorasmithError
@@ -18,6 +17,7 @@ from lorasmith.models.adapter import base_of
 from lorasmith.models.hardware import DTYPES, choose_attention, choose_precision, default_device
 from lorasmith.models.loading import ensure_pad_token, load_config, load_model, load_tokenizer
 from lorasmith.models.probe import Shapes
+from lorasmith.models.target import resolve
 from lorasmith.runs import RunFolder
 
 
@@ -25,15 +25,6 @@ def load_for_chat(model_name: str | None, adapter: str | None):
     """The base (and adapter) for `lorasmith chat`: see :func:`load_served`."""
     model, tokenizer, precision = load_served(model_name, {"default": Path(adapter)} if adapter else {})
     return model, tokenizer, precision
-
-
-def trained_quantization(adapter_dir: Path) -> QuantizationConfig | None:
-    """The quantization the adapter's run trained on (a QLoRA adapter learned to correct the 4-bit base)."""
-    run = RunFolder.of_adapter(adapter_dir)
-    if run is None:
-        return None
-    q = config.load(run.config).quantization
-    return q if q.bits else None
 
 
 def load_served(model_name: str | None, adapters: dict[str, Path]):
@@ -49,7 +40,7 @@ def load_served(model_name: str | None, adapters: dict[str, Path]):
     bases = {name: base_of(folder) for name, folder in adapters.items()}
     if len(set(bases.values())) > 1:
         raise LorasmithError(f"the adapters were trained on different bases ({bases}): serve them separately")
-    quants = {name: trained_quantization(folder) for name, folder in adapters.items()}
+    quants = {name: resolve(folder).quantization for name, folder in adapters.items()}
     if len({str(q) for q in quants.values()}) > 1:
         raise LorasmithError(f"the adapters were trained on differently quantized bases ({quants}): serve them separately")
     quant = next(iter(quants.values()), None)

@@ -17,7 +17,7 @@ import threading
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-from lorasmith.data.masking import template_of
+from lorasmith.data.masking import render, template_of
 from lorasmith.data.tools import syntax_of
 from lorasmith.evaluation.generate import Sampling, complete
 from lorasmith.models.hardware import Precision
@@ -69,13 +69,23 @@ class Engine:
         self.model, self.tokenizer, self.precision = model, tokenizer, precision
         self.template = template_of(tokenizer) if tokenizer is not None else None
         self.syntax = syntax_of(getattr(tokenizer, "chat_template", None))
+        self.context = context_length(model, tokenizer)
+        """Tokens the model attends over (prompt and answer together); None when unknown."""
         self.served = {s.name: s for s in served}
         self.max_batch = max_batch
         self.queue: queue.Queue[Request] = queue.Queue(maxsize=max_queue)
         self._held: list[Request] = []  # taken from the queue but not batchable with the current batch
+        self._running: list[Request] = []
         self._stop = threading.Event()
         self.worker = threading.Thread(target=self._loop, name="lorasmith-engine", daemon=True)
         self.worker.start()
+
+    def prompt_tokens(self, messages: list[dict], tools, prefill: str = "") -> int | None:
+        """Tokens of the prompt generation would run on (None without a tokenizer)."""
+        if self.tokenizer is None:
+            return None
+        text = render(self.tokenizer, messages, tools=tools, add_generation_prompt=True) + prefill
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def submit(self, req: Request) -> Request:
         if req.stream:
@@ -86,8 +96,15 @@ class Engine:
             raise Busy(f"{self.queue.maxsize} requests are already waiting") from None
         return req
 
-    def close(self) -> None:
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop the worker: every waiting and running request is cancelled (a running generation stops at
+        its next token), and the worker is joined, so that no generation is still running when the
+        interpreter shuts down (torch aborts the process then)."""
         self._stop.set()
+        for req in [*self._running, *self._held, *list(self.queue.queue)]:
+            req.cancelled.set()
+        if self.worker.is_alive() and threading.current_thread() is not self.worker:
+            self.worker.join(timeout)
 
     # --- the worker ---------------------------------------------------------------------------
 
@@ -118,6 +135,7 @@ class Engine:
 
     def _run(self, batch: list[Request]) -> None:
         first = batch[0]
+        self._running = batch
         try:
             streaming = [r.chunks for r in batch]
             streamer = _BatchStreamer(self.tokenizer, streaming) if any(q is not None for q in streaming) else None
@@ -144,6 +162,7 @@ class Engine:
                 if not r.result.done():
                     r.result.set_exception(e)
         finally:
+            self._running = []
             for r in batch:
                 if r.chunks is not None:
                     r.chunks.put(None)
@@ -159,6 +178,17 @@ class Engine:
             return self.model.disable_adapter()
         self.model.set_adapter(name)
         return nullcontext()
+
+
+def context_length(model, tokenizer) -> int | None:
+    """The model's context: its config's position limit, else the tokenizer's (when it states one)."""
+    config = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None) if config is not None else None
+        if isinstance(value, int) and value > 0:
+            return value
+    value = getattr(tokenizer, "model_max_length", None)
+    return value if isinstance(value, int) and 0 < value < 1 << 24 else None
 
 
 class _BatchStreamer:

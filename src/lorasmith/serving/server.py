@@ -14,6 +14,7 @@ inside generation is a 500 with a message, never a traceback.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import time
 import uuid
@@ -41,8 +42,20 @@ class Message(BaseModel):
     reasoning_content: str | None = None
 
 
+HARMLESS = {"user", "store", "metadata", "parallel_tool_calls", "stream_options", "service_tier"}
+"""Fields OpenAI clients send that change nothing about the answer: accepted and not used."""
+NEUTRAL = {
+    "frequency_penalty": 0,
+    "presence_penalty": 0,
+    "logprobs": False,
+    "logit_bias": {},
+    "response_format": {"type": "text"},
+}
+"""Fields accepted at the value that asks for nothing; any other value is refused (400), not ignored."""
+
+
 class ChatRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use (e.g. user)
+    model_config = ConfigDict(extra="allow")  # checked by unsupported(): refused by name, never silently ignored
     model: str
     messages: list[Message] = Field(min_length=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
@@ -66,17 +79,74 @@ def error_body(message: str, kind: str, param: str | None = None, code: str | No
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-def create_app(engine: Engine, *, api_key: str | None = None, max_tokens_limit: int = 1024, max_body_bytes: int = 1 << 20):
+class BodyLimit:
+    """An ASGI middleware that holds the body limit while the body is read, with or without
+    Content-Length (a chunked body has none): past the limit the request is answered 413 and whatever
+    the app would have answered is dropped."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        size = dict(scope.get("headers") or ()).get(b"content-length", b"")
+        state = {"read": 0, "over": size.isdigit() and int(size) > self.max_bytes, "answered": False}
+
+        async def limited_receive():
+            if state["over"]:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.request":
+                state["read"] += len(message.get("body", b""))
+                if state["read"] > self.max_bytes:
+                    state["over"] = True
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def guarded_send(message):
+            if not state["over"]:
+                return await send(message)
+            if not state["answered"]:
+                state["answered"] = True
+                await JSONResponse(error_body(f"request body over {self.max_bytes} bytes", "invalid_request_error"), 413)(
+                    scope, receive, send
+                )
+
+        if state["over"]:
+            await guarded_send({"type": "http.response.start"})
+            return
+        try:
+            await self.app(scope, limited_receive, guarded_send)
+        except Exception:
+            if not state["over"]:
+                raise
+        if state["over"] and not state["answered"]:
+            await guarded_send({"type": "http.response.start"})
+
+
+def create_app(
+    engine: Engine,
+    *,
+    api_key: str | None = None,
+    max_tokens_limit: int = 1024,
+    max_body_bytes: int = 1 << 20,
+    max_prompt_tokens: int | None = None,
+    request_timeout: float | None = None,
+):
+    """The app. ``max_prompt_tokens``: a cap below the model's context; ``request_timeout``: seconds after
+    which a request is ended (504) and its generation stopped."""
     app = FastAPI(title="lorasmith", docs_url=None, redoc_url=None)
+    expected = f"Bearer {api_key}".encode() if api_key is not None else None
 
     @app.middleware("http")
     async def guard(request: HttpRequest, call_next):
-        if api_key is not None and request.headers.get("authorization") != f"Bearer {api_key}":
+        given = request.headers.get("authorization", "").encode()
+        if expected is not None and not hmac.compare_digest(given, expected):  # constant time
             return JSONResponse(error_body("invalid or missing API key (Authorization: Bearer ...)", "authentication_error"), 401)
-        size = request.headers.get("content-length")
-        if size is not None and size.isdigit() and int(size) > max_body_bytes:
-            return JSONResponse(error_body(f"request body over {max_body_bytes} bytes", "invalid_request_error"), 413)
         return await call_next(request)
+
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
 
     @app.exception_handler(ApiError)
     async def api_error(request, e: ApiError):
@@ -97,7 +167,11 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_tokens_limit: 
 
     @app.exception_handler(Exception)
     async def internal(request, e: Exception):
-        return JSONResponse(error_body(f"generation failed: {type(e).__name__}: {e}", "server_error"), 500)
+        return JSONResponse(error_body(f"generation failed: {type(e).__name__}", "server_error"), 500)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "queued": engine.queue.qsize()}
 
     @app.get("/v1/models")
     async def models():
@@ -107,16 +181,21 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_tokens_limit: 
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, http: HttpRequest):
-        req = _to_request(body, engine, max_tokens_limit)
+        req = _to_request(body, engine, max_tokens_limit, max_prompt_tokens)
         try:
             engine.submit(req)
         except Busy as e:
             raise ApiError(503, f"server busy: {e}; retry later", kind="server_error") from None
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if body.stream:
-            return StreamingResponse(_events(req, rid, created, http), media_type="text/event-stream")
+            return StreamingResponse(_events(req, rid, created, http, request_timeout), media_type="text/event-stream")
         try:
-            done = await asyncio.wrap_future(req.result)
+            done = await asyncio.wait_for(asyncio.wrap_future(req.result), request_timeout)
+        except asyncio.TimeoutError:
+            req.cancelled.set()
+            raise ApiError(
+                504, f"the request took longer than the server's limit of {request_timeout:g} s", kind="timeout"
+            ) from None
         except asyncio.CancelledError:
             req.cancelled.set()
             raise
@@ -133,7 +212,18 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_tokens_limit: 
     return app
 
 
-def _to_request(body: ChatRequest, engine: Engine, max_tokens_limit: int) -> Request:
+def unsupported(body: ChatRequest) -> str | None:
+    """The first field of the request this server would otherwise have to ignore."""
+    for name, value in (body.model_extra or {}).items():
+        if name in HARMLESS or (name in NEUTRAL and value in (NEUTRAL[name], None)):
+            continue
+        return name
+    return None
+
+
+def _to_request(body: ChatRequest, engine: Engine, max_tokens_limit: int, max_prompt_tokens: int | None = None) -> Request:
+    if field_ := unsupported(body):
+        raise ApiError(400, f"{field_}: not supported by this server (leave it out)", param=field_)
     served = engine.served.get(body.model)
     if served is None:
         names = sorted(engine.served)
@@ -162,6 +252,21 @@ def _to_request(body: ChatRequest, engine: Engine, max_tokens_limit: int) -> Req
         )
     sampling = Sampling(temperature=body.temperature, top_p=body.top_p, seed=body.seed)
     prefill = tool_use.forced_prefix(engine.syntax, forced) if forced else ""
+    n_prompt = engine.prompt_tokens(messages, tools, prefill)
+    if n_prompt is not None:  # before queueing: a prompt over the context would hold the one worker for minutes
+        if max_prompt_tokens and n_prompt > max_prompt_tokens:
+            raise ApiError(
+                400,
+                f"messages: the prompt is {n_prompt} tokens, over this server's --max-prompt-tokens {max_prompt_tokens}",
+                param="messages",
+            )
+        if engine.context and n_prompt + limit > engine.context:
+            raise ApiError(
+                400,
+                f"messages: the prompt is {n_prompt} tokens and max_tokens {limit}: {n_prompt + limit} in all, "
+                f"over the model's context of {engine.context} tokens; shorten the conversation or lower max_tokens",
+                param="messages",
+            )
     return Request(
         model=body.model,
         messages=messages,
@@ -180,7 +285,7 @@ def _usage(c) -> dict:
     return {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens, "total_tokens": total}
 
 
-async def _events(req: Request, rid: str, created: int, http):
+async def _events(req: Request, rid: str, created: int, http, timeout: float | None = None):
     """Server-sent events: the role, the text as it is generated (holding back what may start a stop
     string), the last chunk with finish_reason, then [DONE]. A client that disconnects cancels generation."""
     import queue
@@ -200,6 +305,7 @@ async def _events(req: Request, rid: str, created: int, http):
     hold = max((len(s) for s in markers), default=1) - 1
     buffered = tool_use.buffers_stream(req)  # a syntax whose calls cannot be told from text as it streams
     text, sent = req.prefill, 0
+    deadline = time.monotonic() + timeout if timeout else None
     try:
         yield chunk({"role": "assistant", "content": ""})
         while True:
@@ -208,6 +314,10 @@ async def _events(req: Request, rid: str, created: int, http):
             except queue.Empty:
                 if await http.is_disconnected():
                     req.cancelled.set()
+                    return
+                if deadline is not None and time.monotonic() > deadline:
+                    req.cancelled.set()
+                    yield f"data: {json.dumps(error_body(f'the request took longer than {timeout:g} s', 'timeout'))}\n\n"
                     return
                 await asyncio.sleep(0.01)
                 continue
@@ -224,7 +334,7 @@ async def _events(req: Request, rid: str, created: int, http):
         try:
             done = await asyncio.wrap_future(req.result)
         except Exception as e:
-            yield f"data: {json.dumps(error_body(f'generation failed: {e}', 'server_error'))}\n\n"
+            yield f"data: {json.dumps(error_body(f'generation failed: {type(e).__name__}', 'server_error'))}\n\n"
             return
         message, finish = tool_use.answer(done, req)
         content = message.get("content") or ""

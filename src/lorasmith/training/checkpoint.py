@@ -1,7 +1,8 @@
 """Atomic training checkpoints with everything exact resume needs.
 
-Each checkpoint is written to a temp folder, fsynced, renamed into place, and only then marked
-complete: a run killed while writing leaves at worst a temp folder, which is never read.
+Each checkpoint is written to a temp folder, its completeness marker last, then fsynced and renamed
+into place: a run killed while writing leaves at worst a temp folder, which is never read, and a
+folder under its final name is always whole.
 """
 
 from __future__ import annotations

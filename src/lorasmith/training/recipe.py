@@ -139,7 +139,10 @@ class LoraFinetune:
         self.timings: dict[str, float] = {}
         self.cfg, self.config_path = cfg, config_path
         self.dist = distributed.init(cfg.train.distributed_timeout_minutes)
-        # Hardware first: a precision the machine cannot run fails before anything is loaded; auto is
+        # The tokenizer first: it needs no weights, and a model without a chat template is refused before
+        # any probe runs. Masks and lengths depend on its template.
+        self.tokenizer = load_tokenizer(cfg.model)
+        # Then the hardware: a precision the machine cannot run fails before anything is loaded; auto is
         # measured on this model's layer shapes (its config only: no weights loaded yet), by rank 0 for all.
         self.device = default_device()
         measured = "auto" in (cfg.train.precision, cfg.model.attn_implementation) and self.dist.is_main
@@ -166,8 +169,6 @@ class LoraFinetune:
         check_installed(cfg.output.report_to)
         check_metrics(cfg.eval.metrics)
         seed_everything(cfg.train.seed)
-        # Tokenizer before data: masks and lengths depend on its chat template.
-        self.tokenizer = load_tokenizer(cfg.model)
         self.pad_id = self.tokenizer.pad_token_id
         self.checkpoint_s = 0.0  # the longest checkpoint write so far
         self._saved_step = -1
@@ -507,8 +508,8 @@ class LoraFinetune:
             raise SystemExit(128 + stopper.signum)
 
     def resume_command(self) -> str:
-        cmd = f"lorasmith train {self.config_path or ''} --resume {self.run.path}".replace("  ", " ")
-        return cmd + (f" --nproc {self.dist.world_size}" if self.dist.active else "")
+        """The run's own config.yaml holds everything it was started with (config file and overrides)."""
+        return f"lorasmith train --resume {self.run.path}" + (f" --nproc {self.dist.world_size}" if self.dist.active else "")
 
     def lost_contact(self, e: Exception) -> TrainingError:
         step = self.state.step if hasattr(self, "state") else 0
