@@ -353,6 +353,8 @@ def test_a_chunked_body_over_the_limit_is_a_413(server):
     r = httpx.post(f"{server}/v1/chat/completions", content=body(), headers=auth, timeout=30)
     assert r.status_code == 413 and "body over" in r.json()["error"]["message"]
     assert httpx.get(f"{server}/health", headers=auth, timeout=10).json()["status"] == "ok"
+    metrics = httpx.get(f"{server}/metrics", headers=auth, timeout=10).text
+    assert "lorasmith_queue_depth 0" in metrics and 'lorasmith_requests_total{outcome="ok"}' in metrics
 
 
 def test_sigterm_during_a_long_generation_exits_within_the_grace(run):

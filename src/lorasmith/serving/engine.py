@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -76,6 +77,8 @@ class Engine:
         self.queue: queue.Queue[Request] = queue.Queue(maxsize=max_queue)
         self._held: list[Request] = []  # taken from the queue but not batchable with the current batch
         self._running: list[Request] = []
+        self.counters = {"requests": 0, "failed": 0, "prompt_tokens": 0, "completion_tokens": 0, "generation_seconds": 0.0}
+        """Totals since start, for GET /metrics."""
         self._stop = threading.Event()
         self.worker = threading.Thread(target=self._loop, name="lorasmith-engine", daemon=True)
         self.worker.start()
@@ -136,6 +139,7 @@ class Engine:
     def _run(self, batch: list[Request]) -> None:
         first = batch[0]
         self._running = batch
+        started = time.monotonic()
         try:
             streaming = [r.chunks for r in batch]
             streamer = _BatchStreamer(self.tokenizer, streaming) if any(q is not None for q in streaming) else None
@@ -156,13 +160,18 @@ class Engine:
                 )
             for r, c in zip(batch, done):
                 r.result.set_result(c)
+                self.counters["requests"] += 1
+                self.counters["prompt_tokens"] += c.prompt_tokens
+                self.counters["completion_tokens"] += c.completion_tokens
         except Exception as e:  # the request fails, the server goes on
             log.exception("generation failed")
+            self.counters["failed"] += len(batch)
             for r in batch:
                 if not r.result.done():
                     r.result.set_exception(e)
         finally:
             self._running = []
+            self.counters["generation_seconds"] += time.monotonic() - started
             for r in batch:
                 if r.chunks is not None:
                     r.chunks.put(None)

@@ -23,7 +23,7 @@ from typing import Literal
 from fastapi import FastAPI
 from fastapi import Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -172,6 +172,24 @@ def create_app(
     @app.get("/health")
     async def health():
         return {"status": "ok", "queued": engine.queue.qsize()}
+
+    @app.get("/metrics")
+    async def metrics():
+        """Prometheus text format: queue depth and totals since start."""
+        c = engine.counters
+        lines = [
+            "# TYPE lorasmith_queue_depth gauge",
+            f"lorasmith_queue_depth {engine.queue.qsize()}",
+            "# TYPE lorasmith_requests_total counter",
+            f'lorasmith_requests_total{{outcome="ok"}} {c["requests"]}',
+            f'lorasmith_requests_total{{outcome="failed"}} {c["failed"]}',
+            "# TYPE lorasmith_tokens_total counter",
+            f'lorasmith_tokens_total{{kind="prompt"}} {c["prompt_tokens"]}',
+            f'lorasmith_tokens_total{{kind="completion"}} {c["completion_tokens"]}',
+            "# TYPE lorasmith_generation_seconds_total counter",
+            f"lorasmith_generation_seconds_total {c['generation_seconds']:.3f}",
+        ]
+        return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
     async def models():
