@@ -86,6 +86,7 @@ def train(cfg: Config, *, config_path: str | None = None, resume: str | None = N
             with recipe.phase("model"):
                 recipe.setup_model()
                 recipe.setup_optimization()
+                recipe.setup_tracking()
             with recipe.phase("evaluation before"):
                 recipe.evaluate_before()
             with recipe.phase("training"):
@@ -355,6 +356,9 @@ class LoraFinetune:
         elif tc.micro_batch_size == "auto":
             split = plan_mb // auto_micro_batch(self.model, self.train_set, self.pad_id, self.precision, self.device, tc)
             self.state.split = int(self.dist.all_reduce([split], op="max")[0])  # what fits on every process
+
+    def setup_tracking(self) -> None:
+        """metrics.jsonl and the trackers of output.report_to (rank 0 only)."""
         config = {**self.cfg.to_dict(), "data_stats": self._data_stats(), "precision": self.precision.name}
         sinks = make_sinks(self.cfg.output.report_to, self.run.path, self.run.path.name, config) if self.dist.is_main else []
         self.metrics = MetricsLogger(self.run.metrics, enabled=self.dist.is_main, sinks=sinks)
