@@ -465,14 +465,10 @@ class _Locator:
         calls = bool(self.messages[i].get("tool_calls"))
         try:
             where = self.content(i)
-        except TemplateMismatch:
+        except (TemplateMismatch, *TEMPLATE_ERRORS):
             if not calls:
                 raise
-            return self.turn_by_prefix(i)
-        except TEMPLATE_ERRORS:
-            if not calls:
-                raise
-            return self.turn_by_prefix(i)
+            return self.turn_by_prefix(i)  # the template refuses the stand-in for a calling turn
         if where is None:
             if self.messages[i]["role"] == "assistant":
                 raise self.fail(i, "does not render this assistant message")

@@ -118,7 +118,8 @@ def answer(done, req) -> tuple[dict, str]:
     if thought:
         message["reasoning_content"] = thought.group(1).strip()
         text = text[thought.end() :]
-        raw = raw[_THINK.match(raw).end() :] if _THINK.match(raw) else raw
+        in_raw = _THINK.match(raw)
+        raw = raw[in_raw.end() :] if in_raw else raw
         message["content"] = text
     if not req.tools:
         return message, done.finish_reason
