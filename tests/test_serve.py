@@ -242,11 +242,14 @@ def test_streamed_requests_waiting_together_are_generated_as_one_batch(tiny_mode
         engine.close()
 
 
-def test_openai_client_runs_a_two_round_tool_loop(monkeypatch):
-    """The real openai client against the app (in process): tools and tool_choice reach the chat template,
-    a call the model writes comes back as tool_calls (finish_reason tool_calls, also streamed as deltas),
-    the client's tool result goes back in, and the model's answer to it ends the loop. The model's
-    answers are scripted: what is tested is the protocol, not the model."""
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+
+
+@pytest.fixture
+def scripted(monkeypatch):
+    """The app in process, its model's answers scripted: a call to any question, a sentence once a tool
+    result came back, and a reasoning block before an answer to "Think first.". Yields the openai client,
+    the HTTP client, and what generation was handed (history, rendered tools, prefill)."""
     from fastapi.testclient import TestClient
 
     from lorasmith.evaluation.generate import Completion
@@ -260,67 +263,95 @@ def test_openai_client_runs_a_two_round_tool_loop(monkeypatch):
     seen = []
     call_text = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
 
-    def scripted(model, tokenizer, histories, **kw):
+    def answer(model, tokenizer, histories, **kw):
         seen.append((histories[0], kw["tools"][0], kw["prefill"][0]))
         last = histories[0][-1]
         text = "It is 3 C in Oslo." if last["role"] == "tool" else call_text
+        if last["content"] == "Think first.":
+            text = "<think>\nThe user wants a plan.\n</think>\n\nHere is the plan."
         if kw["prefill"][0]:
             text = text[len(kw["prefill"][0]) :]
         return [Completion(text, "stop", 10, 5, text)]
 
-    monkeypatch.setattr(engine_mod, "complete", scripted)
+    monkeypatch.setattr(engine_mod, "complete", answer)
     monkeypatch.setattr(engine_mod, "template_of", lambda tok: None)
     monkeypatch.setattr(engine_mod.Engine, "prompt_tokens", lambda self, *a: 10)
     engine = engine_mod.Engine(None, Tok(), None, [engine_mod.Served("m", None)])
-    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
     try:
         http = TestClient(create_app(engine))
-        client = openai.OpenAI(base_url="http://testserver/v1", api_key="x", http_client=http, max_retries=0)
-        messages = [
-            {"role": "developer", "content": "Use tools."},
-            {"role": "user", "content": [{"type": "text", "text": "Oslo?"}]},
-        ]
-        first = client.chat.completions.create(model="m", messages=messages, tools=tools, temperature=0)
-        choice = first.choices[0]
-        assert choice.finish_reason == "tool_calls" and choice.message.content is None
-        (call,) = choice.message.tool_calls
-        assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Oslo"} and call.id
-        history, rendered_tools, _ = seen[-1]
-        assert history[0] == {"role": "system", "content": "Use tools."} and history[1]["content"] == "Oslo?"
-        assert rendered_tools[0]["function"]["name"] == "get_weather"
-        # Round two: the call and its result go back; the answer is plain text.
-        messages += [choice.message.model_dump(exclude_none=True), {"role": "tool", "tool_call_id": call.id, "content": "3 C"}]
-        second = client.chat.completions.create(model="m", messages=messages, tools=tools, temperature=0)
-        assert second.choices[0].finish_reason == "stop" and second.choices[0].message.content == "It is 3 C in Oslo."
-        history = seen[-1][0]
-        assert history[2]["tool_calls"][0]["function"]["arguments"] == {"city": "Oslo"}
-        assert history[3] == {"role": "tool", "content": "3 C", "tool_call_id": call.id}
-        # Streamed: the call arrives as tool-call deltas that the client joins.
-        stream = client.chat.completions.create(model="m", messages=messages[:2], tools=tools, temperature=0, stream=True)
-        chunks = list(stream)
-        deltas = [tc for c in chunks for tc in (c.choices[0].delta.tool_calls or [])]
-        assert deltas[0].function.name == "get_weather"
-        assert json.loads("".join(d.function.arguments or "" for d in deltas)) == {"city": "Oslo"}
-        assert chunks[-1].choices[0].finish_reason == "tool_calls"
-        assert not "".join(c.choices[0].delta.content or "" for c in chunks).strip()
-        # A named tool_choice: the server writes the call's opening, the model the arguments.
-        forced = {"type": "function", "function": {"name": "get_weather"}}
-        named = client.chat.completions.create(model="m", messages=messages[:2], tools=tools, tool_choice=forced, temperature=0)
-        assert seen[-1][2].startswith('<tool_call>\n{"name": "get_weather"')
-        assert named.choices[0].message.tool_calls[0].function.name == "get_weather"
-        # tool_choice none: no tools rendered, no call parsed.
-        client.chat.completions.create(model="m", messages=messages[:2], tools=tools, tool_choice="none", temperature=0)
-        assert seen[-1][1] is None
-        # Bad tool messages are 400s naming the field.
-        for bad in (
-            [{"role": "user", "content": "hi"}, {"role": "tool", "tool_call_id": "nope", "content": "1"}],
-            [{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": [{"id": "a", "type": "function",
-              "function": {"name": "get_weather", "arguments": "{oops"}}]}],
-        ):  # fmt: skip
-            r = http.post("/v1/chat/completions", json={"model": "m", "messages": bad, "tools": tools})
-            assert r.status_code == 400 and r.json()["error"]["param"].startswith("messages"), r.text
+        yield openai.OpenAI(base_url="http://testserver/v1", api_key="x", http_client=http, max_retries=0), http, seen
     finally:
         engine.close()
+
+
+def test_openai_client_runs_a_two_round_tool_loop(scripted):
+    """The real openai client against the app (in process): tools and tool_choice reach the chat template,
+    a call the model writes comes back as tool_calls (finish_reason tool_calls, also streamed as deltas),
+    the client's tool result goes back in, and the model's answer to it ends the loop. The model's
+    answers are scripted: what is tested is the protocol, not the model."""
+    client, http, seen = scripted
+    tools = TOOLS
+    messages = [
+        {"role": "developer", "content": "Use tools."},
+        {"role": "user", "content": [{"type": "text", "text": "Oslo?"}]},
+    ]
+    first = client.chat.completions.create(model="m", messages=messages, tools=tools, temperature=0)
+    choice = first.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    (call,) = choice.message.tool_calls
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Oslo"} and call.id
+    history, rendered_tools, _ = seen[-1]
+    assert history[0] == {"role": "system", "content": "Use tools."} and history[1]["content"] == "Oslo?"
+    assert rendered_tools[0]["function"]["name"] == "get_weather"
+    # Round two: the call and its result go back; the answer is plain text.
+    messages += [choice.message.model_dump(exclude_none=True), {"role": "tool", "tool_call_id": call.id, "content": "3 C"}]
+    second = client.chat.completions.create(model="m", messages=messages, tools=tools, temperature=0)
+    assert second.choices[0].finish_reason == "stop" and second.choices[0].message.content == "It is 3 C in Oslo."
+    history = seen[-1][0]
+    assert history[2]["tool_calls"][0]["function"]["arguments"] == {"city": "Oslo"}
+    assert history[3] == {"role": "tool", "content": "3 C", "tool_call_id": call.id}
+    # Streamed: the call arrives as tool-call deltas that the client joins.
+    stream = client.chat.completions.create(model="m", messages=messages[:2], tools=tools, temperature=0, stream=True)
+    chunks = list(stream)
+    deltas = [tc for c in chunks for tc in (c.choices[0].delta.tool_calls or [])]
+    assert deltas[0].function.name == "get_weather"
+    assert json.loads("".join(d.function.arguments or "" for d in deltas)) == {"city": "Oslo"}
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    assert not "".join(c.choices[0].delta.content or "" for c in chunks).strip()
+    # A named tool_choice: the server writes the call's opening, the model the arguments.
+    forced = {"type": "function", "function": {"name": "get_weather"}}
+    named = client.chat.completions.create(model="m", messages=messages[:2], tools=tools, tool_choice=forced, temperature=0)
+    assert seen[-1][2].startswith('<tool_call>\n{"name": "get_weather"')
+    assert named.choices[0].message.tool_calls[0].function.name == "get_weather"
+    # A named choice renders that tool only, yet earlier calls to the other declared tools stay valid.
+    both = [*tools, {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}]
+    named_time = {"type": "function", "function": {"name": "get_time"}}
+    again = client.chat.completions.create(model="m", messages=messages, tools=both, tool_choice=named_time, temperature=0)
+    assert [t["function"]["name"] for t in seen[-1][1]] == ["get_time"] and again.choices[0].message
+    # tool_choice none: no tools rendered, no call parsed.
+    client.chat.completions.create(model="m", messages=messages[:2], tools=tools, tool_choice="none", temperature=0)
+    assert seen[-1][1] is None
+    # Bad tool messages are 400s naming the field.
+    for bad in (
+        [{"role": "user", "content": "hi"}, {"role": "tool", "tool_call_id": "nope", "content": "1"}],
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": [{"id": "a", "type": "function",
+          "function": {"name": "get_weather", "arguments": "{oops"}}]}],
+    ):  # fmt: skip
+        r = http.post("/v1/chat/completions", json={"model": "m", "messages": bad, "tools": tools})
+        assert r.status_code == 400 and r.json()["error"]["param"].startswith("messages"), r.text
+
+
+def test_reasoning_comes_back_as_reasoning_content(scripted):
+    client, _http, _seen = scripted
+    # Reasoning comes back as reasoning_content, not inside the content, plain and streamed.
+    ask = [{"role": "user", "content": "Think first."}]
+    plain = client.chat.completions.create(model="m", messages=ask, temperature=0)
+    assert plain.choices[0].message.content == "Here is the plan."
+    assert plain.choices[0].message.model_extra["reasoning_content"] == "The user wants a plan."
+    chunks = list(client.chat.completions.create(model="m", messages=ask, temperature=0, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "Here is the plan."
+    thought = [c.choices[0].delta.model_extra.get("reasoning_content") for c in chunks]
+    assert "The user wants a plan." in thought
 
 
 def test_an_over_context_prompt_is_refused_before_queueing(server):

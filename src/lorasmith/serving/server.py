@@ -256,8 +256,9 @@ def _to_request(body: ChatRequest, engine: Engine, max_tokens_limit: int, max_pr
         raise ApiError(400, "stop: up to 4 non-empty strings", param="stop")
     try:
         messages = tool_use.canonical_messages([m.model_dump(exclude_none=True) for m in body.messages])
-        tools, forced = tool_use.chosen_tools(body.tools, body.tool_choice)
-        tool_use.check(messages, body.tools and tools)
+        declared = tool_use.declared_tools(body.tools)
+        tools, forced = tool_use.chosen_tools(declared, body.tool_choice)
+        tool_use.check(messages, declared)
     except tool_use.BadRequest as e:
         raise ApiError(400, str(e), param=e.param) from None
     if not any(m["role"] == "user" for m in messages):

@@ -46,12 +46,16 @@ def canonical_messages(raw: list[dict]) -> list[dict]:
     return out
 
 
-def chosen_tools(tools: list[dict] | None, choice) -> tuple[list[dict] | None, str | None]:
-    """(the tools to render, the function the answer must call or None)."""
+def declared_tools(tools: list[dict] | None) -> list[dict] | None:
+    """The request's tool schemas, canonical."""
     try:
-        schemas = read_tools(tools) if tools else None
+        return read_tools(tools) if tools else None
     except ToolError as e:
         raise BadRequest(str(e), "tools") from None
+
+
+def chosen_tools(schemas: list[dict] | None, choice) -> tuple[list[dict] | None, str | None]:
+    """(the tools to render, the function the answer must call or None) of the declared ``schemas``."""
     if choice in (None, "auto"):
         return schemas, None
     if choice == "none":
@@ -73,7 +77,7 @@ def chosen_tools(tools: list[dict] | None, choice) -> tuple[list[dict] | None, s
 
 def check(messages: list[dict], tools: list[dict] | None) -> None:
     """The conversation's calls and results fit together (a result answers an earlier call; calls name
-    declared tools when tools are given)."""
+    declared tools when tools are given: all the request declares, whatever tool_choice shows)."""
     calls = any(m.get("tool_calls") for m in messages)
     why, _warnings = check_tool_use(messages, tools if tools or not calls else _declared_by_calls(messages))
     if why:
@@ -94,10 +98,10 @@ def forced_prefix(syntax: str, name: str) -> str:
 
 
 def markers(req) -> tuple[str, ...]:
-    """Text that starts a call in the request's syntax: streamed content stops there."""
-    if not req.tools:
-        return ()
-    return {"hermes": ("<tool_call>",), "mistral": ("[TOOL_CALLS]",)}.get(req.syntax, ())
+    """Text where streamed content stops (the rest is sent once the answer is complete): a reasoning
+    block, which comes back as ``reasoning_content``, and the start of a call in the request's syntax."""
+    calls = {"hermes": ("<tool_call>",), "mistral": ("[TOOL_CALLS]",)}.get(req.syntax, ()) if req.tools else ()
+    return ("<think>", *calls)
 
 
 def buffers_stream(req) -> bool:
