@@ -179,8 +179,18 @@ class ChatTemplate:
         except ImportError:
             self._compiled = None
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = False, tools: list[dict] | None = None) -> str:
-        shown = template_messages(messages, self.inline_reasoning, self.arguments_as_text if tools is not None else False)
+    def render(
+        self,
+        messages: list[dict],
+        add_generation_prompt: bool = False,
+        tools: list[dict] | None = None,
+        arguments_as_text: bool | None = None,
+    ) -> str:
+        """``arguments_as_text``: how call arguments are handed over (default: as this template takes them,
+        probed only for conversations that hold calls)."""
+        if arguments_as_text is None:
+            arguments_as_text = any(m.get("tool_calls") for m in messages) and self.arguments_as_text
+        shown = template_messages(messages, self.inline_reasoning, arguments_as_text)
         if self._compiled is None:
             return self.tokenizer.apply_chat_template(
                 shown, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt
@@ -204,10 +214,7 @@ class ChatTemplate:
             {"role": "tool", "content": "LsmResult", "tool_call_id": "LsmProbe1"},
             {"role": "assistant", "content": "Done."},
         ]
-        shown = template_messages(probe, self.inline_reasoning, arguments_as_text)
-        if self._compiled is None:
-            return self.tokenizer.apply_chat_template(shown, tools=probe_tools, tokenize=False)
-        return self._compiled.render(messages=shown, tools=probe_tools, documents=None, **self._kwargs)
+        return self.render(probe, tools=probe_tools, arguments_as_text=arguments_as_text)
 
     @cached_property
     def _tool_probe_result(self) -> tuple[str | None, bool, bool]:
