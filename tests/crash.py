@@ -6,7 +6,8 @@ MODE: kill-before-step (SIGKILL before step N+1), term-before-step (SIGTERM befo
 term-mid-step (SIGTERM between two micro-batches of step N+1), oom-at-step (an out-of-memory error
 in the first micro-batch of step N+1), kill-in-checkpoint (SIGKILL while
 checkpoint N is half written), kill-in-adapter (SIGKILL while the final adapter is half written).
-Under torchrun (`torchrun ... tests/crash.py ...`) only the rank in CRASH_RANK (default: all) is hit.
+Under torchrun (`torchrun ... tests/crash.py ...`) only the rank in CRASH_RANK (default: all) is hit, and
+(kill/term-before-step) only on the job's first start, not after torchrun restarted it.
 """
 
 import os
@@ -26,7 +27,9 @@ if mode in ("kill-before-step", "term-before-step"):
     sig = signal.SIGKILL if mode == "kill-before-step" else signal.SIGTERM
 
     def patched_step(self, state, on_oom=None):
-        if state.step == n and os.environ.get("CRASH_RANK", os.environ.get("RANK", "0")) == os.environ.get("RANK", "0"):
+        first_start = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"  # a restarted job is not hit again
+        rank = os.environ.get("RANK", "0")
+        if state.step == n and first_start and os.environ.get("CRASH_RANK", rank) == rank:
             os.kill(os.getpid(), sig)
         return original_step(self, state, on_oom)
 
@@ -46,7 +49,7 @@ elif mode == "term-mid-step":
 elif mode == "oom-at-step":  # one out-of-memory error in the first micro-batch of step N+1 (on CRASH_RANK)
     from lorasmith.training import parallel
 
-    original_step, original_loss, now, fired = step.Stepper.step, parallel.weighted_loss, [0], []
+    original_step, original_loss, now, fired = step.Stepper.step, parallel.loss_of, [0], []
 
     def recording_step(self, state, on_oom=None):
         now[0] = state.step
@@ -60,7 +63,7 @@ elif mode == "oom-at-step":  # one out-of-memory error in the first micro-batch 
         return original_loss(model, batch, precision)
 
     step.Stepper.step = recording_step
-    parallel.weighted_loss = oom_once
+    parallel.loss_of = oom_once
 elif mode == "kill-in-checkpoint":
     original_save = torch.save
 

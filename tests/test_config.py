@@ -101,3 +101,23 @@ def test_a_saved_config_loads_back_as_it_was(tmp_path):
     path.write_text(config.to_yaml(cfg))
     assert config.load(path) == cfg
     assert config.load(path).lora.target_modules == "all-linear"
+
+
+def test_a_renamed_key_is_still_read_under_its_earlier_name(tmp_path, caplog):
+    """train.batch_tokens became train.micro_batch_tokens: old configs and old runs' config.yaml still load."""
+    old = tmp_path / "old.yaml"
+    old.write_text("train:\n  batch_tokens: 600\n")
+    assert config.load(old).train.micro_batch_tokens == 600
+    assert config.load(None, ["train.batch_tokens=300"]).train.micro_batch_tokens == 300
+    assert "train.batch_tokens is now train.micro_batch_tokens" in caplog.text
+
+
+def test_a_checkpoint_written_before_a_field_rename_still_loads(tmp_path):
+    import json
+
+    from lorasmith.training import checkpoint
+
+    (tmp_path / checkpoint.MARKER).write_text("")
+    old = {"step": 3, "micro_batches_done": 6, "tokens_seen": 100, "skipped_steps": 0, "fingerprint": {}, "split": 4}
+    (tmp_path / "trainer_state.json").write_text(json.dumps(old))
+    assert checkpoint.load_state(tmp_path).oom_pieces == 4

@@ -9,7 +9,8 @@ from tests.conftest import write_jsonl
 from lorasmith import config
 from lorasmith.cli import main
 from lorasmith.config import DataConfig, DataSource
-from lorasmith.data.check import run_check, summary, to_json
+from lorasmith.data.check import run_check
+from lorasmith.data.check_output import summary, to_json
 from lorasmith.data.dataset import read_split, tokenize
 from lorasmith.data.masking import encode, encode_fitted, trained_spans
 from lorasmith.data.records import read_source
@@ -165,7 +166,7 @@ def test_tokenization_cache_returns_identical_encodings(tmp_path, tokenizer, dem
     assert len(list((tmp_path / "cache" / "tokenized").glob("*.npz"))) == 1
     from lorasmith.data import dataset
 
-    monkeypatch.setattr(dataset, "_encode_all", lambda *a: pytest.fail("cache was not used"))
+    monkeypatch.setattr(dataset, "_encode_fresh", lambda *a: pytest.fail("cache was not used"))
     second = tokenize(tokenizer, convs, cfg)
     assert [e.input_ids for e in first.encoded] == [e.input_ids for e in second.encoded]
     assert [w for e in first.encoded for w in e.weights] == pytest.approx([w for e in second.encoded for w in e.weights])

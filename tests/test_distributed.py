@@ -172,3 +172,107 @@ def test_an_oom_on_one_process_makes_all_split_the_same_way(tmp_path, tiny_model
     got, want = _losses(tmp_path / "oom"), _losses(one_process[4])
     assert all(got[k] == pytest.approx(want[k], rel=1e-5) for k in want)
     assert _close(_adapter(tmp_path / "oom"), _adapter(one_process[4]), ATOL)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_dpo_on_two_processes_equals_one_process(tmp_path, tiny_model_dir, strategy):
+    """The preference loss on the same loop: pairs shared out like conversations, the reference computed
+    the same way on every process, one loss per pair normalised over the global batch."""
+    from lorasmith.data.prefs_demo import generate
+
+    train, val = generate(n_train=24, n_val=6, seed=2)
+    files = write_jsonl(tmp_path / "t.jsonl", train), write_jsonl(tmp_path / "v.jsonl", val)
+    dpo = ["lora.dropout=0", "train.objective=dpo", "train.lr=1e-3", f"train.distributed={strategy}"]
+    assert main(_args(tiny_model_dir, files, tmp_path, "one", *dpo)) == 0
+    proc = _launch(_args(tiny_model_dir, files, tmp_path, "two", *dpo))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got, want = _losses(tmp_path / "two"), _losses(tmp_path / "one")
+    assert got.keys() == want.keys() and all(got[k] == pytest.approx(want[k], rel=1e-4) for k in want)
+    assert _close(_adapter(tmp_path / "two"), _adapter(tmp_path / "one"), ATOL)
+    after = json.loads((tmp_path / "two" / "eval_after.json").read_text())
+    assert after["pairs"] == 6 and "reward_accuracy" in after
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _nodes(commands: list[list[str]], folder: Path) -> list[subprocess.CompletedProcess]:
+    """Each command as one "node" on this machine, all at once (they meet at the rendezvous), bounded: on
+    a timeout every node is killed and the test fails showing the end of each node's output."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    logs = [folder / f"node{i}.log" for i in range(len(commands))]
+    procs = []
+    for c, log in zip(commands, logs):
+        with open(log, "w") as out:
+            procs.append(subprocess.Popen(c, stdout=out, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT))
+    try:
+        for p in procs:
+            p.wait(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        tails = "\n".join(f"--- node {i} ---\n{log.read_text()[-3000:]}" for i, log in enumerate(logs))
+        pytest.fail(f"the nodes did not finish within {TIMEOUT_S} s:\n{tails}")
+    return [subprocess.CompletedProcess(c, p.returncode, "", log.read_text()) for c, p, log in zip(commands, procs, logs)]
+
+
+def test_two_nodes_train_the_same_adapter_as_one_process(tmp_path, tiny_model_dir, data_files, one_process):
+    """Two `lorasmith train --nnodes 2 --master ...` launches on 127.0.0.1 (one process each, gloo), the run
+    folder on storage both see: the same global batch, so the same adapter as one process."""
+    args = _args(tiny_model_dir, data_files, tmp_path, "nodes", "lora.dropout=0")
+    node = [sys.executable, "-m", "lorasmith", *args, "--nnodes", "2", "--master", f"127.0.0.1:{_free_port()}"]
+    for proc in _nodes([node, node], tmp_path):
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "nodes"
+    got, want = _losses(run), _losses(one_process[4])
+    assert got.keys() == want.keys() and all(got[k] == pytest.approx(want[k], rel=1e-5) for k in want)
+    assert _close(_adapter(run), _adapter(one_process[4]), ATOL)
+    assert json.loads((run / "run.json").read_text())["processes"] == 2
+
+
+def test_a_node_killed_mid_run_stops_the_other_and_the_same_command_resumes_exactly(
+    tmp_path, tiny_model_dir, data_files, one_process
+):
+    """One node's process is SIGKILLed before step 4: the other node's process stops too (it does not
+    wait), and re-running the same command on both nodes (what a requeued Slurm job or a restarted pod
+    does) resumes from the step-2 checkpoint and ends with the losses and adapter of one process."""
+    args = _args(tiny_model_dir, data_files, tmp_path, "requeued", "lora.dropout=0")
+    rendezvous = ["--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d", "--rdzv-id=requeued"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", *rendezvous, f"--rdzv-endpoint=127.0.0.1:{_free_port()}"]
+    healthy = [*torchrun, "-m", "lorasmith", *args]
+    killed = [*torchrun, str(ROOT / "tests" / "crash.py"), "kill-before-step", "3", "--", *args]
+    first = _nodes([healthy, killed], tmp_path)
+    assert all(p.returncode != 0 for p in first)
+    assert "lost contact with the others at step 3" in first[0].stderr, first[0].stderr[-3000:]
+    run = tmp_path / "requeued"
+    assert not (run / "adapter").exists() and (run / "checkpoints" / "step-0000002" / "COMPLETE").is_file()
+
+    again = [sys.executable, "-m", "lorasmith", *args, "--resume", "--nnodes", "2", "--master", f"127.0.0.1:{_free_port()}"]
+    for proc in _nodes([again, again], tmp_path):
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from" in (run / "train.log").read_text()
+    got, want = _losses(run), _losses(one_process[4])
+    assert got.keys() == want.keys() and all(got[k] == pytest.approx(want[k], rel=1e-5) for k in want)
+    assert _close(_adapter(run), _adapter(one_process[4]), ATOL)
+
+
+def test_the_cluster_examples_parse_and_name_the_same_run_on_every_node():
+    script = ROOT / "examples" / "cluster" / "slurm.sbatch"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    text = script.read_text()
+    assert "--requeue" in text and "--resume" in text and "--nnodes" in text and "output.name=" in text
+    import yaml
+
+    job, claim = yaml.safe_load_all((ROOT / "examples" / "cluster" / "kubernetes.yaml").read_text())
+    worker = job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]
+    assert worker["command"][:3] == ["torchrun", "--nproc-per-node=8", "-m"] and "--resume" in worker["command"]
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    # The command the job runs is one lorasmith accepts (parsed, not run).
+    from lorasmith.cli import build_parser
+
+    build_parser().parse_args(worker["command"][4:])

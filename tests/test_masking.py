@@ -8,7 +8,8 @@ from tests.masking_reference import apply, conversations, policy_weights, refere
 from tests.templates import FAMILIES, family_tokenizer
 
 from lorasmith.data.batching import collate
-from lorasmith.data.masking import ChatTemplate, TemplateMismatch, encode, encode_fitted, trained_spans
+from lorasmith.data.masking import TemplateMismatch, encode, encode_fitted, trained_spans
+from lorasmith.data.template import ChatTemplate
 
 N_CONVERSATIONS = 40
 

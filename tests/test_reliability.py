@@ -149,7 +149,7 @@ def test_sigterm_checkpoints_and_exits_143(tmp_path, tiny_model_dir, data_files,
 
 
 def _inject_nan_at(monkeypatch, call):
-    original = step.weighted_loss
+    original = step.loss_of
     calls = {"n": 0}
 
     def nan_loss(model, batch, precision):
@@ -159,7 +159,7 @@ def _inject_nan_at(monkeypatch, call):
             parts.loss_sum = parts.loss_sum * float("nan")
         return parts
 
-    monkeypatch.setattr(step, "weighted_loss", nan_loss)
+    monkeypatch.setattr(step, "loss_of", nan_loss)
 
 
 def test_nan_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_model_dir, data_files, monkeypatch, capsys):
@@ -198,14 +198,14 @@ def reference_no_dropout(tmp_path, tiny_model_dir, data_files):
 
 def test_oom_halves_the_micro_batch_and_keeps_the_result(tmp_path, tiny_model_dir, data_files, reference_no_dropout, monkeypatch):
     reference = reference_no_dropout
-    original = step.weighted_loss
+    original = step.loss_of
 
     def small_memory(model, batch, precision):
         if batch.input_ids.shape[0] > 1:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return original(model, batch, precision)
 
-    monkeypatch.setattr(step, "weighted_loss", small_memory)
+    monkeypatch.setattr(step, "loss_of", small_memory)
     out = tmp_path / "runs"
     assert main(_args(tiny_model_dir, data_files, out, "oom", "lora.dropout=0")) == 0
     rows = [json.loads(line) for line in (out / "oom" / "metrics.jsonl").read_text().splitlines()]
@@ -223,7 +223,7 @@ def test_oom_at_micro_batch_one_is_a_clear_error(tmp_path, tiny_model_dir, data_
     def no_memory(*a, **k):
         raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 123 bytes")
 
-    monkeypatch.setattr(step, "weighted_loss", no_memory)
+    monkeypatch.setattr(step, "loss_of", no_memory)
     assert main(_args(tiny_model_dir, data_files, tmp_path / "runs")) == 1
     assert "even with one conversation per micro-batch" in capsys.readouterr().err
 
@@ -275,9 +275,9 @@ def test_full_disk_during_checkpoint_keeps_the_previous_one(tmp_path, tiny_model
 def test_unwritable_output_fails_before_loading_the_model(tmp_path, tiny_model_dir, data_files, capsys, monkeypatch):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    from lorasmith.training import recipe
+    from lorasmith.training import trainee
 
-    monkeypatch.setattr(recipe, "load_model", lambda *a, **k: pytest.fail("model loaded before the output check"))
+    monkeypatch.setattr(trainee, "load_model", lambda *a, **k: pytest.fail("model loaded before the output check"))
     assert main(_args(tiny_model_dir, data_files, blocker / "runs")) == 2
     assert "cannot write to" in capsys.readouterr().err
 
@@ -329,9 +329,9 @@ def test_checkpoints_on_a_clock_keep_saving_under_two_percent():
     from types import SimpleNamespace
 
     from lorasmith.config import TrainConfig
-    from lorasmith.training.recipe import LoraFinetune
+    from lorasmith.training.loop import TrainLoop
 
-    due = LoraFinetune._checkpoint_due
+    due = TrainLoop.checkpoint_due
     now = __import__("time").monotonic()
     run = SimpleNamespace(cfg=SimpleNamespace(train=TrainConfig()), checkpoint_s=0.5, last_save=now - 601)
     assert TrainConfig().save_every_minutes == 10 and due(run, 7)  # 10 minutes passed

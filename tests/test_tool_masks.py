@@ -8,7 +8,8 @@ import pytest
 from tests.masking_reference import tool_apply, tool_reference_weights
 from tests.templates import FAMILIES_WITH_TOOLS, family_tokenizer
 
-from lorasmith.data.masking import ChatTemplate, encode, trained_spans
+from lorasmith.data.masking import encode, trained_spans
+from lorasmith.data.template import ChatTemplate
 from lorasmith.errors import DataError
 
 TOOLS = [

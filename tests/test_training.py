@@ -160,7 +160,7 @@ def test_token_budget_plan_fills_batches_and_keeps_the_step_count():
 
 
 def test_token_budget_training_runs(tmp_path, tiny_model_dir, demo_rows):
-    losses, _ = _run(tiny_model_dir, tmp_path, demo_rows, "budget", "train.batch_tokens=600", "train.precision=fp32")
+    losses, _ = _run(tiny_model_dir, tmp_path, demo_rows, "budget", "train.micro_batch_tokens=600", "train.precision=fp32")
     assert len(losses) == 4 and losses[-1] < losses[0]
 
 

@@ -94,6 +94,11 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def under_torchrun() -> bool:
+    """Whether torchrun started this process (even as the only one, e.g. for its restarts)."""
+    return "TORCHELASTIC_RUN_ID" in os.environ or launched()
+
+
 def init(timeout_minutes: float) -> Dist:
     """Join the process group torchrun's environment describes (no-op for a single process)."""
     if not launched():
@@ -118,25 +123,71 @@ def shutdown() -> None:
         torch.distributed.destroy_process_group()
 
 
-def launch(nproc: int, argv: list[str]) -> int:
+@dataclass(frozen=True)
+class Nodes:
+    """How many machines a launch spans and how they meet (torchrun's c10d rendezvous), and how often
+    torchrun restarts the processes after a failure."""
+
+    nnodes: int = 1
+    master: str | None = None
+    """ADDR:PORT of the rendezvous, the same on every node (one of the nodes, reachable by all)."""
+    rdzv_id: str = "lorasmith"
+    """The job's id at the rendezvous: the same on every node, another for another job."""
+    max_restarts: int = 0
+
+    def torchrun_args(self, nproc: int) -> list[str]:
+        if self.nnodes == 1:
+            spread = ["--standalone"]
+        else:
+            spread = [f"--nnodes={self.nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={self.master}"]
+            spread.append(f"--rdzv-id={self.rdzv_id}")
+        return [*spread, f"--nproc-per-node={nproc}", f"--max-restarts={self.max_restarts}"]
+
+    def flags(self) -> str:
+        """The lorasmith flags that launch this again (for the resume command a run prints)."""
+        if self.nnodes == 1:
+            return ""
+        return f" --nnodes {self.nnodes} --master {self.master} --rdzv-id {self.rdzv_id}"
+
+
+LAUNCH_FLAGS = "LORASMITH_LAUNCH_FLAGS"
+"""Set by :func:`launch` for its processes: the node flags of the command that started them."""
+
+
+def restartable() -> bool:
+    """Whether torchrun may restart this process (``--max-restarts`` > 0). Its restart count cannot tell
+    a restart apart: a node whose processes are restarted because another node rejoined keeps count 0."""
+    return int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0
+
+
+def launch_flags(world_size: int) -> str:
+    """``--nproc N`` (processes on this machine) and the node flags that started this job."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    return f" --nproc {local}" + os.environ.get(LAUNCH_FLAGS, "")
+
+
+def launch(nproc: int, argv: list[str], nodes: Nodes | None = None) -> int:
     """Run ``lorasmith argv`` on ``nproc`` local processes through torchrun's own entry point
-    (``torch.distributed.run``: restarts, signal forwarding and the failure summary are torchrun's);
-    returns the exit code of the first process that failed, 0 if all succeeded."""
+    (``torch.distributed.run``: restarts, signal forwarding and the failure summary are torchrun's),
+    on this machine or, with ``nodes``, as one node of several; returns the exit code of the first
+    process that failed, 0 if all succeeded."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
+    nodes = nodes or Nodes()
     if "OMP_NUM_THREADS" not in os.environ:
         # Split the cores between the processes (torchrun alone would give each one thread).
         os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
-    args = get_args_parser().parse_args(["--standalone", f"--nproc-per-node={nproc}", "-m", "lorasmith", *argv])
+    os.environ[LAUNCH_FLAGS] = nodes.flags()
+    args = get_args_parser().parse_args([*nodes.torchrun_args(nproc), "-m", "lorasmith", *argv])
     try:
         run(args)
     except ChildFailedError as e:
         rank, first = min(e.failures.items(), key=lambda kv: kv[1].timestamp)  # the root cause, not its echoes
         code = first.exitcode or 1
         how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
-        print(f"error: process {rank} of {nproc} {how}; torchrun stopped the others", file=sys.stderr)
+        print(f"error: process {rank} of {nproc * nodes.nnodes} {how}; torchrun stopped the others", file=sys.stderr)
         print("  how to fix: see its message above, then continue with the same command and --resume", file=sys.stderr)
         return 128 - code if code < 0 else code  # killed by a signal: the shell's convention
     except SignalException as e:  # SIGTERM/SIGINT on the launcher: torchrun passed it on and waited for the processes

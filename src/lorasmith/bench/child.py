@@ -239,7 +239,7 @@ def run_lorasmith(model_dir: str, train: str, val: str, steps: int, extra: list[
             cfg: Config = load(None, overrides)
             run = RunFolder(run_train(cfg))
         peak = _peak_rss_mib()  # training's peak, before the evaluation below loads a second model
-        rows = [json.loads(line) for line in run.metrics.read_text().splitlines()]
+        rows = run.read_metrics()
         steps_rows = [r for r in rows if "step_s" in r]
         status = run.read_status()
         # Evaluate like the other configurations: the adapter on the fp32 base, in fp32.

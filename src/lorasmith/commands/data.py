@@ -32,7 +32,8 @@ def add_parser(sub) -> None:
 def run_check_command(args) -> int:
     from lorasmith import config
     from lorasmith.commands.inputs import is_data_path
-    from lorasmith.data.check import run_check, summary, write_outputs
+    from lorasmith.data.check import run_check
+    from lorasmith.data.check_output import summary, write_outputs
     from lorasmith.data.dataset import sources, val_source
     from lorasmith.models.loading import load_tokenizer
 

@@ -1,10 +1,14 @@
-"""`lorasmith eval TARGET [TARGET ...] --data FILE`: score models or adapters on the same conversations.
+"""`lorasmith eval TARGET [TARGET ...] --data FILE`: score models or adapters on the same conversations,
+or on the same preference pairs.
 
 Each target (a run folder, an adapter folder, or a base model) gets the validation loss, perplexity
 and token accuracy on the trained tokens, and greedy answers to each conversation's last assistant
 turn scored against it: exact and normalised match, JSON validity and equality, ROUGE-L, chrF (each
 with a bootstrap 95% interval), plus the user's own metric (``--metric module:function``). Two
-targets make a before/after table.
+targets make a before/after table. Preference pairs (prompt/chosen/rejected in any shape `train` reads
+for dpo/orpo) get the preference loss, reward accuracy and margin (the adapter against its base, or a
+run's own reference), the chosen and rejected log-probs, and how often the chosen completion has the
+higher mean log-prob.
 """
 
 from __future__ import annotations
@@ -63,10 +67,30 @@ def evaluate_target(spec: str, convs, args, metrics: list[str]) -> dict:
     return result
 
 
+def evaluate_pairs(spec: str, pairs, args) -> dict:
+    from lorasmith.config import DataConfig, load
+    from lorasmith.data.batching import PreferenceLoss
+    from lorasmith.data.preferences import tokenize_pairs
+    from lorasmith.evaluation.preferences import preference_scores
+    from lorasmith.models.target import resolve
+    from lorasmith.serving.chat import load_for_chat
+
+    target = resolve(spec)
+    adapter = str(target.adapter) if target.adapter else None
+    model, tokenizer, precision = load_for_chat(None if adapter else spec, adapter)
+    tc = load(target.run.config).train if target.run is not None else None
+    objective = tc.objective if tc is not None and tc.objective != "sft" else "dpo"
+    loss = PreferenceLoss(objective, tc.beta if tc is not None else 0.1, tc.label_smoothing if tc is not None else 0.0)
+    data = tokenize_pairs(tokenizer, pairs, DataConfig(train="eval", max_length=args.max_length))
+    scores = preference_scores(model, data, loss, precision, tokenizer.pad_token_id, batch_size=16)
+    return {"target": spec, "precision": precision.name, "objective": objective, "beta": loss.beta, **scores, "scores": {}}
+
+
 def to_markdown(results: list[dict]) -> str:
     header = "| metric | " + " | ".join(r["target"] for r in results) + " |"
     lines = [header, "|---" * (len(results) + 1) + "|"]
-    for key in ("loss", "perplexity", "token_accuracy"):
+    keys = ("loss", "perplexity", "token_accuracy", "reward_accuracy", "reward_margin", "preference_accuracy")
+    for key in (*keys, "chosen_logp", "rejected_logp"):
         if all(key in r for r in results):
             lines.append(f"| {key} | " + " | ".join(f"{r[key]:.4f}" for r in results) + " |")
     for name in results[0]["scores"]:
@@ -81,6 +105,7 @@ def to_markdown(results: list[dict]) -> str:
 
 def run(args) -> int:
     from lorasmith import atomic
+    from lorasmith.data.preferences import holds_pairs, read_pairs
     from lorasmith.data.records import read_source
     from lorasmith.evaluation.scores import check_metrics, load_user_metric
 
@@ -88,13 +113,19 @@ def run(args) -> int:
     check_metrics(builtin, "--metrics")  # bad names and user metrics fail before any model loads
     for spec in args.metric:
         load_user_metric(spec)
-    convs = read_source(args.data, fmt=args.format).conversations
-    convs = [c for c in convs if any(m["role"] == "assistant" for m in c.messages)]
-    if args.limit:
-        convs = convs[: args.limit]
-    results = [evaluate_target(t, convs, args, builtin + args.metric) for t in args.targets]
+    if holds_pairs(args.data):
+        pairs = read_pairs(args.data).conversations[: args.limit or None]
+        results = [evaluate_pairs(t, pairs, args) for t in args.targets]
+        what = f"{len(pairs)} preference pairs from {args.data}; means"
+    else:
+        convs = read_source(args.data, fmt=args.format).conversations
+        convs = [c for c in convs if any(m["role"] == "assistant" for m in c.messages)]
+        if args.limit:
+            convs = convs[: args.limit]
+        results = [evaluate_target(t, convs, args, builtin + args.metric) for t in args.targets]
+        what = f"{len(convs)} conversations from {args.data}; means with bootstrap 95% intervals"
     table = to_markdown(results)
-    print(f"{len(convs)} conversations from {args.data}; means with bootstrap 95% intervals\n", file=sys.stderr)
+    print(f"{what}\n", file=sys.stderr)
     print(table)
     if args.out:
         out = Path(args.out)

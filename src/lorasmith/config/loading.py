@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import types
 import typing
 from pathlib import Path
@@ -102,6 +103,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
+log = logging.getLogger(__name__)
+
 SHORTHAND = {"ModelConfig": "name", "DataSource": "path"}
 """A section or entry given as a plain string sets this field: `model: NAME` is `model: {name: NAME}`."""
 
@@ -110,9 +113,16 @@ def _field_type(cls: type, name: str) -> Any | None:
     return typing.get_type_hints(cls).get(name) if dataclasses.is_dataclass(cls) else None
 
 
+RENAMED = {"train.batch_tokens": "train.micro_batch_tokens"}
+"""Keys under their earlier names: still read (configs and runs' config.yaml written before), with a warning."""
+
+
 def _set(tree: dict[str, Any], dotted: str, value: Any, where: str) -> None:
     """Put ``value`` at ``dotted`` (any depth: `train.lr`, `data.loss_weights.user`) into ``tree``,
     checking each part against the schema."""
+    if dotted in RENAMED:
+        log.warning("config key %s is now %s (%s): read as that", dotted, RENAMED[dotted], where)
+        dotted = RENAMED[dotted]
     parts = dotted.split(".")
     cls: Any = Config
     node = tree

@@ -16,7 +16,8 @@ from lorasmith.errors import ConfigError
 
 DEMO = "demo"
 TOOLS_DEMO = "demo-tools"
-BUILTIN_DATA = (DEMO, TOOLS_DEMO)
+PREFS_DEMO = "demo-prefs"
+BUILTIN_DATA = (DEMO, TOOLS_DEMO, PREFS_DEMO)
 """Generated data sets `data.train` may name: the demo task, and the tool-calling task."""
 """Value of ``data.train`` that selects the built-in, generated field-extraction demo data."""
 
@@ -38,6 +39,11 @@ class ModelConfig:
     chat_template: str | None = None
     """A Jinja chat template file that replaces the tokenizer's own, or a shipped one by name: `chatml-tools`
     (ChatML with Hermes/Qwen2.5-style `<tool_call>` JSON, for tool-calling data on ChatML models)."""
+    adapter: str | None = None
+    """Start from this adapter (a run folder or a PEFT adapter folder, e.g. an SFT run before DPO): training
+    continues it (its r, alpha and target modules; lora.* is not used), and with dpo the adapter as it was is
+    the reference. model.name must be its base. The result is one adapter on the base, merged and exported
+    like any other."""
 
 
 @dataclass
@@ -151,6 +157,19 @@ class LoraConfig:
 
 @dataclass
 class TrainConfig:
+    objective: Literal["sft", "dpo", "orpo"] = "sft"
+    """sft: next-token loss on the trained turns; dpo: Direct Preference Optimization on preference pairs (the
+    reference is the base with the adapter disabled: no second model); orpo: odds-ratio preference optimization
+    (the chosen side's NLL plus an odds-ratio term, no reference). dpo/orpo read data as prompt/chosen/rejected
+    pairs (README: "Preference tuning")."""
+    beta: float = 0.1
+    """dpo: the strength of the KL tie to the reference (higher stays closer); orpo: the weight of the
+    odds-ratio term (ORPO's lambda)."""
+    label_smoothing: float = 0.0
+    """dpo: the assumed share of pairs whose preference label is wrong (conservative DPO); 0 = plain sigmoid DPO."""
+    reference: Literal["precompute", "on_the_fly"] = "precompute"
+    """dpo: reference log-probs computed once before training (one forward pass over the pairs without the
+    adapter), or in every step (one more forward per step; no pass up front)."""
     epochs: float = 1.0
     """Passes over the training data (fractions allowed). Ignored when max_steps > 0."""
     max_steps: int = 0
@@ -159,9 +178,9 @@ class TrainConfig:
     """Conversations per forward/backward pass, or auto: the largest that fits train.memory_budget_gb."""
     grad_accum: int = 1
     """Micro-batches per optimizer step (effective batch = micro_batch_size x grad_accum)."""
-    batch_tokens: int = 0
+    micro_batch_tokens: int = 0
     """Token-budget batching: fill each micro-batch with conversations of similar length up to this many padded
-    tokens, instead of micro_batch_size conversations; the effective batch is then ~batch_tokens x grad_accum
+    tokens, instead of micro_batch_size conversations; the effective batch is then ~micro_batch_tokens x grad_accum
     tokens (the loss stays normalised by trained tokens). 0 = off."""
     packing: bool = False
     """Padding-free packing: each micro-batch becomes one row with positions restarting per conversation
@@ -229,6 +248,16 @@ class TrainConfig:
     """With on_nonfinite=skip, stop after this many non-finite steps in a row."""
 
     def __post_init__(self):
+        if self.beta <= 0:
+            raise ConfigError(f"train.beta must be > 0, got {self.beta}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"train.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.objective != "sft" and (self.packing or self.micro_batch_size == "auto"):
+            key = "train.packing" if self.packing else "train.micro_batch_size=auto"
+            raise ConfigError(
+                f"{key} is not available with train.objective={self.objective}",
+                hint="preference pairs run as padded chosen/rejected rows: set train.micro_batch_size (pairs per micro-batch)",
+            )
         if self.max_steps < 0:
             raise ConfigError(f"train.max_steps must be >= 0, got {self.max_steps}")
         if self.max_steps == 0 and self.epochs <= 0:
@@ -238,10 +267,12 @@ class TrainConfig:
         for key in ("grad_accum", "log_every", "keep_checkpoints", "max_skipped_steps"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"train.{key} must be >= 1, got {getattr(self, key)}")
-        if self.batch_tokens < 0:
-            raise ConfigError(f"train.batch_tokens must be >= 0, got {self.batch_tokens}")
-        if self.batch_tokens and self.micro_batch_size == "auto":
-            raise ConfigError("train.batch_tokens and train.micro_batch_size=auto both size the micro-batch", hint="use one")
+        if self.micro_batch_tokens < 0:
+            raise ConfigError(f"train.micro_batch_tokens must be >= 0, got {self.micro_batch_tokens}")
+        if self.micro_batch_tokens and self.micro_batch_size == "auto":
+            raise ConfigError(
+                "train.micro_batch_tokens and train.micro_batch_size=auto both size the micro-batch", hint="use one"
+            )
         if self.micro_batch_size == "auto":
             if self.effective_batch_size < 1:
                 raise ConfigError(

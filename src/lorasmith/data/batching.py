@@ -19,11 +19,11 @@ _GROUP_WINDOW = 64
 
 
 def plan_epoch(
-    lengths: list[int], micro_batch_size: int, seed: int, epoch: int, order: str = "length", batch_tokens: int = 0
+    lengths: list[int], micro_batch_size: int, seed: int, epoch: int, order: str = "length", micro_batch_tokens: int = 0
 ) -> list[list[int]]:
     """Micro-batches (lists of sample indices) for one epoch; see `train.order` for the orders."""
-    if batch_tokens:
-        return token_budget_plan(lengths, batch_tokens, seed, epoch)
+    if micro_batch_tokens:
+        return token_budget_plan(lengths, micro_batch_tokens, seed, epoch)
     rng = random.Random(f"{seed}:{epoch}")
     idx = list(range(len(lengths)))
     rng.shuffle(idx)
@@ -114,3 +114,48 @@ def collate_packed(samples: list[Encoded]) -> Batch:
     pos = torch.cat([torch.arange(len(s.input_ids)) for s in samples]).unsqueeze(0)
     weights = torch.tensor([w if j else 0.0 for s in samples for j, w in enumerate(s.weights)], dtype=torch.float32).unsqueeze(0)
     return Batch(ids, torch.ones_like(ids), weights, pos)
+
+
+@dataclass
+class PreferenceLoss:
+    """Which preference loss a pair batch is trained with (train.objective, train.beta, train.label_smoothing)."""
+
+    objective: str
+    beta: float
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class PairBatch:
+    """k preference pairs as 2k right-padded rows: the k chosen completions, then the k rejected ones."""
+
+    sides: Batch
+    loss: PreferenceLoss
+    reference: torch.Tensor | None = None
+    """[2k] reference log-probs in the rows' order, when precomputed (else the step computes them)."""
+
+    @property
+    def pairs(self) -> int:
+        return self.sides.input_ids.shape[0] // 2
+
+    @property
+    def weight_sum(self) -> float:
+        """What the loss sum is normalised by: pairs (each pair's loss counts once, however long)."""
+        return float(self.pairs)
+
+    @property
+    def num_real_tokens(self) -> int:
+        return self.sides.num_real_tokens
+
+    def to(self, device: torch.device) -> PairBatch:
+        ref = None if self.reference is None else self.reference.to(device)
+        return PairBatch(self.sides.to(device), self.loss, ref)
+
+
+def collate_pairs(samples: list, pad_id: int, loss: PreferenceLoss) -> PairBatch:
+    """``samples``: :class:`~lorasmith.data.preferences.PairEncoded` (chosen and rejected sides, and the
+    reference log-probs once computed)."""
+    sides = collate([s.chosen for s in samples] + [s.rejected for s in samples], pad_id)
+    known = all(s.reference is not None for s in samples)
+    ref = torch.tensor([s.reference[0] for s in samples] + [s.reference[1] for s in samples]) if known else None
+    return PairBatch(sides, loss, ref)

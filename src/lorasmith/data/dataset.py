@@ -13,13 +13,14 @@ from pathlib import Path
 import numpy as np
 
 from lorasmith import progress
-from lorasmith.config import BUILTIN_DATA, DEMO, DataConfig, DataSource
-from lorasmith.data import demo, tools_demo, workers
-from lorasmith.data.masking import TEMPLATE_ERRORS, ChatTemplate, Encoded, encode_fitted, template_of
+from lorasmith.config import BUILTIN_DATA, DEMO, PREFS_DEMO, TOOLS_DEMO, DataConfig, DataSource
+from lorasmith.data import demo, prefs_demo, tools_demo, workers
+from lorasmith.data.masking import Encoded, encode_fitted
 from lorasmith.data.records import Conversation, read_source
+from lorasmith.data.template import TEMPLATE_ERRORS, ChatTemplate, template_of
 from lorasmith.data.tools import uses_tools
 from lorasmith.errors import DataError
-from lorasmith.paths import cache_dir
+from lorasmith.paths import build_lock, cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ def sources(cfg: DataConfig) -> list[DataSource]:
 
 def builtin_files(name: str) -> tuple[Path, Path]:
     """(train, validation) files of a generated data set, written once into the cache."""
-    return demo.demo_files() if name == DEMO else tools_demo.demo_files()
+    return {DEMO: demo.demo_files, TOOLS_DEMO: tools_demo.demo_files, PREFS_DEMO: prefs_demo.demo_files}[name]()
 
 
 def val_source(cfg: DataConfig) -> DataSource | None:
@@ -76,17 +77,18 @@ def _sample(convs: list[Conversation], weight: float, seed: int) -> list[Convers
     return convs * whole + extra
 
 
-def read_split(cfg: DataConfig) -> Split:
-    """Read the configured sources, mix them by weight, and split off validation data deterministically."""
+def read_split(cfg: DataConfig, read=read_source) -> Split:
+    """Read the configured sources, mix them by weight, and split off validation data deterministically.
+    ``read``: how one source is read (conversations; data/preferences.read_pairs for preference pairs)."""
     train: list[Conversation] = []
     skipped: list[str] = []
     for i, src in enumerate(sources(cfg)):
-        got = read_source(src.path, fmt=src.format, fields=src.fields, skip_bad=cfg.skip_bad_records)
+        got = read(src.path, fmt=src.format, fields=src.fields, skip_bad=cfg.skip_bad_records)
         skipped += got.problems
         train += _sample(got.conversations, src.weight, cfg.split_seed + i) if src.weight != 1.0 else got.conversations
     val_src = val_source(cfg)
     if val_src:
-        val = read_source(val_src.path, fmt=val_src.format, fields=val_src.fields, skip_bad=cfg.skip_bad_records)
+        val = read(val_src.path, fmt=val_src.format, fields=val_src.fields, skip_bad=cfg.skip_bad_records)
         return Split(train, val.conversations, skipped + val.problems)
     if not cfg.val_fraction:
         return Split(train, [], skipped)
@@ -112,9 +114,7 @@ def encode_options(cfg: DataConfig) -> dict:
 def tokenize(tokenizer, conversations: list[Conversation], cfg: DataConfig, *, need_trained: bool = True) -> TokenizedSet:
     """Encode every conversation (cached, in parallel when large); drop (and count) those left with
     nothing to train on."""
-    options = encode_options(cfg)
-    check_tool_template(tokenizer, conversations)
-    encoded, errors = _encode_cached(tokenizer, conversations, options)
+    encoded, errors = encode_all(tokenizer, conversations, cfg)
     out = TokenizedSet([], [])
     n_truncated = 0
     for conv, enc, error in zip(conversations, encoded, errors):
@@ -145,6 +145,13 @@ def tokenize(tokenizer, conversations: list[Conversation], cfg: DataConfig, *, n
     if need_trained and not out.encoded:
         raise DataError("no conversation has a token to train on", hint="check data.train_on and data.max_length")
     return out
+
+
+def encode_all(tokenizer, conversations: list[Conversation], cfg: DataConfig) -> tuple[list[Encoded | None], list[str | None]]:
+    """Every conversation encoded (None where data.over_length=drop dropped it) and its error (None if
+    none), aligned with ``conversations``; from the cache when nothing changed."""
+    check_tool_template(tokenizer, conversations)
+    return _encode_cached(tokenizer, conversations, encode_options(cfg))
 
 
 def check_tool_template(tokenizer, conversations) -> None:
@@ -213,7 +220,7 @@ def _encode_chunk(
     return out
 
 
-def _encode_all(tokenizer, conversations: list[Conversation], options: dict) -> list[tuple[Encoded | None, str | None]]:
+def _encode_fresh(tokenizer, conversations: list[Conversation], options: dict) -> list[tuple[Encoded | None, str | None]]:
     chunks = [[(c.messages, c.tools) for c in conversations[i : i + 256]] for i in range(0, len(conversations), 256)]
     n = workers.default_workers() if len(conversations) >= _PARALLEL_FROM else 1
     results = workers.map_chunks(_encode_chunk, chunks, tokenizer, options, n)
@@ -223,13 +230,19 @@ def _encode_all(tokenizer, conversations: list[Conversation], options: dict) -> 
 def _encode_cached(tokenizer, conversations: list[Conversation], options: dict):
     """Encoded conversations (None where dropped) and errors, from the cache when the data, tokenizer,
     template and settings are unchanged."""
-    path = cache_dir() / "tokenized" / f"{_cache_key(tokenizer, conversations, options)}.npz"
+    key = _cache_key(tokenizer, conversations, options)
+    path = cache_dir() / "tokenized" / f"{key}.npz"
+    with build_lock(f"tokenized-{key}"):  # the processes of a run tokenize once; the others read the cache
+        return _read_or_encode(path, tokenizer, conversations, options)
+
+
+def _read_or_encode(path: Path, tokenizer, conversations: list[Conversation], options: dict):
     if path.is_file():
         try:
             return _load(path, len(conversations))
         except (OSError, ValueError, KeyError) as e:
             log.warning("ignoring unreadable tokenization cache %s (%s)", path, e)
-    results = _encode_all(tokenizer, conversations, options)
+    results = _encode_fresh(tokenizer, conversations, options)
     encoded, errors = [r[0] for r in results], [r[1] for r in results]
     try:
         _save(path, encoded, errors)

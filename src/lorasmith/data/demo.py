@@ -12,7 +12,7 @@ import random
 from pathlib import Path
 
 from lorasmith import atomic
-from lorasmith.paths import cache_dir
+from lorasmith.paths import build_lock, cache_dir
 
 VERSION = 1
 FIRST = [
@@ -206,9 +206,12 @@ def generated_files(name: str, make) -> tuple[Path, Path]:
     """(train.jsonl, val.jsonl) of a generated data set, written once into the cache folder ``name``
     (``make()`` returns the train and validation records)."""
     folder = cache_dir() / "data" / name
-    if not (folder / "val.jsonl").is_file():
-        train, val = make()
-        with atomic.folder(folder) as tmp:
-            for file, rows in (("train.jsonl", train), ("val.jsonl", val)):
-                (tmp / file).write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    if (folder / "val.jsonl").is_file():
+        return folder / "train.jsonl", folder / "val.jsonl"
+    with build_lock(f"data-{name}"):
+        if not (folder / "val.jsonl").is_file():
+            train, val = make()
+            with atomic.folder(folder) as tmp:
+                for file, rows in (("train.jsonl", train), ("val.jsonl", val)):
+                    (tmp / file).write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return folder / "train.jsonl", folder / "val.jsonl"

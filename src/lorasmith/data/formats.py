@@ -246,6 +246,8 @@ def to_messages(record, fmt: str, fields: dict[str, str]) -> list[dict]:
         number_calls(out)
         return out
     if fmt == "sharegpt":
+        if "chosen" in record and "rejected" in record:  # LLaMA-Factory's preference pairs
+            raise RecordError("a preference pair (chosen/rejected): train on such data with train.objective=dpo or orpo")
         turns = get("conversations")
         if not isinstance(turns, list):
             raise RecordError('"conversations" must be a list of {"from": ..., "value": ...}')
@@ -290,6 +292,8 @@ def to_messages(record, fmt: str, fields: dict[str, str]) -> list[dict]:
                 m.setdefault("weight", 0.0)
             return msgs
         raise RecordError('"prompt" and "completion" must both be text or both be lists of messages')
+    if ("chosen" in record and "rejected" in record) or "preferred_output" in record:
+        raise RecordError("a preference pair (chosen/rejected): train on such data with train.objective=dpo or orpo")
     raise RecordError(
         f"unrecognised record (keys {sorted(record)[:8]}); expected messages, conversations, instruction/output "
         "or prompt/completion: set data.format and data.fields for custom names"

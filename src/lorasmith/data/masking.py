@@ -51,26 +51,12 @@ trained message two, and one tokenization of the whole conversation.
 from __future__ import annotations
 
 import bisect
-import json
-import re
-import weakref
 from dataclasses import dataclass
-from functools import cached_property
 
+from lorasmith.data.template import SENTINEL, TEMPLATE_ERRORS, ChatTemplate, with_content
 from lorasmith.data.tools import uses_tools
 from lorasmith.errors import DataError
 
-_SENTINEL = "LsmTurnSentinel7q"
-_PROBE_TOOL = "LsmProbeTool"
-TEMPLATE_ERRORS: tuple[type[Exception], ...] = (TypeError, ValueError, KeyError, IndexError, AttributeError)
-"""What rendering a template can raise besides Jinja's own errors (added below): a template that
-concatenates a mapping, indexes a missing key, or calls ``raise_exception`` (a TemplateError)."""
-try:
-    from jinja2.exceptions import TemplateError
-
-    TEMPLATE_ERRORS = (TemplateError, *TEMPLATE_ERRORS)
-except ImportError:  # transformers needs jinja2 for chat templates: only a broken install lands here
-    pass
 _ALIGN_WINDOW = 256  # characters before a reply searched for the end of a non-prefix generation prompt
 
 
@@ -95,6 +81,11 @@ class Encoded:
     def num_trained(self) -> int:
         return sum(1 for w in self.weights if w > 0)
 
+    @property
+    def length(self) -> int:
+        """Tokens (what batch plans group and cap by)."""
+        return len(self.input_ids)
+
 
 def message_weights(messages: list[dict], train_on: str, role_weights: dict[str, float] | None = None) -> list[float]:
     """The loss weight of each message: the `train_on` policy, overridden per role by
@@ -115,222 +106,6 @@ def message_weights(messages: list[dict], train_on: str, role_weights: dict[str,
         if m["role"] in role_weights and (train_on != "last_assistant" or m["role"] != "assistant" or i == last_assistant):
             base = role_weights[m["role"]]
         out.append(base * float(m.get("weight", 1.0)))
-    return out
-
-
-def render(tokenizer, messages: list[dict], tools: list[dict] | None = None, add_generation_prompt: bool = False) -> str:
-    """The conversation as the tokenizer's chat template renders it (as ``apply_chat_template`` would)."""
-    return template_of(tokenizer).render(messages, add_generation_prompt, tools=tools)
-
-
-_TEMPLATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-"""Each tokenizer's ChatTemplate, beside it rather than on it (a compiled template neither copies nor pickles)."""
-
-
-def template_of(tokenizer) -> ChatTemplate:
-    """The tokenizer's :class:`ChatTemplate`, made once per template text (it probes the template)."""
-    held = _TEMPLATES.get(tokenizer)
-    if held is None or held.source != tokenizer.chat_template:
-        held = _TEMPLATES[tokenizer] = ChatTemplate(tokenizer)
-    return held
-
-
-_STRUCTURE = ("tool_calls", "tool_call_id", "name")
-
-
-def reads_reasoning(source) -> bool:
-    """The template renders an assistant's ``reasoning_content`` field itself (Qwen3, newer DeepSeek)."""
-    return isinstance(source, str) and "reasoning_content" in source
-
-
-def template_messages(messages: list[dict], inline_reasoning: bool, arguments_as_text: bool = False) -> list[dict]:
-    """Messages as chat templates take them: lorasmith's own fields (weight) dropped; reasoning as a
-    field, or inline as ``<think>`` text for templates that do not read the field; call arguments as a
-    mapping, or as JSON text for the templates that concatenate them (DeepSeek-V3, functionary)."""
-    out = []
-    for m in messages:
-        msg = {"role": m["role"], "content": m["content"], **{k: m[k] for k in _STRUCTURE if k in m}}
-        if arguments_as_text and m.get("tool_calls"):
-            msg["tool_calls"] = [
-                {**c, "function": {**c["function"], "arguments": json.dumps(c["function"]["arguments"], ensure_ascii=False)}}
-                for c in m["tool_calls"]
-            ]
-        reasoning = m.get("reasoning_content")
-        if reasoning is not None and inline_reasoning:
-            msg["content"] = f"<think>\n{reasoning}\n</think>\n\n{m['content']}"
-        elif reasoning is not None:
-            msg["reasoning_content"] = reasoning
-        out.append(msg)
-    return out
-
-
-class ChatTemplate:
-    """A tokenizer's chat template, compiled once, rendered as ``apply_chat_template`` renders it."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self.source = tokenizer.chat_template
-        self.name = getattr(tokenizer, "name_or_path", "") or "the tokenizer"
-        self._kwargs = dict(tokenizer.special_tokens_map)
-        try:  # the compiled template apply_chat_template uses (cached), without its per-call overhead
-            from transformers.utils.chat_template_utils import _compile_jinja_template
-
-            self._compiled = _compile_jinja_template(self.source) if isinstance(self.source, str) else None
-        except ImportError:
-            self._compiled = None
-
-    def render(
-        self,
-        messages: list[dict],
-        add_generation_prompt: bool = False,
-        tools: list[dict] | None = None,
-        arguments_as_text: bool | None = None,
-    ) -> str:
-        """``arguments_as_text``: how call arguments are handed over (default: as this template takes them,
-        probed only for conversations that hold calls)."""
-        if arguments_as_text is None:
-            arguments_as_text = any(m.get("tool_calls") for m in messages) and self.arguments_as_text
-        shown = template_messages(messages, self.inline_reasoning, arguments_as_text)
-        if self._compiled is None:
-            return self.tokenizer.apply_chat_template(
-                shown, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt
-            )
-        return self._compiled.render(
-            messages=shown, tools=tools, documents=None, add_generation_prompt=add_generation_prompt, **self._kwargs
-        )
-
-    @cached_property
-    def inline_reasoning(self) -> bool:
-        return not reads_reasoning(self.source)
-
-    def _tool_probe(self, arguments_as_text: bool) -> str:
-        """A conversation with a declared tool, a call, its result and a reply, rendered."""
-        schema = {"type": "object", "properties": {"a": {"type": "string", "description": "An argument."}}, "required": ["a"]}
-        probe_tools = [{"type": "function", "function": {"name": _PROBE_TOOL, "description": "A tool.", "parameters": schema}}]
-        call = {"id": "LsmProbe1", "type": "function", "function": {"name": "LsmProbeCall", "arguments": {"a": "LsmArg"}}}
-        probe = [
-            {"role": "user", "content": "Hi."},
-            {"role": "assistant", "content": "", "tool_calls": [call]},
-            {"role": "tool", "content": "LsmResult", "tool_call_id": "LsmProbe1"},
-            {"role": "assistant", "content": "Done."},
-        ]
-        return self.render(probe, tools=probe_tools, arguments_as_text=arguments_as_text)
-
-    @cached_property
-    def _tool_probe_result(self) -> tuple[str | None, bool, bool]:
-        """(why the template cannot train tool calls, or None; whether it takes call arguments as JSON
-        text; whether it shows the tool schemas to the model)."""
-        failure = None
-        for as_text in (False, True):
-            try:
-                text = self._tool_probe(as_text)
-            except TEMPLATE_ERRORS as e:
-                failure = failure or f"it fails on a conversation with a tool call ({e})"
-                continue
-            if "LsmArg" in text:
-                return None, as_text, _PROBE_TOOL in text
-        return failure or "it does not render tool calls", False, False
-
-    @property
-    def tool_support(self) -> str | None:
-        """Why this template cannot train tool calls (None: it renders them)."""
-        return self._tool_probe_result[0]
-
-    @property
-    def arguments_as_text(self) -> bool:
-        return self._tool_probe_result[1]
-
-    @property
-    def shows_tool_schemas(self) -> bool:
-        """The template renders ``tools`` (DeepSeek-V3's leaves them to the system prompt)."""
-        return self._tool_probe_result[2]
-
-    def check_tools(self) -> None:
-        """Raise the error that names the fix when this template cannot render tool use."""
-        why = self.tool_support
-        if why:
-            raise DataError(
-                f"the data calls tools, but the chat template of {self.name} cannot train that: {why}",
-                hint="use a tool-capable template: model.chat_template=chatml-tools (ChatML with Hermes/Qwen2.5-style "
-                "<tool_call> JSON, shipped with lorasmith), or your model family's own tool template file",
-            )
-
-    @cached_property
-    def special_texts(self) -> tuple[str, ...]:
-        """Text of every special token, longest first (so ``<|end|>`` is not cut to ``<|e``)."""
-        texts = set(self.tokenizer.all_special_tokens)
-        for added in getattr(self.tokenizer, "added_tokens_decoder", {}).values():
-            if getattr(added, "special", False):
-                texts.add(added.content)
-        return tuple(sorted((t for t in texts if t), key=len, reverse=True))
-
-    def end_marker(self, after: str) -> str:
-        """The end-of-turn marker at the start of ``after`` (the template's text after a message, up
-        to the end of a rendering that ends with that message), with the whitespace before it."""
-        rest = after.lstrip()
-        lead = after[: len(after) - len(rest)]
-        if not rest:
-            return ""  # nothing but whitespace: the template marks no end of turn
-        for text in self.special_texts:
-            if rest.startswith(text):
-                return lead + text
-        return lead + re.match(r"\S+", rest).group(0)
-
-    @cached_property
-    def describe_marker(self) -> str:
-        """The end-of-turn marker :meth:`describe` finds ('' when the template renders no probe)."""
-        try:
-            return self.describe().end_of_turn
-        except TEMPLATE_ERRORS:
-            return ""
-
-    def describe(self) -> TemplateInfo:
-        """What the template does at turn boundaries, found on a probe conversation."""
-        probe = [
-            {"role": "system", "content": "You are terse."},
-            {"role": "user", "content": "Name a colour."},
-            {"role": "assistant", "content": "Blue."},
-            {"role": "user", "content": "Another?"},
-            {"role": "assistant", "content": "Red."},
-        ]
-        try:
-            self.render(probe)
-        except TEMPLATE_ERRORS:  # templates without a system role
-            probe = probe[1:]
-        full = self.render(probe)
-        stable = True
-        for i in range(1, len(probe) + 1):
-            try:
-                prefixes = [self.render(probe[:i])]
-                if i < len(probe) and probe[i]["role"] == "assistant":
-                    prefixes.append(self.render(probe[:i], add_generation_prompt=True))
-            except TEMPLATE_ERRORS:
-                continue  # a template may refuse a conversation that ends on a system turn
-            stable &= all(full.startswith(p) for p in prefixes)
-        last = len(probe) - 1
-        marked = _with_content(probe[: last + 1], last, _SENTINEL)
-        rendered = self.render(marked)
-        after = rendered[rendered.rfind(_SENTINEL) + len(_SENTINEL) :] if _SENTINEL in rendered else ""
-        marker = self.end_marker(after).strip()
-        ids = self.tokenizer(marker, add_special_tokens=False)["input_ids"] if marker else []
-        return TemplateInfo(stable, marker, len(ids) == 1 and marker in self.special_texts, len(ids))
-
-
-@dataclass
-class TemplateInfo:
-    prefix_stable: bool
-    """Every prefix of a conversation renders as a prefix of the whole (with and without the generation prompt)."""
-    end_of_turn: str
-    """The marker that ends an assistant turn ('' if the template has none)."""
-    end_of_turn_is_special: bool
-    """The marker is one special token (else the model learns to write it as text)."""
-    end_of_turn_tokens: int
-
-
-def _with_content(messages: list[dict], i: int, content: str) -> list[dict]:
-    """Message i replaced by a plain message holding ``content`` (its calls and reasoning dropped)."""
-    out = list(messages)
-    out[i] = {"role": messages[i]["role"], "content": content}
     return out
 
 
@@ -381,7 +156,7 @@ class _Locator:
 
     def __init__(self, template: ChatTemplate, messages: list[dict], full: str, tools: list[dict] | None = None):
         self.t, self.messages, self.full, self.tools = template, messages, full, tools
-        self.sentinel = _SENTINEL
+        self.sentinel = SENTINEL
         texts = [full, template.source or ""] + [m["content"] + (m.get("reasoning_content") or "") for m in messages]
         while any(self.sentinel in s for s in texts):
             self.sentinel += "x"
@@ -419,7 +194,7 @@ class _Locator:
         """(start, end) of message i as rendered in the full text (content, and the calls of an assistant
         turn); None if not rendered."""
         try:
-            return self._between(self.render(_with_content(self.messages, i, self.sentinel)))
+            return self._between(self.render(with_content(self.messages, i, self.sentinel)))
         except ValueError as e:
             raise self.fail(i, str(e)) from None
 
@@ -445,7 +220,7 @@ class _Locator:
     def end_marker(self, i: int) -> str:
         """The end-of-turn marker the template writes after message i when the conversation ends there."""
         try:
-            own = self.render(_with_content(self.messages[: i + 1], i, self.sentinel))
+            own = self.render(with_content(self.messages[: i + 1], i, self.sentinel))
         except TEMPLATE_ERRORS:  # e.g. a template that refuses a conversation ending on a system turn
             return ""
         p = own.rfind(self.sentinel)

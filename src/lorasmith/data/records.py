@@ -70,7 +70,8 @@ def check_messages(messages) -> str | None:
 _KEPT = ("tool_calls", "tool_call_id", "name", "reasoning_content")
 
 
-def _canonical(messages: list[dict]) -> list[dict]:
+def canonical(messages: list[dict]) -> list[dict]:
+    """Messages as training reads them: a float weight (0 where ``train`` is false), the structure kept."""
     out = []
     for m in messages:
         weight = float(m.get("weight", 1.0))
@@ -102,7 +103,7 @@ def iter_conversations(path: str | Path, fmt: str = "auto", fields: dict[str, st
         if why:
             yield where, None, f"{where}: {why}"
             continue
-        conv = Conversation(_canonical(messages), where, f"{stem}:{where.rsplit(':', 1)[1]}", tools, warnings)
+        conv = Conversation(canonical(messages), where, f"{stem}:{where.rsplit(':', 1)[1]}", tools, warnings)
         yield where, conv, None
 
 

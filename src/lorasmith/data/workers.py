@@ -11,7 +11,7 @@ import multiprocessing as mp
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
-from lorasmith.data.masking import ChatTemplate
+from lorasmith.data.template import ChatTemplate
 
 
 @dataclass

@@ -123,7 +123,13 @@ def side_by_side(convs, before: dict, after: dict) -> list[dict]:
 
 def report_eval(label: str, result: dict) -> None:
     parts = []
-    if "loss" in result:
+    if "reward_accuracy" in result:  # preference pairs (train.objective: dpo, orpo)
+        parts.append(
+            f"preference loss {result['loss']:.4f}, reward accuracy {result['reward_accuracy']:.1%} "
+            f"(margin {result['reward_margin']:+.3f}), chosen preferred by log-prob {result['preference_accuracy']:.1%} "
+            f"of {result['pairs']} pairs"
+        )
+    elif "loss" in result:
         parts.append(f"val loss {result['loss']:.4f} (ppl {result['perplexity']:.2f}, token acc {result['token_accuracy']:.1%})")
     if "exact_match" in result:
         parts.append(f"exact match {result['exact_match']:.1%} of {result['exact_match_n']}")
@@ -135,9 +141,14 @@ def report_eval(label: str, result: dict) -> None:
 
 
 def print_comparison(before: dict, after: dict, convs) -> None:
+    if "reward_accuracy" in after:
+        print(f"\nheld-out pairs ({after['pairs']}): before -> after")
+        for key, label in PREFERENCE_ROWS:
+            if key in before and key in after:
+                print(f"  {label:<46} {before[key]:8.3f} -> {after[key]:8.3f}")
     if "exact_match" in before and "exact_match" in after:
         print(f"\nheld-out exact match: before {before['exact_match']:.1%} -> after {after['exact_match']:.1%}")
-    if "loss" in before and "loss" in after:
+    if "loss" in before and "loss" in after and "reward_accuracy" not in after:
         print(f"validation loss:      before {before['loss']:.4f} -> after {after['loss']:.4f}")
     if "tool_calls" in before and "tool_calls" in after:
         print_tool_calls(before["tool_calls"], after["tool_calls"])
@@ -148,6 +159,15 @@ def print_comparison(before: dict, after: dict, convs) -> None:
         print(f"before:    {_one_line(row['before'])}")
         print(f"after:     {_one_line(row['after'])}")
 
+
+PREFERENCE_ROWS = (
+    ("reward_accuracy", "reward accuracy (chosen rewarded higher)"),
+    ("reward_margin", "reward margin (chosen - rejected)"),
+    ("preference_accuracy", "chosen has the higher mean log-prob"),
+    ("chosen_logp", "log-prob of the chosen completion"),
+    ("rejected_logp", "log-prob of the rejected completion"),
+    ("loss", "preference loss"),
+)
 
 TOOL_ROWS = (
     ("exact", "tool calls exactly right (name + arguments)"),

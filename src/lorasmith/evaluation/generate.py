@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from lorasmith import progress
-from lorasmith.data.masking import render
+from lorasmith.data.template import render
 from lorasmith.models.hardware import Precision
 from lorasmith.models.loss import causal_lm, lora_input_casts_off
 from lorasmith.models.quantization import evaluating

@@ -11,7 +11,7 @@ import torch
 from lorasmith import progress
 from lorasmith.data.batching import collate
 from lorasmith.data.dataset import TokenizedSet
-from lorasmith.data.masking import render
+from lorasmith.data.template import render
 from lorasmith.data.tools import syntax_of
 from lorasmith.evaluation.generate import complete, prompt_and_reference, prompt_and_turn
 from lorasmith.evaluation.tool_calls import score_turn, summarize

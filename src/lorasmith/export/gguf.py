@@ -35,6 +35,7 @@ import torch
 
 from lorasmith import atomic
 from lorasmith.errors import LorasmithError
+from lorasmith.export.verify import INCOMPLETE
 from lorasmith.paths import cache_dir
 
 log = logging.getLogger(__name__)
@@ -126,7 +127,7 @@ def export_gguf(source: Path, out: Path, *, out_type: str = "f16", model: str | 
             report = merge(source, merged, dtype="fp32", model=model)  # verified against base + adapter itself
             if not report.passed:
                 raise LorasmithError(f"merging {source} failed its checks (see {merged / MANIFEST})")
-        elif (source / "INCOMPLETE").exists():
+        elif (source / INCOMPLETE).exists():
             raise LorasmithError(f"{source} is marked INCOMPLETE: its merge failed a check")
         pending = out.with_name(out.name + ".incomplete")
         base = _base_name(merged)
@@ -194,7 +195,7 @@ def _verify(report: ExportReport, merged: Path, gguf_file: Path, base: str | Non
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from lorasmith.evaluation.generate import generate
-    from lorasmith.export.merge import _compare_logits, _logits, _prompts
+    from lorasmith.export.verify import compare_logits, logits, probe_prompts
     from lorasmith.models.hardware import Precision
     from lorasmith.runs import RunFolder
 
@@ -210,8 +211,8 @@ def _verify(report: ExportReport, merged: Path, gguf_file: Path, base: str | Non
     reference = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
     loaded = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32).eval()
     run = RunFolder.of_adapter(Path(report.source) / "adapter") or RunFolder(Path(report.source))
-    prompts = _prompts(tokenizer, run if run.samples.is_file() else None)
-    figures = _compare_logits(_logits(reference, tokenizer, prompts), _logits(loaded, tokenizer, prompts))
+    prompts = probe_prompts(tokenizer, run if run.samples.is_file() else None)
+    figures = compare_logits(logits(reference, tokenizer, prompts), logits(loaded, tokenizer, prompts))
     top1, kl = TOLERANCE.get(report.type, TOLERANCE["q8_0"])
     passed = figures["top1_agreement"] >= top1 and figures["mean_kl"] <= kl
     report.checks["logits"] = {"passed": passed, **figures, "required_top1": top1, "allowed_kl": kl}

@@ -12,7 +12,6 @@ figures are printed and saved in ``merge_manifest.json``.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -24,24 +23,15 @@ from lorasmith import atomic
 from lorasmith.config import ModelConfig
 from lorasmith.errors import LorasmithError
 from lorasmith.evaluation.generate import generate, stop_token_ids
+from lorasmith.export.verify import INCOMPLETE, compare_logits, logits, probe_prompts
 from lorasmith.models.adapter import base_of
 from lorasmith.models.hardware import DTYPES, Precision
 from lorasmith.models.loading import ensure_pad_token, load_model
 from lorasmith.models.target import resolve
-from lorasmith.runs import RunFolder
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "merge_manifest.json"
-INCOMPLETE = "INCOMPLETE"
-PROBES = [
-    [{"role": "user", "content": "Give me the order details as JSON. Ana Silva in Lima bought two lamps on 3 May 2023."}],
-    [{"role": "user", "content": "What is the capital of France?"}],
-    [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "Name a primary colour."}],
-    [{"role": "user", "content": "Write a haiku about a cat."}],
-]
-"""Prompts the merged model must answer as base + adapter does (plus the run's own samples)."""
-
 TOLERANCE = {
     # dtype: (max |logit difference|, mean KL, top-1 agreement); fp32 merges exactly up to summation order
     "fp32": (1e-3, 1e-6, 1.0),
@@ -93,9 +83,9 @@ def _qlora_gaps(tuned, base_name: str, adapter: Path, quant, tokenizer, prompts,
         for name, m in q4.named_modules()
         if isinstance(m, bnb.nn.Linear4bit)
     }
-    as_trained = _logits(PeftModel.from_pretrained(q4, adapter).eval(), tokenizer, prompts)
+    as_trained = logits(PeftModel.from_pretrained(q4, adapter).eval(), tokenizer, prompts)
     del q4
-    gaps = {"original": _compare_logits(as_trained, _logits(tuned, tokenizer, prompts))}
+    gaps = {"original": compare_logits(as_trained, logits(tuned, tokenizer, prompts))}
     modules = dict(tuned.get_base_model().named_modules())
     kept = {}
     with torch.no_grad():
@@ -103,40 +93,12 @@ def _qlora_gaps(tuned, base_name: str, adapter: Path, quant, tokenizer, prompts,
             target = _linear(modules[name]).weight
             kept[name] = target.detach().clone()
             target.copy_(weight.reshape(target.shape))
-    gaps["nf4-roundtrip"] = _compare_logits(as_trained, _logits(tuned, tokenizer, prompts))
+    gaps["nf4-roundtrip"] = compare_logits(as_trained, logits(tuned, tokenizer, prompts))
     if mode == "original":
         with torch.no_grad():
             for name, weight in kept.items():
                 _linear(modules[name]).weight.copy_(weight)
     return {"modules_round_tripped": len(roundtrip), "chosen": mode, "gap_to_4bit_base_plus_adapter": gaps}
-
-
-def _prompts(tokenizer, run: RunFolder | None) -> list[list[dict]]:
-    """The probe prompts, and the run's sample prompts (what it was trained to answer)."""
-    prompts = list(PROBES)
-    if run is not None and run.samples.is_file():
-        prompts += [[{"role": "user", "content": row["prompt"]}] for row in json.loads(run.samples.read_text())[:4]]
-    return prompts
-
-
-@torch.no_grad()
-def _logits(model, tokenizer, prompts: list[list[dict]]) -> list[torch.Tensor]:
-    out = []
-    for messages in prompts:
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-        out.append(model(**ids).logits[0].float())
-    return out
-
-
-def _compare_logits(ref: list[torch.Tensor], got: list[torch.Tensor]) -> dict:
-    diff = max(float((a - b).abs().max()) for a, b in zip(ref, got))
-    kl = [
-        float(torch.nn.functional.kl_div(b.log_softmax(-1), a.log_softmax(-1), log_target=True, reduction="batchmean"))
-        for a, b in zip(ref, got)
-    ]
-    agree = sum(int((a.argmax(-1) == b.argmax(-1)).sum()) for a, b in zip(ref, got))
-    positions = sum(a.shape[0] for a in ref)
-    return {"max_abs_logit_diff": diff, "mean_kl": sum(kl) / len(kl), "top1_agreement": agree / positions}
 
 
 def merge(
@@ -182,11 +144,11 @@ def merge(
             hint="give the base it was trained on with --model",
         ) from None
     tuned.eval()
-    prompts = _prompts(tokenizer, run)
+    prompts = probe_prompts(tokenizer, run)
     qlora = {}
     if quant is not None and quant.bits == 4:
         qlora = _qlora_gaps(tuned, base_name, adapter, quant, tokenizer, prompts, onto)
-    reference = _logits(tuned, tokenizer, prompts)
+    reference = logits(tuned, tokenizer, prompts)
     fp32 = Precision("fp32", "cpu")
     answers = generate(tuned, tokenizer, prompts[:4], precision=fp32, max_new_tokens=max_new_tokens)
     merged = tuned.merge_and_unload()  # in fp32
@@ -233,7 +195,7 @@ def _verify(report, folder: Path, tokenizer, prompts, reference, answers, base_s
     report.checks["chat_template"] = {"passed": same_template and bool(reloaded_tok.chat_template)}
     reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa")
     reloaded.eval()
-    figures = _compare_logits(reference, _logits(reloaded, reloaded_tok, prompts))
+    figures = compare_logits(reference, logits(reloaded, reloaded_tok, prompts))
     max_diff, max_kl, min_agree = TOLERANCE[report.dtype]
     within = figures["max_abs_logit_diff"] <= max_diff and figures["mean_kl"] <= max_kl and figures["top1_agreement"] >= min_agree
     report.checks["logits"] = {

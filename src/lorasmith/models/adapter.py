@@ -18,6 +18,10 @@ LORASMITH_META = "lorasmith.json"
 """Beside adapter_config.json: how lorasmith named and resolved the base (alias, GGUF file, revision)."""
 
 
+REFERENCE = "reference"
+"""The name of the frozen copy of ``model.adapter`` that a DPO run continuing an adapter is compared with."""
+
+
 def add_lora(model, cfg: Config):
     """``model`` wrapped by peft with the configured LoRA (or DoRA / rsLoRA) adapter."""
     from peft import LoraConfig, get_peft_model

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from lorasmith import atomic
 from lorasmith.errors import ModelLoadError
-from lorasmith.paths import cache_dir
+from lorasmith.paths import build_lock, cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,13 @@ def converted_gguf_dir(gguf_path: Path) -> Path:
     target = cache_dir() / "models" / f"{gguf_path.stem}-{_fingerprint(gguf_path)}"
     if (target / "lorasmith_converted.json").is_file():
         return target
+    with build_lock(target.name):  # the processes of a run (or nodes sharing the cache) convert it once
+        if not (target / "lorasmith_converted.json").is_file():
+            _convert(gguf_path, target)
+    return target
+
+
+def _convert(gguf_path: Path, target: Path) -> None:
     if importlib.util.find_spec("gguf") is None:
         raise ModelLoadError("reading GGUF files needs the `gguf` package", hint="pip install gguf")
     log.info("converting %s to safetensors once, into %s (about 20 s)", gguf_path.name, target)
@@ -98,7 +105,6 @@ def converted_gguf_dir(gguf_path: Path) -> Path:
         plain.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         atomic.write_json(tmp / "lorasmith_converted.json", {"source": str(gguf_path), "pid": os.getpid()})
-    return target
 
 
 def resolve_local(name: str, gguf_file: str | None) -> Path | None:

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from lorasmith.data.batching import Batch
+from lorasmith.data.batching import Batch, PairBatch
+from lorasmith.models.adapter import REFERENCE
 from lorasmith.models.hardware import Precision
 
 
@@ -29,7 +30,10 @@ class LossParts:
     positions: int
     margins: torch.Tensor | None = None
     """Evaluation only: per trained position, the target's logit minus the highest other logit (> 0: only
-    the target is the argmax; 0: a tie)."""
+    the target is the argmax; 0: a tie). Preference batches: per pair, the chosen reward minus the rejected."""
+    pairs: dict[str, torch.Tensor] | None = None
+    """Preference batches: per pair, ``chosen_logps``, ``rejected_logps`` (summed over the completion) and
+    the two implicit rewards (detached)."""
 
 
 def causal_lm(model):
@@ -79,7 +83,9 @@ def use_compiled_token_losses(model, fn) -> None:
     _compiled_token_losses[causal_lm(model)] = fn
 
 
-def weighted_loss(model, batch: Batch, precision: Precision) -> LossParts:
+def _trained_token_losses(model, batch: Batch, precision: Precision, margins: bool):
+    """(cross-entropy, argmax hit, margin or None) at each trained position, the positions' weights and
+    where they are (``keep``, over the predicted tokens ``input_ids[:, 1:]``)."""
     lm = causal_lm(model)
     decoder = getattr(lm, lm.base_model_prefix)
     head = lm.get_output_embeddings()
@@ -97,10 +103,16 @@ def weighted_loss(model, batch: Batch, precision: Precision) -> LossParts:
         hidden = decoder(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).last_hidden_state
         if training:
             ce, hits = _compiled_token_losses.get(lm, token_losses)(head, hidden[:, :-1][keep], targets, softcap)
-            margins = None
+            margin = None
+        elif margins:
+            ce, hits, margin = token_losses(head, hidden[:, :-1][keep], targets, softcap, margins=True)
         else:
-            ce, hits, margins = token_losses(head, hidden[:, :-1][keep], targets, softcap, margins=True)
-    w = weights[keep]
+            (ce, hits), margin = token_losses(head, hidden[:, :-1][keep], targets, softcap), None
+    return ce, hits, margin, weights[keep], keep
+
+
+def weighted_loss(model, batch: Batch, precision: Precision) -> LossParts:
+    ce, hits, margins, w, keep = _trained_token_losses(model, batch, precision, margins=True)
     return LossParts(
         loss_sum=(ce * w).sum(),
         weight_sum=float(w.sum()),
@@ -108,3 +120,86 @@ def weighted_loss(model, batch: Batch, precision: Precision) -> LossParts:
         positions=int(keep.sum()),
         margins=margins,
     )
+
+
+# --- preference losses (train.objective: dpo, orpo) -----------------------------------------------------
+
+
+def loss_of(model, batch: Batch | PairBatch, precision: Precision) -> LossParts:
+    """The training objective of a batch: SFT's weighted next-token loss, or a preference loss for pairs."""
+    if isinstance(batch, PairBatch):
+        return preference_loss(model, batch, precision)
+    return weighted_loss(model, batch, precision)
+
+
+def sequence_logps(model, batch: Batch, precision: Precision) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: the weighted sum of the log-probs of its trained tokens, and their weight (token count
+    with unit weights). The LM head runs on trained positions only, as in :func:`weighted_loss`."""
+    ce, _, _, w, keep = _trained_token_losses(model, batch, precision, margins=False)
+    rows, n = keep.nonzero()[:, 0], batch.input_ids.shape[0]
+    logps = torch.zeros(n, dtype=torch.float32, device=ce.device).index_add(0, rows, -(ce.float() * w))
+    counts = torch.zeros(n, dtype=torch.float32, device=ce.device).index_add(0, rows, w)
+    return logps, counts
+
+
+@torch.no_grad()
+def reference_logps(model, batch: Batch, precision: Precision) -> torch.Tensor:
+    """Per row, the log-prob of its trained tokens under the reference: the base with the adapter disabled
+    (LoRA makes the reference free: no second copy of the model), or, for a run that continues an adapter
+    (model.adapter), the frozen copy of that adapter."""
+    with _reference(model):
+        return sequence_logps(model, batch, precision)[0]
+
+
+@contextmanager
+def _reference(model):
+    peft_model = model.module if hasattr(model, "module") else model
+    if not hasattr(peft_model, "disable_adapter"):  # a base model scored alone: it is its own reference
+        yield
+        return
+    if REFERENCE not in getattr(peft_model, "peft_config", {}):
+        with peft_model.disable_adapter():
+            yield
+        return
+    peft_model.set_adapter(REFERENCE, inference_mode=True)
+    try:
+        yield
+    finally:
+        peft_model.set_adapter("default")  # trainable again, the reference frozen (peft sets both)
+
+
+def preference_loss(model, batch: PairBatch, precision: Precision) -> LossParts:
+    """Sigmoid DPO (Rafailov et al. 2023, eq. 7), with conservative label smoothing (cDPO), or ORPO (Hong et
+    al. 2024, eq. 6-7), per pair; ``loss_sum`` sums the pairs' losses so that accumulation divides by pairs.
+
+    ORPO's NLL term is each pair's mean token NLL of the chosen side (TRL averages over the batch's chosen
+    tokens; the two agree when the completions are of equal length, and this one accumulates exactly)."""
+    cfg, k = batch.loss, batch.pairs
+    logps, counts = sequence_logps(model, batch.sides, precision)
+    chosen, rejected = logps[:k], logps[k:]
+    if cfg.objective == "dpo":
+        ref = batch.reference if batch.reference is not None else reference_logps(model, batch.sides, precision)
+        chosen_rewards, rejected_rewards = cfg.beta * (chosen - ref[:k]), cfg.beta * (rejected - ref[k:])
+        z = chosen_rewards - rejected_rewards
+        losses = -F.logsigmoid(z) * (1 - cfg.label_smoothing) - F.logsigmoid(-z) * cfg.label_smoothing
+    else:  # orpo: the odds ratio of the mean token log-probs, no reference
+        mean_c, mean_r = chosen / counts[:k], rejected / counts[k:]
+        log_odds = (mean_c - mean_r) - (_log1m_exp(mean_c) - _log1m_exp(mean_r))
+        losses = -mean_c - cfg.beta * F.logsigmoid(log_odds)
+        chosen_rewards, rejected_rewards = cfg.beta * mean_c, cfg.beta * mean_r
+    margins = (chosen_rewards - rejected_rewards).detach()
+    stats = {"chosen_logps": chosen, "rejected_logps": rejected}
+    stats |= {"chosen_rewards": chosen_rewards, "rejected_rewards": rejected_rewards}
+    return LossParts(
+        loss_sum=losses.sum(),
+        weight_sum=float(k),
+        correct=int((margins > 0).sum()),
+        positions=k,
+        margins=margins,
+        pairs={name: t.detach() for name, t in stats.items()},
+    )
+
+
+def _log1m_exp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x < 0 (a mean log-prob), kept finite where x rounds to 0."""
+    return torch.log1p(-torch.exp(x).clamp(max=1 - 1e-7))

@@ -19,9 +19,9 @@ from pathlib import Path
 from lorasmith import atomic
 from lorasmith.evaluation.scores import bootstrap
 from lorasmith.runs import RunFolder
+from lorasmith.runs.folder import DATA_STATS  # noqa: F401  (re-exported by the package)
 
 REPORT = "report.html"
-DATA_STATS = "data_stats.json"
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1100px;color:#1f2328;
@@ -112,7 +112,9 @@ def _plots(rows: list[dict], stats: dict | None) -> list[str]:
 def _metrics_table(before: dict | None, after: dict | None) -> str:
     before, after = before or {}, after or {}
     tool_keys = tuple(f"tool_calls_{k}" for k in ("exact", "names", "valid_json", "missed_calls", "false_calls"))
-    keys = [k for k in ("loss", "perplexity", "token_accuracy", "exact_match", *tool_keys) if k in before or k in after]
+    preference = ("reward_accuracy", "reward_margin", "preference_accuracy", "chosen_logp", "rejected_logp")
+    shown = ("loss", "perplexity", "token_accuracy", "exact_match", *tool_keys, *preference)
+    keys = [k for k in shown if k in before or k in after]
     if not keys:
         return '<p class="muted">no evaluation was recorded</p>'
 
@@ -123,7 +125,7 @@ def _metrics_table(before: dict | None, after: dict | None) -> str:
         if key == "exact_match" and result.get("exact_match_answers"):
             lo, hi = bootstrap([float(a["match"]) for a in result["exact_match_answers"]])
             return f"{value:.1%} <span class='muted'>[{lo:.1%}, {hi:.1%}] of {len(result['exact_match_answers'])}</span>"
-        if key.startswith("tool_calls_") and isinstance(value, float):
+        if (key.startswith("tool_calls_") or key in ("reward_accuracy", "preference_accuracy")) and isinstance(value, float):
             return f"{value:.1%}"
         return f"{value:.4f}" if isinstance(value, float) else _esc(value)
 
@@ -132,6 +134,12 @@ def _metrics_table(before: dict | None, after: dict | None) -> str:
     lines.append("</table>")
     if "exact_match" in keys:
         lines.append("<p class='muted'>Exact match: bootstrap 95% interval (1000 seeded resamples).</p>")
+    if "reward_accuracy" in keys:
+        lines.append(
+            "<p class='muted'>Preference pairs (held-out): loss = the objective's; reward accuracy = pairs whose chosen "
+            "completion gets the higher implicit reward (0 before training: the policy is its reference); preference "
+            "accuracy = pairs whose chosen completion has the higher mean token log-prob under the model alone.</p>"
+        )
     if any(k.startswith("tool_calls_") for k in keys):
         lines.append(
             "<p class='muted'>Tool calls (held-out turns whose reference calls tools): exact = names and arguments equal as "
@@ -175,7 +183,7 @@ def render(run: RunFolder) -> str:
     status = run.read_status()
     rows = _rows(run.metrics)
     before, after = _json(run.eval_before), _json(run.eval_after)
-    samples, stats = _json(run.samples), _json(run.path / DATA_STATS)
+    samples, stats = _json(run.samples), _json(run.data_stats)
     state = status.get("status", "unknown")
     parts = [
         "<!doctype html><html lang='en'><head><meta charset='utf-8'>",

@@ -11,6 +11,7 @@ and bench name its files the same way.
       eval_before.json     evaluation of the base model
       eval_after.json      evaluation after training
       samples.json         answers before/after, side by side
+      data_stats.json      sizes and token lengths of the data (the report's histogram)
       adapter/             the PEFT adapter and tokenizer (written last, atomically)
       checkpoints/step-NNNNNNN/   resumable states, complete once they hold COMPLETE
       run.lock             held (flock) by the process training this run: released by the kernel when it dies
@@ -40,6 +41,7 @@ METRICS = "metrics.jsonl"
 EVAL_BEFORE = "eval_before.json"
 EVAL_AFTER = "eval_after.json"
 SAMPLES = "samples.json"
+DATA_STATS = "data_stats.json"
 ADAPTER = "adapter"
 CHECKPOINTS = "checkpoints"
 CHECKPOINT_COMPLETE = "COMPLETE"
@@ -137,6 +139,10 @@ class RunFolder:
         return self.path / ADAPTER
 
     @property
+    def data_stats(self) -> Path:
+        return self.path / DATA_STATS
+
+    @property
     def checkpoints(self) -> Path:
         return self.path / CHECKPOINTS
 
@@ -177,6 +183,32 @@ class RunFolder:
 
     def read_json(self, path: Path) -> dict:
         return json.loads(path.read_text()) if path.is_file() else {}
+
+    def read_metrics(self) -> list[dict]:
+        """metrics.jsonl's rows, in the order they were logged."""
+        if not self.metrics.is_file():
+            return []
+        return [json.loads(line) for line in self.metrics.read_text().splitlines() if line.strip()]
+
+    # --- what a training run writes -------------------------------------------------------------
+
+    def write_inputs(self, *, config_yaml: str, data_split: dict, prompting: dict, data_stats: dict, restart: bool) -> None:
+        """What a run starts from, each file atomically: the resolved config, the data split, the shared
+        system prompt, the data's statistics. ``restart``: the run begins at step 0 again, so its
+        metrics log does too."""
+        if restart:
+            self.metrics.unlink(missing_ok=True)
+        atomic.write_text(self.config, config_yaml)
+        atomic.write_json(self.data_split, data_split)
+        atomic.write_json(self.prompting, prompting)
+        atomic.write_json(self.data_stats, data_stats)
+
+    def write_adapter(self, save) -> Path:
+        """The final adapter: ``save(folder)`` writes it into a temporary folder renamed into place, so the
+        run never holds half an adapter."""
+        with atomic.folder(self.adapter) as tmp:
+            save(tmp)
+        return self.adapter
 
     # --- finding and creating runs --------------------------------------------------------------
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from lorasmith.config import ModelConfig
-from lorasmith.data.masking import template_of
+from lorasmith.data.template import template_of
 from lorasmith.data.tools import parse_calls, syntax_of
 from lorasmith.errors import LorasmithError
 from lorasmith.evaluation.generate import complete

@@ -18,7 +18,7 @@ import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-from lorasmith.data.masking import render, template_of
+from lorasmith.data.template import render, template_of
 from lorasmith.data.tools import syntax_of
 from lorasmith.evaluation.generate import Sampling, complete
 from lorasmith.models.hardware import Precision

@@ -38,7 +38,7 @@ class TrainerState:
     skipped_steps: int
     fingerprint: dict
     """What the run must match to resume: model, data, and the config keys that shape training."""
-    split: int = 1
+    oom_pieces: int = 1
     """Pieces each planned micro-batch is cut into (the auto probe and OOM recovery raise it)."""
 
 
@@ -90,7 +90,7 @@ def save(
     target = run.checkpoint(state.step)
     try:
         with atomic.folder(target) as tmp:
-            model.save_pretrained(tmp / "adapter", safe_serialization=True, state_dict=weights)
+            model.save_pretrained(tmp / "adapter", safe_serialization=True, state_dict=weights, selected_adapters=["default"])
             torch.save(optim, tmp / "optimizer.pt")
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
             torch.save(rngs[0], tmp / "rng.pt")
@@ -126,7 +126,10 @@ def load_state(path: Path) -> TrainerState:
         raise LorasmithError(
             f"{path} is not a complete checkpoint (no {MARKER} marker)", hint="resume from an earlier checkpoint"
         )
-    return TrainerState(**json.loads((path / TRAINER_STATE).read_text()))
+    saved = json.loads((path / TRAINER_STATE).read_text())
+    if "split" in saved:  # its earlier name: checkpoints written before the rename still resume
+        saved["oom_pieces"] = saved.pop("split")
+    return TrainerState(**saved)
 
 
 def restore(path: Path, model, optimizer, scheduler, parallel=None) -> None:

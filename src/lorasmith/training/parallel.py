@@ -34,7 +34,7 @@ from lorasmith.data.batching import Batch
 from lorasmith.distributed import Dist
 from lorasmith.errors import TrainingError
 from lorasmith.models.hardware import Precision
-from lorasmith.models.loss import LossParts, causal_lm, weighted_loss
+from lorasmith.models.loss import LossParts, causal_lm, loss_of
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ class LossModule(torch.nn.Module):
         self.model, self.precision = model, precision
 
     def forward(self, batch: Batch) -> LossParts:
-        return weighted_loss(self.model, batch, self.precision)
+        return loss_of(self.model, batch, self.precision)
 
 
 class Parallel:
@@ -80,7 +80,7 @@ class Parallel:
     def loss(self, batch: Batch) -> LossParts:
         if self._ddp is not None:
             return self._ddp(batch)
-        return weighted_loss(self.model, batch, self.precision)
+        return loss_of(self.model, batch, self.precision)
 
     @contextmanager
     def no_sync(self):

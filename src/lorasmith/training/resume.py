@@ -18,7 +18,12 @@ log = logging.getLogger(__name__)
 def run_fingerprint(cfg: Config) -> dict:
     """What must not change between a run and its resumption."""
     files = [s.path for s in sources(cfg.data)] + ([v.path] if (v := val_source(cfg.data)) else [])
-    return {
+    extra = {}  # keys only runs that use them carry (earlier checkpoints resume unchanged)
+    if cfg.train.objective != "sft":
+        extra["objective"] = [cfg.train.objective, cfg.train.beta, cfg.train.label_smoothing]
+    if cfg.model.adapter:
+        extra["start_adapter"] = {str(cfg.model.adapter): _file_hash(cfg.model.adapter)}
+    return extra | {
         "model": cfg.model.name,
         "quantization": asdict(cfg.quantization),
         "data": {str(f): _file_hash(f) for f in files if f},
@@ -28,7 +33,7 @@ def run_fingerprint(cfg: Config) -> dict:
         "precision": [cfg.train.precision, cfg.train.base_dtype],
         "schedule": [cfg.train.lr, cfg.train.scheduler, cfg.train.warmup_ratio, cfg.train.epochs, cfg.train.max_steps],
         "seed": cfg.train.seed,
-        "order": [cfg.train.order, cfg.train.batch_tokens],
+        "order": [cfg.train.order, cfg.train.micro_batch_tokens],
     }
 
 

@@ -9,13 +9,13 @@ from dataclasses import dataclass
 import torch
 
 from lorasmith.config import TrainConfig
-from lorasmith.data.batching import collate, collate_packed, plan_epoch
+from lorasmith.data.batching import PreferenceLoss, collate, collate_packed, collate_pairs, plan_epoch
 from lorasmith.data.dataset import TokenizedSet
 from lorasmith.data.masking import Encoded
 from lorasmith.distributed import Dist
 from lorasmith.errors import TrainingError
 from lorasmith.models.hardware import Precision
-from lorasmith.models.loss import weighted_loss
+from lorasmith.models.loss import loss_of
 from lorasmith.training.checkpoint import TrainerState
 from lorasmith.training.memory import cap_tokens, is_oom, release_memory, split_indices
 from lorasmith.training.parallel import Parallel
@@ -37,7 +37,7 @@ def accumulate_gradients(
     dist = dist or Dist()
     total_weight = dist.all_reduce_sum(sum(b.weight_sum for b in batches if b is not None))
     scale = parallel.loss_scale if parallel else 1.0  # DDP and FSDP average over processes; we want the sum
-    forward = parallel.loss if parallel and parallel.strategy != "none" else lambda b: weighted_loss(model, b, precision)
+    forward = parallel.loss if parallel and parallel.strategy != "none" else lambda b: loss_of(model, b, precision)
     loss_sum = 0.0
     for batch in batches:
         if batch is None:
@@ -64,7 +64,7 @@ class StepResult:
 
 class StepPlan:
     """The deterministic order of micro-batches: ``plan_accum`` micro-batches of ``plan_mb`` samples (or
-    of up to ``train.batch_tokens`` padded tokens) per optimizer step, reshuffled per epoch by the seed.
+    of up to ``train.micro_batch_tokens`` padded tokens) per optimizer step, reshuffled per epoch by the seed.
     It fixes the number of steps (which the learning-rate schedule needs) before any model exists."""
 
     def __init__(self, lengths: list[int], cfg: TrainConfig, plan_mb: int, plan_accum: int):
@@ -86,14 +86,14 @@ class StepPlan:
     def _plan(self, epoch: int) -> list[list[int]]:
         if epoch not in self._plans:
             cfg = self.cfg
-            self._plans = {epoch: plan_epoch(self.lengths, self.plan_mb, cfg.seed, epoch, cfg.order, cfg.batch_tokens)}
+            self._plans = {epoch: plan_epoch(self.lengths, self.plan_mb, cfg.seed, epoch, cfg.order, cfg.micro_batch_tokens)}
         return self._plans[epoch]
 
 
 class Stepper:
     """Runs optimizer steps over a :class:`StepPlan`.
 
-    ``state.split`` cuts each planned micro-batch into that many pieces (set by the auto probe and
+    ``state.oom_pieces`` cuts each planned micro-batch into that many pieces (set by the auto probe and
     doubled on each OOM), so the data order and the effective batch never depend on memory.
 
     With several processes each one takes every N-th conversation of each planned micro-batch (the
@@ -104,26 +104,19 @@ class Stepper:
     """
 
     def __init__(
-        self,
-        model,
-        optimizer,
-        scheduler,
-        scaler,
-        precision: Precision,
-        cfg: TrainConfig,
-        data: TokenizedSet,
-        pad_id: int,
-        device: torch.device,
-        plan: StepPlan,
-        dist: Dist | None = None,
-        parallel: Parallel | None = None,
+        self, parallel: Parallel, optimizer, scheduler, cfg: TrainConfig, data: TokenizedSet, plan: StepPlan, pad_id: int, device
     ):
-        self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
-        self.precision, self.cfg, self.data, self.pad_id, self.device = precision, cfg, data, pad_id, device
-        self.plan, self.dist = plan, dist or Dist()
-        self.parallel = parallel or Parallel(model, precision, self.dist)
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.parallel, self.model, self.precision, self.dist = parallel, parallel.model, parallel.precision, parallel.dist
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.scaler = torch.amp.GradScaler(device.type) if self.precision.needs_grad_scaler else None
+        self.cfg, self.data, self.plan, self.pad_id, self.device = cfg, data, plan, pad_id, device
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.nonfinite_in_row = 0
+        if cfg.objective != "sft":  # preference pairs: chosen and rejected rows, one loss per pair
+            loss = PreferenceLoss(cfg.objective, cfg.beta, cfg.label_smoothing)
+            self.collate = lambda samples: collate_pairs(samples, pad_id, loss)
+        else:
+            self.collate = collate_packed if cfg.packing else lambda samples: collate(samples, pad_id)
         self.accumulating = False
         """True while a step only accumulates gradients: abandoning it then leaves weights and state untouched."""
 
@@ -138,26 +131,25 @@ class Stepper:
             self.accumulating = False
         return self._update(state, loss, batches, pieces, planned)
 
-    def pieces(self, planned: list[list[int]], split: int, rank: int) -> list[list[int]]:
+    def pieces(self, planned: list[list[int]], parts: int, rank: int) -> list[list[int]]:
         """The micro-batches process ``rank`` runs for a planned step."""
         world = self.dist.world_size
         shares = [idx[rank::world] for idx in planned if idx[rank::world]]
-        pieces = [p for idx in shares for p in split_indices(idx, split)]
+        pieces = [p for idx in shares for p in split_indices(idx, parts)]
         return cap_tokens(pieces, self.plan.lengths, self.cfg.max_batch_tokens)
 
     def _accumulate(self, state: TrainerState, on_oom):
         planned = self.plan.planned(state.micro_batches_done)
         dist = self.dist
         while True:
-            pieces = self.pieces(planned, state.split, dist.rank)
-            make = collate_packed if self.cfg.packing else lambda samples: collate(samples, self.pad_id)
-            batches = [make([self.data.encoded[i] for i in p]).to(self.device) for p in pieces]
+            pieces = self.pieces(planned, state.oom_pieces, dist.rank)
+            batches = [self.collate([self.data.encoded[i] for i in p]).to(self.device) for p in pieces]
             if dist.active:
                 self.parallel.filler = self._zero_weight_batch(planned)
                 if self.parallel.warm_up():
                     self.optimizer.zero_grad(set_to_none=True)
             if self.parallel.pads_micro_batches:
-                most = max(len(self.pieces(planned, state.split, r)) for r in range(dist.world_size))
+                most = max(len(self.pieces(planned, state.oom_pieces, r)) for r in range(dist.world_size))
                 batches += [None] * (most - len(batches))
             failed = False
             try:
@@ -187,8 +179,8 @@ class Stepper:
                     f"out of memory at step {state.step + 1} even with one conversation per micro-batch",
                     hint="lower data.max_length, enable train.gradient_checkpointing, or use a quantized base (QLoRA)",
                 ) from None
-            state.split *= 2
-            size = max(len(p) for idx in planned for p in split_indices(idx, state.split))
+            state.oom_pieces *= 2
+            size = max(len(p) for idx in planned for p in split_indices(idx, state.oom_pieces))
             log.warning("out of memory at step %d: retrying with micro-batch %d (same effective batch)", state.step + 1, size)
             if on_oom:
                 on_oom(state.step + 1, size)
@@ -196,7 +188,7 @@ class Stepper:
     def _zero_weight_batch(self, planned):
         """A short micro-batch whose loss is multiplied by zero: its backward synchronises the gradients."""
         first = self.data.encoded[planned[0][0]]
-        ids = first.input_ids[:8]
+        ids = getattr(first, "chosen", first).input_ids[:8]  # a pair's chosen side
         return collate([Encoded(ids, [1.0] * len(ids))], self.pad_id).to(self.device)
 
     def _update(self, state: TrainerState, loss: float, batches, pieces, planned) -> StepResult:
