@@ -30,6 +30,10 @@ from lorasmith.models.hardware import Precision
 from lorasmith.models.loading import load_model, load_tokenizer
 
 SEED_TARGETS = ["q_proj", "k_proj", "v_proj"]  # the seed recipe adapts attention projections only
+GPU = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if GPU else "cpu")
+PEER_BF16 = GPU and torch.cuda.is_bf16_supported()
+"""On a GPU the peers run in bf16 (their recommended setting there); the seed recipe stays fp32."""
 
 
 class _TreeMemory(threading.Thread):
@@ -124,10 +128,11 @@ def run_hf_trainer(name: str, model_dir: str, train: str, val: str, steps: int) 
 
     timer = step_timer(real_tokens)
 
-    model = load_model(ModelConfig(name=model_dir), device=torch.device("cpu"), attn_implementation="sdpa")
+    model = load_model(ModelConfig(name=model_dir), device=DEVICE, attn_implementation="sdpa")
     model = get_peft_model(
         model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=SEED_TARGETS, task_type="CAUSAL_LM")
     )
+    bf16 = PEER_BF16 and not pad_to_max
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(
             output_dir=out,
@@ -138,8 +143,8 @@ def run_hf_trainer(name: str, model_dir: str, train: str, val: str, steps: int) 
             logging_steps=1,
             save_strategy="no",
             report_to=[],
-            use_cpu=True,
-            bf16=False,
+            use_cpu=not GPU,
+            bf16=bf16,
             dataloader_num_workers=0,
             remove_unused_columns=False,
             disable_tqdm=True,
@@ -148,7 +153,8 @@ def run_hf_trainer(name: str, model_dir: str, train: str, val: str, steps: int) 
         )
         Trainer(model=model, args=args, train_dataset=rows, data_collator=collate, callbacks=[timer]).train()
     peak = _peak_rss_mib()
-    return {"step_s": timer.times, "real_tokens": timer.tokens, "eval_loss": _val_loss(model, tok, val_set), "peak_rss_mib": peak}
+    out = {"step_s": timer.times, "real_tokens": timer.tokens, "eval_loss": _val_loss(model.cpu(), tok, val_set)}
+    return {**out, "peak_rss_mib": peak, "precision": "bf16" if bf16 else "fp32", **_gpu_peak()}
 
 
 def run_trl_packing(model_dir: str, train: str, val: str, steps: int) -> dict:
@@ -159,7 +165,7 @@ def run_trl_packing(model_dir: str, train: str, val: str, steps: int) -> dict:
 
     tok, _train_set, val_set = _data(model_dir, train, val)
     records = [json.loads(line) for line in Path(train).read_text().splitlines()]
-    model = load_model(ModelConfig(name=model_dir), device=torch.device("cpu"), attn_implementation="sdpa")
+    model = load_model(ModelConfig(name=model_dir), device=DEVICE, attn_implementation="sdpa")
     seen: list[int] = []
     timer = step_timer(seen)
 
@@ -173,8 +179,8 @@ def run_trl_packing(model_dir: str, train: str, val: str, steps: int) -> dict:
             logging_steps=1,
             save_strategy="no",
             report_to=[],
-            use_cpu=True,
-            bf16=False,
+            use_cpu=not GPU,
+            bf16=PEER_BF16,
             packing=True,
             max_length=512,
             dataloader_num_workers=0,
@@ -202,7 +208,8 @@ def run_trl_packing(model_dir: str, train: str, val: str, steps: int) -> dict:
         trainer.train()
         model = trainer.model
     peak = _peak_rss_mib()
-    return {"step_s": timer.times, "real_tokens": timer.tokens, "eval_loss": _val_loss(model, tok, val_set), "peak_rss_mib": peak}
+    out = {"step_s": timer.times, "real_tokens": timer.tokens, "eval_loss": _val_loss(model.cpu(), tok, val_set)}
+    return {**out, "peak_rss_mib": peak, "precision": "bf16" if PEER_BF16 else "fp32", **_gpu_peak()}
 
 
 def run_lorasmith(model_dir: str, train: str, val: str, steps: int, extra: list[str], nproc: int = 1) -> dict:
@@ -254,7 +261,13 @@ def run_lorasmith(model_dir: str, train: str, val: str, steps: int, extra: list[
         "eval_loss": eval_loss,
         "precision": status.get("precision"),
         "peak_rss_mib": peak,
+        **_gpu_peak(),
     }
+
+
+def _gpu_peak() -> dict:
+    """Peak GPU memory allocated by torch in this process (on a GPU only)."""
+    return {"peak_gpu_mib": round(torch.cuda.max_memory_allocated() / 2**20)} if GPU else {}
 
 
 def main() -> None:

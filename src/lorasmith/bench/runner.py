@@ -7,7 +7,10 @@ the steps after warm-up, median seconds per step, peak RSS, validation loss afte
 same assistant-only loss for all), achieved GFLOP/s (4 x parameters x real tokens/s: forward,
 and backward to the activations; frozen weights get no gradient) and its share of the matmul
 peak measured here first: of the peak of the dtype the configuration ran in, and of the machine's
-best peak over dtypes (a configuration that runs the slower dtype cannot look efficient).
+best peak over dtypes (a configuration that runs the slower dtype cannot look efficient), and of the
+same-shape rate: this model's own layer projections timed at the configuration's rows per micro-batch
+(its median real tokens per micro-batch) in its dtype, which a small model's short micro-batches cannot
+reach the square-matmul peak with (docs/benchmarks.md, "Reading the table").
 """
 
 from __future__ import annotations
@@ -55,7 +58,23 @@ VARIANTS = {
 }
 
 
-def summarise(name: str, runs: list[dict], warmup: int, params: int, peaks: dict) -> dict:
+def _same_shape_figures(gflops: float, same_shape: float | None) -> dict:
+    if not same_shape:
+        return {}
+    return {"same_shape_gflops": round(same_shape, 1), "pct_of_same_shape": round(100 * gflops / same_shape, 1)}
+
+
+MICRO_BATCHES = {"seed": 4}
+"""Micro-batches per optimizer step where not 1 (the seed recipe accumulates 4 of 2)."""
+
+
+def rows_per_micro_batch(name: str, runs: list[dict], warmup: int) -> int:
+    """Median real tokens of one micro-batch: the rows each projection matmul of the step runs on."""
+    tokens = [n for r in runs for n in r["real_tokens"][warmup:]]
+    return int(statistics.median(tokens) / MICRO_BATCHES.get(name, 1)) if tokens else 0
+
+
+def summarise(name: str, runs: list[dict], warmup: int, params: int, peaks: dict, same_shape: float | None = None) -> dict:
     rates, secs = [], []
     for r in runs:
         for t, n in list(zip(r["step_s"], r["real_tokens"]))[warmup:]:
@@ -77,6 +96,8 @@ def summarise(name: str, runs: list[dict], warmup: int, params: int, peaks: dict
         "gflop_s": round(gflops, 1),
         "pct_of_matmul_peak": round(100 * gflops / peak, 1),
         "pct_of_best_peak": round(100 * gflops / best, 1),
+        **_same_shape_figures(gflops, same_shape),
+        "rows_per_micro_batch": rows_per_micro_batch(name, runs, warmup),
         "measured_steps": len(rates),
     }
 
@@ -91,17 +112,40 @@ def to_markdown(result: dict) -> str:
         f"Data: {result['data']}; {result['steps']} optimizer steps per configuration, the first {result['warmup']} not timed.",
         "",
         "| configuration | precision | real tok/s | vs seed | s/step | peak RSS MiB | eval loss | GFLOP/s "
-        "| % of its dtype's peak | % of the best peak |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| % of its dtype's peak | % of the best peak | % of the same-shape rate (rows) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         ratio = f"{r['real_tok_s'] / base['real_tok_s']:.2f}x" if base else "-"
         lines.append(
             f"| {r['description']} | {r['precision']} | {r['real_tok_s']:.0f} | {ratio} | {r['s_per_step']:.2f} | "
             f"{r['peak_rss_mib']} | {r['eval_loss']:.4f} | {r['gflop_s']:.0f} | {r['pct_of_matmul_peak']:.0f}% | "
-            f"{r.get('pct_of_best_peak', r['pct_of_matmul_peak']):.0f}% |"
+            f"{r.get('pct_of_best_peak', r['pct_of_matmul_peak']):.0f}% | {_same_shape_cell(r)} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _same_shape_cell(r: dict) -> str:
+    if "pct_of_same_shape" not in r:
+        return "-"
+    return f"{r['pct_of_same_shape']:.0f}% of {r['same_shape_gflops']:.0f} ({r['rows_per_micro_batch']})"
+
+
+def same_shape_rates(model_config, runs: dict[str, list[dict]], warmup: int) -> dict[str, float]:
+    """Each configuration's same-shape rate: the model's projections at its rows per micro-batch, in its
+    dtype (measured once per dtype and row count rounded to 64)."""
+    from lorasmith.models.probe import Shapes, projection_rate
+
+    shapes, measured, out = Shapes.of(model_config), {}, {}
+    for name, rs in runs.items():
+        rows = rows_per_micro_batch(name, rs, warmup)
+        if not rows:
+            continue
+        key = (rs[0].get("precision", "fp32"), max(64, round(rows / 64) * 64))
+        if key not in measured:
+            measured[key] = projection_rate(shapes, "bf16" if key[0] == "bf16" else "fp32", key[1])
+        out[name] = measured[key]
+    return out
 
 
 def run_bench(model: str, configs: list[str], steps: int, warmup: int, repeats: int, out: Path, extra: list[str]) -> dict:
@@ -147,6 +191,7 @@ def run_bench(model: str, configs: list[str], steps: int, warmup: int, repeats: 
             if proc.returncode != 0:
                 raise LorasmithError(f"bench configuration {name} failed:\n{proc.stderr[-3000:]}")
             runs[name].append(json.loads(target.read_text()))
+    same = same_shape_rates(cfg, runs, warmup)
     result = {
         "command": "lorasmith bench " + " ".join(sys.argv[2:]),
         "machine": f"{cpu_name()}, {os.cpu_count()} cores",
@@ -156,7 +201,7 @@ def run_bench(model: str, configs: list[str], steps: int, warmup: int, repeats: 
         "steps": steps,
         "warmup": warmup,
         "parameters": params,
-        "results": [summarise(c, runs[c], warmup, params, peaks) for c in configs],
+        "results": [summarise(c, runs[c], warmup, params, peaks, same.get(c)) for c in configs],
         "raw": runs,
     }
     atomic.write_json(out / "results.json", result)

@@ -113,12 +113,13 @@ def machine_key(shapes: Shapes) -> str:
     return f"{cpu_name()}|{torch.get_num_threads()} threads|torch {torch.__version__}|{dims}"
 
 
-def _time_candidate(name: str, shapes: Shapes, seconds: float) -> float:
-    """Best GFLOP/s of one forward + backward (to the activations) through the layer's projections."""
+def _time_candidate(name: str, shapes: Shapes, seconds: float, tokens: int = PROBE_TOKENS) -> float:
+    """Best GFLOP/s of one forward + backward (to the activations) through the layer's projections, on
+    ``tokens`` rows."""
     dtype = torch.bfloat16 if name == "bf16" else torch.float32
     weights = [torch.randn(o, i, dtype=dtype) * i**-0.5 for i, o in shapes.linears()]
-    x = torch.randn(PROBE_TOKENS, shapes.hidden, requires_grad=True)
-    flops = 4 * PROBE_TOKENS * sum(i * o for i, o in shapes.linears())  # forward + input gradient
+    x = torch.randn(tokens, shapes.hidden, requires_grad=True)
+    flops = 4 * tokens * sum(i * o for i, o in shapes.linears())  # forward + input gradient
 
     def once():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=name == "bf16"):
@@ -180,6 +181,12 @@ def _time_attention(name: str, shapes: Shapes, seconds: float) -> float:
         flops += 3.5 * 2 * rows * shapes.heads * length**2 * dim
         total += _best_seconds(once, seconds)
     return flops / total / 1e9
+
+
+def projection_rate(shapes: Shapes, precision: str, tokens: int, seconds: float = 1.0) -> float:
+    """GFLOP/s of the model's own layer projections at ``tokens`` rows, forward and input gradient, in
+    ``precision`` (bf16 or fp32): the most a training step of that size could reach on its matmuls."""
+    return _time_candidate(precision, shapes, seconds, max(16, tokens))
 
 
 def matmul_peak(dtype: torch.dtype, size: int = 2048, seconds: float = 1.5) -> float:
