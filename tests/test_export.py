@@ -70,7 +70,26 @@ def test_a_failed_check_exits_1_and_leaves_no_gguf(gguf_run, tmp_path, monkeypat
 
     monkeypatch.setitem(gguf.TOLERANCE, "f16", (1.01, 0.0))  # impossible: top-1 agreement above 100%
     out = tmp_path / "model.gguf"
-    assert main(["export", "gguf", str(gguf_run), "--out", str(out)]) == 1
+    assert main(["export", "gguf", str(gguf_run), "--out", str(out), "--type", "f16"]) == 1
     assert not out.exists() and (tmp_path / "model.gguf.incomplete").is_file()
     assert "verification failed" in capsys.readouterr().out
     assert not json.loads((tmp_path / "model.gguf.manifest.json").read_text())["passed"]
+
+
+def test_type_auto_takes_bf16_where_f16_does_not_verify(gguf_run, tmp_path, monkeypatch, capsys):
+    """--type auto (the default): f16 first; where it fails its check (as a Gemma-3 270M did: 96.5% top-1),
+    bf16 is converted and verified instead, and the manifest keeps both attempts' figures."""
+    from lorasmith.export import gguf
+
+    monkeypatch.setitem(gguf.TOLERANCE, "f16", (1.01, 0.0))  # f16 made to fail its check
+    out = tmp_path / "model.gguf"
+    assert main(["export", "gguf", str(gguf_run), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "as bf16 GGUF" in printed and "--type auto: f16 did not verify" in printed
+    manifest = json.loads((tmp_path / "model.gguf.manifest.json").read_text())
+    assert manifest["passed"] and manifest["type"] == "bf16"
+    assert [(t["type"], t["passed"]) for t in manifest["checks"]["auto"]["tried"]] == [("f16", False), ("bf16", True)]
+    from gguf import GGUFReader
+
+    types = {t.tensor_type.name for t in GGUFReader(str(out)).tensors}
+    assert "BF16" in types and "F16" not in types
