@@ -415,3 +415,35 @@ def test_sigterm_during_a_long_generation_exits_within_the_grace(run):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_plain_completions_continue_the_prompt_as_it_is(server, run):
+    """/v1/completions with the openai client: the prompt continued without the chat template, the same
+    greedy text as transformers' generate on base + adapter from the prompt's own tokens; streamed the same;
+    fields it cannot honour refused by name."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lorasmith.evaluation.generate import stop_token_ids
+
+    client = _client(server)
+    prompt = "The capital of France is"
+    got = client.completions.create(model="triage", prompt=prompt, max_tokens=8, temperature=0)
+    text = got.choices[0].text
+    tokenizer = AutoTokenizer.from_pretrained(run / "adapter")
+    base_dir = next(line.split(": ", 1)[1].strip() for line in (run / "config.yaml").read_text().splitlines() if "name:" in line)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32), run / "adapter")
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        out = model.eval().generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=stop_token_ids(tokenizer, model))
+    assert text == tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+    assert got.object == "text_completion" and got.usage.prompt_tokens == ids.shape[1]
+    streamed = list(client.completions.create(model="triage", prompt=prompt, max_tokens=8, temperature=0, stream=True))
+    assert "".join(c.choices[0].text for c in streamed) == text
+    assert streamed[-1].choices[0].finish_reason == got.choices[0].finish_reason
+    auth = {"Authorization": f"Bearer {KEY}"}
+    for extra, param in (({"echo": True}, "echo"), ({"prompt": ["a", "b"]}, "prompt"), ({"logprobs": 2}, "logprobs")):
+        body = {"model": "triage", "prompt": prompt, "max_tokens": 4, **extra}
+        r = httpx.post(f"{server}/v1/completions", json=body, headers=auth, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text

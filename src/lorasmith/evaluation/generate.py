@@ -121,7 +121,7 @@ def generate(
 def complete(
     model,
     tokenizer,
-    histories: list[list[dict]],
+    histories: list[list[dict]] | list[str],
     *,
     precision: Precision,
     max_new_tokens: int | list[int] = 128,
@@ -140,14 +140,18 @@ def complete(
     ``threading.Event`` per history that ends its generation early; ``streamer``: a transformers
     streamer, told which histories each batch holds if it has ``set_rows``; ``tools``: the tool
     schemas of each history (rendered by the chat template); ``prefill``: text each answer starts with,
-    appended to its prompt (not part of the returned text)."""
+    appended to its prompt (not part of the returned text). A history given as a string is a plain prompt,
+    continued as it is, without the chat template (``/v1/completions``)."""
     device = next(model.parameters()).device
     limits = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(histories)
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # generation appends on the right
     tools = tools or [None] * len(histories)
-    prompts = [render(tokenizer, h, tools=t, add_generation_prompt=True) for h, t in zip(histories, tools)]
-    prompts = [p + extra for p, extra in zip(prompts, prefill or [""] * len(prompts))]
+    if histories and isinstance(histories[0], str):
+        prompts = list(histories)
+    else:
+        prompts = [render(tokenizer, h, tools=t, add_generation_prompt=True) for h, t in zip(histories, tools)]
+        prompts = [p + extra for p, extra in zip(prompts, prefill or [""] * len(prompts))]
     # Batches of similar prompt lengths: less left padding to run through the prefill and attention.
     lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
     order = sorted(range(len(prompts)), key=lambda i: lengths[i])

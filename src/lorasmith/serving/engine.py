@@ -49,11 +49,13 @@ class Request:
     """The start of the answer, written by the server (a forced tool call's opening)."""
     syntax: str = "json"
     """How the model's chat template writes tool calls (data/tools.syntax_of)."""
+    text: str | None = None
+    """A plain prompt (``/v1/completions``), continued as it is: no chat template, ``messages`` unused."""
 
     def batch_key(self):
         if self.sampling != Sampling():
             return None  # sampled: runs alone, so its seed gives the same answer whatever else is waiting
-        return (self.model, self.stop)
+        return (self.model, self.stop, self.text is None)
 
 
 @dataclass
@@ -83,11 +85,12 @@ class Engine:
         self.worker = threading.Thread(target=self._loop, name="lorasmith-engine", daemon=True)
         self.worker.start()
 
-    def prompt_tokens(self, messages: list[dict], tools, prefill: str = "") -> int | None:
-        """Tokens of the prompt generation would run on (None without a tokenizer)."""
+    def prompt_tokens(self, messages: list[dict], tools, prefill: str = "", text: str | None = None) -> int | None:
+        """Tokens of the prompt generation would run on (None without a tokenizer); ``text``: a plain prompt."""
         if self.tokenizer is None:
             return None
-        text = render(self.tokenizer, messages, tools=tools, add_generation_prompt=True) + prefill
+        if text is None:
+            text = render(self.tokenizer, messages, tools=tools, add_generation_prompt=True) + prefill
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def submit(self, req: Request) -> Request:
@@ -147,7 +150,7 @@ class Engine:
                 done = complete(
                     self.model,
                     self.tokenizer,
-                    [r.messages for r in batch],
+                    [r.text if r.text is not None else r.messages for r in batch],  # a batch holds one kind
                     precision=self.precision,
                     max_new_tokens=[r.max_tokens for r in batch],
                     batch_size=len(batch),

@@ -54,6 +54,25 @@ NEUTRAL = {
 """Fields accepted at the value that asks for nothing; any other value is refused (400), not ignored."""
 
 
+class CompletionRequest(BaseModel):
+    """``/v1/completions``: a plain prompt continued as it is (no chat template)."""
+
+    model_config = ConfigDict(extra="allow")
+    model: str
+    prompt: str | list[str]
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_tokens: int | None = Field(16, ge=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: int = 1
+    stream: bool = False
+
+
+COMPLETION_NEUTRAL = {**NEUTRAL, "echo": False, "suffix": None, "best_of": 1, "logprobs": None}
+"""/v1/completions' own fields at the value that asks for nothing (``logprobs`` there is a number or null)."""
+
+
 class ChatRequest(BaseModel):
     model_config = ConfigDict(extra="allow")  # checked by unsupported(): refused by name, never silently ignored
     model: str
@@ -200,23 +219,11 @@ def create_app(
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, http: HttpRequest):
         req = _to_request(body, engine, max_tokens_limit, max_prompt_tokens)
-        try:
-            engine.submit(req)
-        except Busy as e:
-            raise ApiError(503, f"server busy: {e}; retry later", kind="server_error") from None
+        _submit(engine, req)
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if body.stream:
             return StreamingResponse(_events(req, rid, created, http, request_timeout), media_type="text/event-stream")
-        try:
-            done = await asyncio.wait_for(asyncio.wrap_future(req.result), request_timeout)
-        except asyncio.TimeoutError:
-            req.cancelled.set()
-            raise ApiError(
-                504, f"the request took longer than the server's limit of {request_timeout:g} s", kind="timeout"
-            ) from None
-        except asyncio.CancelledError:
-            req.cancelled.set()
-            raise
+        done = await _wait(req, request_timeout)
         message, finish = tool_use.answer(done, req)
         return {
             "id": rid,
@@ -227,33 +234,96 @@ def create_app(
             "usage": _usage(done),
         }
 
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, http: HttpRequest):
+        req = _text_request(body, engine, max_tokens_limit, max_prompt_tokens)
+        _submit(engine, req)
+        rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        if body.stream:
+            return StreamingResponse(_events(req, rid, created, http, request_timeout), media_type="text/event-stream")
+        done = await _wait(req, request_timeout)
+        choice = {"index": 0, "text": done.text, "logprobs": None, "finish_reason": done.finish_reason}
+        head = {"id": rid, "object": "text_completion", "created": created, "model": body.model}
+        return head | {"choices": [choice], "usage": _usage(done)}
+
     return app
 
 
-def unsupported(body: ChatRequest) -> str | None:
+def _submit(engine: Engine, req: Request) -> None:
+    try:
+        engine.submit(req)
+    except Busy as e:
+        raise ApiError(503, f"server busy: {e}; retry later", kind="server_error") from None
+
+
+async def _wait(req: Request, timeout: float | None):
+    """The completion of a queued request, or a 504 after ``timeout`` (its slot freed)."""
+    try:
+        return await asyncio.wait_for(asyncio.wrap_future(req.result), timeout)
+    except asyncio.TimeoutError:
+        req.cancelled.set()
+        raise ApiError(504, f"the request took longer than the server's limit of {timeout:g} s", kind="timeout") from None
+    except asyncio.CancelledError:
+        req.cancelled.set()
+        raise
+
+
+def unsupported(body: BaseModel, neutral: dict = NEUTRAL) -> str | None:
     """The first field of the request this server would otherwise have to ignore."""
     for name, value in (body.model_extra or {}).items():
-        if name in HARMLESS or (name in NEUTRAL and value in (NEUTRAL[name], None)):
+        if name in HARMLESS or (name in neutral and value in (neutral[name], None)):
             continue
         return name
     return None
 
 
-def _to_request(body: ChatRequest, engine: Engine, max_tokens_limit: int, max_prompt_tokens: int | None = None) -> Request:
-    if field_ := unsupported(body):
+def _common(body, engine: Engine, max_tokens_limit: int, neutral: dict) -> tuple[int, tuple[str, ...]]:
+    """The checks both endpoints make: unsupported fields, the model, n, max_tokens, stop."""
+    if field_ := unsupported(body, neutral):
         raise ApiError(400, f"{field_}: not supported by this server (leave it out)", param=field_)
-    served = engine.served.get(body.model)
-    if served is None:
+    if body.model not in engine.served:
         names = sorted(engine.served)
         raise ApiError(404, f"model {body.model!r} is not served here; GET /v1/models lists {names}", param="model")
     if body.n != 1:
         raise ApiError(400, "n must be 1", param="n")
-    limit = body.max_completion_tokens or body.max_tokens or min(256, max_tokens_limit)
+    limit = getattr(body, "max_completion_tokens", None) or body.max_tokens or min(256, max_tokens_limit)
     if limit > max_tokens_limit:
         raise ApiError(400, f"max_tokens {limit} is over this server's limit of {max_tokens_limit}", param="max_tokens")
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
     if len(stop) > 4 or any(not s for s in stop):
         raise ApiError(400, "stop: up to 4 non-empty strings", param="stop")
+    return limit, stop
+
+
+def _check_context(engine: Engine, n_prompt: int | None, limit: int, max_prompt_tokens: int | None, param: str) -> None:
+    """Before queueing: a prompt over the context would hold the one worker for minutes."""
+    if n_prompt is None:
+        return
+    if max_prompt_tokens and n_prompt > max_prompt_tokens:
+        over = f"{param}: the prompt is {n_prompt} tokens, over this server's --max-prompt-tokens {max_prompt_tokens}"
+        raise ApiError(400, over, param=param)
+    if engine.context and n_prompt + limit > engine.context:
+        raise ApiError(
+            400,
+            f"{param}: the prompt is {n_prompt} tokens and max_tokens {limit}: {n_prompt + limit} in all, "
+            f"over the model's context of {engine.context} tokens; shorten the prompt or lower max_tokens",
+            param=param,
+        )
+
+
+def _text_request(body: CompletionRequest, engine: Engine, max_tokens_limit: int, max_prompt_tokens: int | None) -> Request:
+    limit, stop = _common(body, engine, max_tokens_limit, COMPLETION_NEUTRAL)
+    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    if len(prompts) != 1 or not prompts[0]:
+        raise ApiError(400, "prompt: one non-empty string (a list of several is not supported)", param="prompt")
+    _check_context(engine, engine.prompt_tokens([], None, text=prompts[0]), limit, max_prompt_tokens, "prompt")
+    sampling = Sampling(temperature=body.temperature, top_p=body.top_p, seed=body.seed)
+    return Request(body.model, [], limit, sampling=sampling, stop=stop, stream=body.stream, text=prompts[0])
+
+
+def _to_request(body: ChatRequest, engine: Engine, max_tokens_limit: int, max_prompt_tokens: int | None = None) -> Request:
+    limit, stop = _common(body, engine, max_tokens_limit, NEUTRAL)
+    served = engine.served[body.model]
     try:
         messages = tool_use.canonical_messages([m.model_dump(exclude_none=True) for m in body.messages])
         declared = tool_use.declared_tools(body.tools)
@@ -271,21 +341,7 @@ def _to_request(body: ChatRequest, engine: Engine, max_tokens_limit: int, max_pr
         )
     sampling = Sampling(temperature=body.temperature, top_p=body.top_p, seed=body.seed)
     prefill = tool_use.forced_prefix(engine.syntax, forced) if forced else ""
-    n_prompt = engine.prompt_tokens(messages, tools, prefill)
-    if n_prompt is not None:  # before queueing: a prompt over the context would hold the one worker for minutes
-        if max_prompt_tokens and n_prompt > max_prompt_tokens:
-            raise ApiError(
-                400,
-                f"messages: the prompt is {n_prompt} tokens, over this server's --max-prompt-tokens {max_prompt_tokens}",
-                param="messages",
-            )
-        if engine.context and n_prompt + limit > engine.context:
-            raise ApiError(
-                400,
-                f"messages: the prompt is {n_prompt} tokens and max_tokens {limit}: {n_prompt + limit} in all, "
-                f"over the model's context of {engine.context} tokens; shorten the conversation or lower max_tokens",
-                param="messages",
-            )
+    _check_context(engine, engine.prompt_tokens(messages, tools, prefill), limit, max_prompt_tokens, "messages")
     return Request(
         model=body.model,
         messages=messages,
@@ -309,16 +365,16 @@ async def _events(req: Request, rid: str, created: int, http, timeout: float | N
     string), the last chunk with finish_reason, then [DONE]. A client that disconnects cancels generation."""
     import queue
 
+    plain = req.text is not None  # /v1/completions: text chunks, no role, no tool calls
+
     def chunk(delta: dict, finish: str | None = None, **extra) -> str:
-        body = {
-            "id": rid,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": req.model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
-            **extra,
-        }
-        return f"data: {json.dumps(body)}\n\n"
+        if plain:
+            choice = {"index": 0, "text": delta.get("content", ""), "logprobs": None, "finish_reason": finish}
+            body = {"id": rid, "object": "text_completion", "created": created, "model": req.model, "choices": [choice]}
+        else:
+            choice = {"index": 0, "delta": delta, "finish_reason": finish}
+            body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": req.model, "choices": [choice]}
+        return f"data: {json.dumps(body | extra)}\n\n"
 
     markers = (*req.stop, *tool_use.markers(req))
     hold = max((len(s) for s in markers), default=1) - 1
@@ -326,7 +382,8 @@ async def _events(req: Request, rid: str, created: int, http, timeout: float | N
     text, sent = req.prefill, 0
     deadline = time.monotonic() + timeout if timeout else None
     try:
-        yield chunk({"role": "assistant", "content": ""})
+        if not plain:
+            yield chunk({"role": "assistant", "content": ""})
         while True:
             try:
                 piece = req.chunks.get_nowait()
@@ -355,7 +412,7 @@ async def _events(req: Request, rid: str, created: int, http, timeout: float | N
         except Exception as e:
             yield f"data: {json.dumps(error_body(f'generation failed: {type(e).__name__}', 'server_error'))}\n\n"
             return
-        message, finish = tool_use.answer(done, req)
+        message, finish = ({"content": done.text}, done.finish_reason) if plain else tool_use.answer(done, req)
         content = message.get("content") or ""
         if len(content) > sent:
             yield chunk({"content": content[sent:]})
