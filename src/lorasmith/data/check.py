@@ -154,25 +154,16 @@ def _chunks(stream: Iterator, report: CheckReport, finder: DuplicateFinder, is_v
             report.n_pairs += 1
             chosen, rejected = conv.sides()
             chunk += [(f"{where}{CHOSEN}", chosen.messages, conv.tools), (f"{where}{REJECTED}", rejected.messages, conv.tools)]
-            (finder.add_val if is_val else finder.add_train)(where, conv.messages)
-            report.n_val += is_val
-            if len(chunk) >= _CHUNK:
-                yield chunk
-                chunk = []
-            continue
-        assert isinstance(conv, Conversation)
-        if is_val:
-            report.n_val += 1
-            finder.add_val(where, conv.messages)
         else:
-            finder.add_train(where, conv.messages)
+            chunk.append((where, conv.messages, conv.tools))
+        report.n_val += is_val
+        (finder.add_val if is_val else finder.add_train)(where, conv.messages)
         for w in conv.warnings:
             report.n_tool_warnings += 1
             if len(report.tool_warnings) < MAX_LISTED:
                 report.tool_warnings.append(f"{where}: {w}")
         report.n_tool_results += sum(m["role"] == "tool" for m in conv.messages)
         report.n_reasoning += any(m.get("reasoning_content") for m in conv.messages)
-        chunk.append((where, conv.messages, conv.tools))
         if len(chunk) >= _CHUNK:
             yield chunk
             chunk = []

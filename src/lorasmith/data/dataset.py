@@ -46,7 +46,7 @@ class TokenizedSet:
 
     @property
     def num_tokens(self) -> int:
-        return sum(len(e.input_ids) for e in self.encoded)
+        return sum(e.length for e in self.encoded)
 
 
 def sources(cfg: DataConfig) -> list[DataSource]:
@@ -131,10 +131,7 @@ def tokenize(tokenizer, conversations: list[Conversation], cfg: DataConfig, *, n
         out.encoded.append(enc)
     problems = [f"{c.source}: {e}" for c, e in zip(conversations, errors) if e]
     if problems and not cfg.skip_bad_records:
-        shown = "\n  ".join(problems[:20])
-        raise DataError(
-            f"{len(problems)} conversation(s) cannot be tokenized:\n  {shown}", hint="set data.skip_bad_records=true to skip them"
-        )
+        raise_untokenizable(problems, "conversation(s)")
     out.dropped = problems + out.dropped
     if n_truncated:
         log.warning("%d conversation(s) longer than data.max_length=%d were truncated", n_truncated, cfg.max_length)
@@ -145,6 +142,11 @@ def tokenize(tokenizer, conversations: list[Conversation], cfg: DataConfig, *, n
     if need_trained and not out.encoded:
         raise DataError("no conversation has a token to train on", hint="check data.train_on and data.max_length")
     return out
+
+
+def raise_untokenizable(problems: list[str], what: str) -> None:
+    shown = "\n  ".join(problems[:20])
+    raise DataError(f"{len(problems)} {what} cannot be tokenized:\n  {shown}", hint="set data.skip_bad_records=true to skip them")
 
 
 def encode_all(tokenizer, conversations: list[Conversation], cfg: DataConfig) -> tuple[list[Encoded | None], list[str | None]]:

@@ -27,10 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lorasmith.config import DataConfig
-from lorasmith.data.dataset import encode_all
+from lorasmith.data.dataset import TokenizedSet, encode_all, raise_untokenizable
 from lorasmith.data.formats import SHAREGPT_ROLES, RecordError, iter_raw, record_tools, to_messages
 from lorasmith.data.masking import Encoded
-from lorasmith.data.records import Conversation, ReadResult, canonical, check_messages, raise_problems
+from lorasmith.data.records import Conversation, ReadResult, canonical, check_messages, collect
 from lorasmith.data.tools import check_tool_use
 from lorasmith.errors import DataError
 
@@ -200,20 +200,11 @@ def iter_pairs(path: str | Path):
 def read_pairs(path: str | Path, *, skip_bad: bool = False, **_) -> ReadResult:
     """Every pair of one source (in ``ReadResult.conversations``), with the same rules for bad records as
     conversations (data/records.read_source)."""
-    result = ReadResult()
-    for _where, pair, problem in iter_pairs(path):
-        if problem:
-            result.problems.append(problem)
-        else:
-            result.conversations.append(pair)
-    if result.problems and not skip_bad:
-        raise_problems(result.problems, str(path))
-    if not result.conversations:
-        raise DataError(
-            f"{path} holds no preference pair",
-            hint="train.objective=dpo/orpo reads prompt/chosen/rejected records; use train.objective=sft for conversations",
-        )
-    return result
+    empty = DataError(
+        f"{path} holds no preference pair",
+        hint="train.objective=dpo/orpo reads prompt/chosen/rejected records; use train.objective=sft for conversations",
+    )
+    return collect(iter_pairs(path), path, skip_bad, empty)
 
 
 # --- tokenized pairs ---------------------------------------------------------------------------------
@@ -237,20 +228,9 @@ class PairEncoded:
 
 
 @dataclass
-class PairSet:
-    """Tokenized pairs: what :class:`~lorasmith.data.dataset.TokenizedSet` is for conversations."""
-
-    conversations: list[PreferencePair]
-    encoded: list[PairEncoded]
-    dropped: list[str] = field(default_factory=list)
-
-    @property
-    def num_trained_tokens(self) -> int:
-        return sum(e.num_trained for e in self.encoded)
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(e.length for e in self.encoded)
+class PairSet(TokenizedSet):
+    """Tokenized pairs: ``conversations`` holds the :class:`PreferencePair` s, ``encoded`` their
+    :class:`PairEncoded` (token counts over both sides)."""
 
     def chosen_conversations(self) -> list[Conversation]:
         return [p.sides()[0] for p in self.conversations]
@@ -273,10 +253,7 @@ def tokenize_pairs(tokenizer, pairs: list[PreferencePair], cfg: DataConfig, *, n
             out.conversations.append(pair)
             out.encoded.append(PairEncoded(chosen, rejected))
     if problems and not cfg.skip_bad_records:
-        shown = "\n  ".join(problems[:20])
-        raise DataError(
-            f"{len(problems)} pair(s) cannot be tokenized:\n  {shown}", hint="set data.skip_bad_records=true to skip them"
-        )
+        raise_untokenizable(problems, "pair(s)")
     out.dropped = problems + out.dropped
     if out.dropped:
         log.warning("left out %d pair(s); first: %s", len(out.dropped), out.dropped[0])

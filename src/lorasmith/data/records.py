@@ -112,18 +112,24 @@ def read_source(
 ) -> ReadResult:
     """Every conversation of one source. Invalid records are collected: with ``skip_bad`` they are
     skipped and listed, otherwise one DataError names them all (up to MAX_SHOWN_PROBLEMS)."""
+    return collect(iter_conversations(path, fmt, fields), path, skip_bad, DataError(f"{path} holds no usable conversation"))
+
+
+def collect(stream, path, skip_bad: bool, empty: DataError) -> ReadResult:
+    """The records of a ``(where, record | None, problem | None)`` stream (conversations or preference
+    pairs), with the rules for bad records; ``empty`` is raised when none is usable."""
     result = ReadResult()
-    for _where, conv, problem in iter_conversations(path, fmt, fields):
+    for _where, record, problem in stream:
         if problem:
             result.problems.append(problem)
         else:
-            result.conversations.append(conv)
+            result.conversations.append(record)
     if result.problems and not skip_bad:
         raise_problems(result.problems, str(path))
     if result.problems:
         log.warning("skipped %d invalid record(s) in %s (first: %s)", len(result.problems), path, result.problems[0])
     if not result.conversations:
-        raise DataError(f"{path} holds no usable conversation")
+        raise empty
     return result
 
 

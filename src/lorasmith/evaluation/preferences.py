@@ -17,10 +17,6 @@ from lorasmith.models.loss import preference_loss, reference_logps
 log = logging.getLogger(__name__)
 
 
-def _device(model) -> torch.device:
-    return next(model.parameters()).device
-
-
 @torch.no_grad()
 def annotate_reference(model, sets: list[PairSet], precision: Precision, pad_id: int, batch_size: int) -> None:
     """Each pair's reference log-probs (the base with the adapter disabled), stored on its
@@ -30,7 +26,7 @@ def annotate_reference(model, sets: list[PairSet], precision: Precision, pad_id:
     started = time.monotonic()
     was_training = model.training
     model.eval()
-    device, n = _device(model), 0
+    device, n = next(model.parameters()).device, 0
     try:
         for pairs in sets:
             # In order and in eval.batch_size chunks, as preference_scores runs them: the same batches give the
@@ -69,7 +65,7 @@ def preference_scores(
         return {}
     was_training = model.training
     model.eval()
-    device = _device(model)
+    device = next(model.parameters()).device
     total, n, correct, margin, logp_c, logp_r, prefer = 0.0, 0, 0, 0.0, 0.0, 0.0, 0
     try:
         for b, i in enumerate(range(0, len(pairs.encoded), batch_size)):
