@@ -85,6 +85,9 @@ def test_default_export_is_q4_k_m_checked_in_llama_cpp(gguf_run, tmp_path, capsy
     assert manifest["checks"]["perplexity"]["ratio"] <= gguf_tolerance("q4_k_m").perplexity
     assert GGUFReader(str(out)).get_field("general.file_type").contents() == 15  # LLAMA_FTYPE_MOSTLY_Q4_K_M
     assert (tmp_path / "model.f16.gguf").is_file() and out.stat().st_size < (tmp_path / "model.f16.gguf").stat().st_size
+    modelfile = (tmp_path / "model.Modelfile").read_text()  # for `ollama create NAME -f model.Modelfile`
+    assert modelfile.startswith("FROM ./model.gguf\n") and 'PARAMETER stop "<|im_end|>"' in modelfile
+    assert manifest["checks"]["ollama"]["identical_renderings"] == 4 and "Ollama:" in printed
 
 
 def gguf_tolerance(kind):

@@ -115,9 +115,22 @@ def test_bad_requests_get_openai_shaped_errors(server):
         ({**ok, "model": "nope"}, auth, 404, "model"),
         (ok, {"Authorization": "Bearer wrong"}, 401, None),
         ({**ok, "messages": [{"role": "user", "content": "x" * (2 << 20)}]}, auth, 413, None),
-        ({**ok, "logprobs": True}, auth, 400, "logprobs"),
+        ({**ok, "top_logprobs": 2}, auth, 400, "top_logprobs"),
+        ({**ok, "logprobs": True, "top_logprobs": 21}, auth, 400, "top_logprobs"),
         ({**ok, "frequency_penalty": 0.5}, auth, 400, "frequency_penalty"),
-        ({**ok, "response_format": {"type": "json_object"}}, auth, 400, "response_format"),
+        ({**ok, "response_format": {"type": "xml"}}, auth, 400, "response_format.type"),
+        (
+            {
+                **ok,
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "x", "schema": {"type": "object", "properties": {"a": {"type": "nonsense"}}}},
+                },
+            },
+            auth,
+            400,
+            "response_format",
+        ),
         ({**ok, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, auth, 400, None),
     ]
     for body, headers, status, param in cases:
@@ -181,11 +194,12 @@ def test_a_full_queue_is_a_503(tiny_model_dir, monkeypatch):
 
     release = threading.Event()
 
-    def blocked(*a, **k):
-        release.wait(timeout=30)
-        raise RuntimeError("stopped by the test")
+    class Blocked(Scripted):  # the worker stays in its first step
+        def step(self):
+            release.wait(timeout=30)
+            raise RuntimeError("stopped by the test")
 
-    monkeypatch.setattr(engine_mod, "complete", blocked)
+    monkeypatch.setattr(engine_mod, "Batcher", Blocked)
     engine = engine_mod.Engine(None, None, None, [engine_mod.Served("m", None)], max_queue=1)
     try:
         body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
@@ -206,40 +220,72 @@ def test_serve_without_anything_to_serve_is_a_clear_error(tmp_path, capsys):
     assert "has no adapter yet" in capsys.readouterr().err
 
 
-def test_streamed_requests_waiting_together_are_generated_as_one_batch(tiny_model_dir, monkeypatch):
-    """Each row of a batched generation streams to its own client, and the text streamed is the answer."""
-    from lorasmith.serving import engine as engine_mod
+def test_requests_join_a_running_batch_and_leave_it_as_they_end(tiny_model_dir):
+    """Continuous batching: four streamed requests sent while a long one runs join its batch between decode
+    steps and all end before it does; each streams its own answer, and that answer is what the model gives
+    the same prompt alone (transformers' generate), though prefilled in chunks and decoded beside others."""
+    import torch
+
     from lorasmith.serving.chat import load_served
+    from lorasmith.serving.engine import Engine, Request, Served
 
-    sizes = []
-    real = engine_mod.complete
-
-    def counting(model, tokenizer, histories, **kw):
-        sizes.append(len(histories))
-        return real(model, tokenizer, histories, **kw)
-
-    monkeypatch.setattr(engine_mod, "complete", counting)
     model, tokenizer, precision = load_served(str(tiny_model_dir), {})
-    engine = engine_mod.Engine(model, tokenizer, precision, [engine_mod.Served("base", None)], max_batch=4)
+    engine = Engine(model, tokenizer, precision, [Served("base", None)], max_batch=5, prefill_chunk=8)
+    prompts = [f"question {k} " * (k + 1) for k in range(4)]
     try:
-        busy = engine.submit(engine_mod.Request("base", [{"role": "user", "content": "go on"}], max_tokens=300))
+        busy = engine.submit(Request("base", [{"role": "user", "content": "go on"}], max_tokens=400))
         deadline = time.monotonic() + 60
-        while not sizes and time.monotonic() < deadline:  # the worker has taken it: the next ones wait together
+        while engine.running == 0 and time.monotonic() < deadline:
             time.sleep(0.01)
-        streams = [
-            engine.submit(engine_mod.Request("base", [{"role": "user", "content": f"question {k}" * (k + 1)}], 12, stream=True))
-            for k in range(4)
-        ]
+        streams = [engine.submit(Request("base", [{"role": "user", "content": p}], 12, stream=True)) for p in prompts]
+        answers = [req.result.result(timeout=120) for req in streams]
+        assert not busy.result.done()  # none of them waited for the long one
         busy.result.result(timeout=120)
-        for req in streams:
-            done = req.result.result(timeout=120)
+        for prompt, req, done in zip(prompts, streams, answers):
             pieces = []
             while (piece := req.chunks.get(timeout=10)) is not None:
                 pieces.append(piece)
             assert "".join(pieces) == done.text and done.completion_tokens <= 12
-        assert sizes == [1, 4]  # the busy one alone, then the four streams together
+            enc = tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+            )
+            with torch.no_grad():
+                alone = model.generate(**enc, max_new_tokens=12, do_sample=False, eos_token_id=tokenizer.eos_token_id)
+            assert done.text == tokenizer.decode(alone[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     finally:
         engine.close()
+
+
+class Scripted:
+    """A stand-in for the engine's Batcher whose rows end at their first step with ``answer(req)``."""
+
+    answer = staticmethod(lambda req: None)
+
+    def __init__(self, *args, **kwargs):
+        self.done, self.masker = [], None
+
+    size = property(lambda self: len(self.done))
+    busy = property(lambda self: bool(self.done))
+
+    def room(self):
+        return 8 - len(self.done)
+
+    def requests(self):
+        return [req for req, _ in self.done]
+
+    def admit(self, reqs):
+        self.done += [(req, type(self).answer(req)) for req in reqs]
+
+    def step(self):
+        ended, self.done = self.done, []
+        for req, done in ended:
+            if req.chunks is not None:
+                req.chunks.put(done.text)
+        return ended
+
+    def cancel_all(self, error):
+        reqs, self.done = self.requests(), []
+        return reqs
 
 
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
@@ -263,17 +309,17 @@ def scripted(monkeypatch):
     seen = []
     call_text = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
 
-    def answer(model, tokenizer, histories, **kw):
-        seen.append((histories[0], kw["tools"][0], kw["prefill"][0]))
-        last = histories[0][-1]
+    def answer(req):
+        seen.append((req.messages, req.tools, req.prefill))
+        last = req.messages[-1]
         text = "It is 3 C in Oslo." if last["role"] == "tool" else call_text
         if last["content"] == "Think first.":
             text = "<think>\nThe user wants a plan.\n</think>\n\nHere is the plan."
-        if kw["prefill"][0]:
-            text = text[len(kw["prefill"][0]) :]
-        return [Completion(text, "stop", 10, 5, text)]
+        if req.prefill:
+            text = text[len(req.prefill) :]
+        return Completion(text, "stop", 10, 5, text)
 
-    monkeypatch.setattr(engine_mod, "complete", answer)
+    monkeypatch.setattr(engine_mod, "Batcher", type("ScriptedAnswers", (Scripted,), {"answer": staticmethod(answer)}))
     monkeypatch.setattr(engine_mod, "template_of", lambda tok: None)
     monkeypatch.setattr(engine_mod.Engine, "prompt_tokens", lambda self, *a: 10)
     engine = engine_mod.Engine(None, Tok(), None, [engine_mod.Served("m", None)])
@@ -386,6 +432,10 @@ def test_a_chunked_body_over_the_limit_is_a_413(server):
     assert httpx.get(f"{server}/health", headers=auth, timeout=10).json()["status"] == "ok"
     metrics = httpx.get(f"{server}/metrics", headers=auth, timeout=10).text
     assert "lorasmith_queue_depth 0" in metrics and 'lorasmith_requests_total{outcome="ok"}' in metrics
+    values = dict(line.rsplit(" ", 1) for line in metrics.splitlines() if line and not line.startswith("#"))
+    answered = int(values['lorasmith_requests_total{outcome="ok"}'])
+    assert answered > 0 and int(values['lorasmith_request_seconds_bucket{le="+Inf"}']) == answered
+    assert int(values["lorasmith_request_seconds_count"]) == answered and float(values["lorasmith_request_seconds_sum"]) > 0
 
 
 def test_sigterm_during_a_long_generation_exits_within_the_grace(run):
@@ -443,7 +493,52 @@ def test_plain_completions_continue_the_prompt_as_it_is(server, run):
     assert "".join(c.choices[0].text for c in streamed) == text
     assert streamed[-1].choices[0].finish_reason == got.choices[0].finish_reason
     auth = {"Authorization": f"Bearer {KEY}"}
-    for extra, param in (({"echo": True}, "echo"), ({"prompt": ["a", "b"]}, "prompt"), ({"logprobs": 2}, "logprobs")):
+    for extra, param in (({"echo": True}, "echo"), ({"prompt": ["a", "b"]}, "prompt"), ({"logprobs": 6}, "logprobs")):
         body = {"model": "triage", "prompt": prompt, "max_tokens": 4, **extra}
         r = httpx.post(f"{server}/v1/completions", json=body, headers=auth, timeout=30)
         assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+def test_response_format_json_schema_and_logprobs_through_the_openai_client(server, run):
+    """response_format by constrained decoding: a strict schema's answer parses and validates even from a
+    tiny random model; json_object starts an object; logprobs are the model's own (the greedy token is
+    the top alternative, and the first one equals the log-softmax of a forward pass of the prompt)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    client = _client(server)
+    schema = {
+        "type": "object",
+        "properties": {"ok": {"type": "boolean"}, "level": {"type": "string", "enum": ["low", "high"]}},
+        "required": ["ok", "level"],
+    }
+    fmt = {"type": "json_schema", "json_schema": {"name": "triage", "schema": schema, "strict": True}}
+    messages = [{"role": "user", "content": PROMPT}]
+    got = client.chat.completions.create(model="triage", messages=messages, max_tokens=40, temperature=0, response_format=fmt)
+    answer = json.loads(got.choices[0].message.content)
+    assert set(answer) == {"ok", "level"} and isinstance(answer["ok"], bool) and answer["level"] in ("low", "high")
+    assert got.choices[0].finish_reason == "stop"
+    any_object = client.chat.completions.create(
+        model="triage", messages=messages, max_tokens=40, temperature=0, response_format={"type": "json_object"}
+    ).choices[0]
+    assert any_object.message.content.startswith("{")
+    if any_object.finish_reason == "stop":
+        assert isinstance(json.loads(any_object.message.content), dict)
+
+    with_logprobs = client.chat.completions.create(
+        model="triage", messages=messages, max_tokens=6, temperature=0, logprobs=True, top_logprobs=3
+    ).choices[0]
+    content = with_logprobs.logprobs.content
+    assert len(content) >= 1 and "".join(t.token for t in content) == with_logprobs.message.content
+    for t in content:
+        assert len(t.top_logprobs) == 3 and t.top_logprobs[0].token == t.token and t.logprob == t.top_logprobs[0].logprob
+        assert t.logprob <= 0 and bytes(t.bytes).decode() == t.token
+    tokenizer = AutoTokenizer.from_pretrained(run / "adapter")
+    base_dir = next(line.split(": ", 1)[1].strip() for line in (run / "config.yaml").read_text().splitlines() if "name:" in line)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32), run / "adapter").eval()
+    history = [{"role": "system", "content": SYSTEM}, *messages]  # the run's training system prompt, as the server adds it
+    enc = tokenizer.apply_chat_template(history, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        first = model(**enc).logits[0, -1].float().log_softmax(-1)
+    assert abs(float(first.max()) - content[0].logprob) < 1e-3

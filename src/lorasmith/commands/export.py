@@ -55,6 +55,14 @@ def run(args) -> int:
     for tried in (report.checks.get("auto") or report.checks.get("intermediate") or {}).get("tried", [])[:-1]:
         verdict = "verified" if tried["passed"] else "did not verify"
         print(f"  {tried['type']} {verdict} (top-1 agreement {tried.get('top1_agreement', 0):.2%})")
+    ollama = report.checks.get("ollama")
+    if ollama and ollama["written"]:
+        print(
+            f"  Ollama: {ollama['written']} (its template renders {ollama['identical_renderings']} of {ollama['of']} check "
+            f"conversations exactly as the chat template): ollama create NAME -f {ollama['written']}"
+        )
+    elif ollama:
+        print(f"  no Ollama Modelfile: {ollama['reason']}")
     for name, check in report.checks.items():
         print(f"  {name}: {'ok' if check['passed'] else 'FAILED'}")
     if not report.passed:

@@ -18,7 +18,16 @@ def add_parser(sub) -> None:
     p.add_argument("--api-key", help="require `Authorization: Bearer KEY` (default: $LORASMITH_API_KEY, else none)")
     p.add_argument("--system", help="system prompt for requests without one (default: each run's training prompt; '' for none)")
     p.add_argument("--max-tokens", type=int, default=1024, help="largest max_tokens a request may ask for")
-    p.add_argument("--max-batch", type=int, default=8, help="requests generated together at most")
+    p.add_argument("--max-batch", type=int, default=8, help="requests generated together at most (continuous batching)")
+    p.add_argument(
+        "--batching",
+        choices=["continuous", "static"],
+        default="continuous",
+        help="continuous (default): requests join the running batch between steps; static: a batch runs to its end first",
+    )
+    p.add_argument(
+        "--prefill-chunk", type=int, default=512, help="prompt tokens a joining request prefills per decode step of the others"
+    )
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting at most (then 503)")
     p.add_argument(
         "--max-prompt-tokens", type=int, help="longest prompt accepted, in tokens (default: the model's context less max_tokens)"
@@ -42,6 +51,7 @@ def run(args) -> int:
     GracefulServer = _graceful_server_class()
     api_key = args.api_key or os.environ.get("LORASMITH_API_KEY") or None
     limits = {"max_tokens": args.max_tokens, "max_batch": args.max_batch, "max_queue": args.max_queue}
+    limits |= {"prefill_chunk": args.prefill_chunk, "continuous": args.batching == "continuous"}
     extra = {"max_prompt_tokens": args.max_prompt_tokens, "request_timeout": args.request_timeout}
     app, served = build(args.model, args.adapter, base=args.base, system=args.system, api_key=api_key, **limits, **extra)
     keyed = " (API key required)" if api_key else ""

@@ -73,6 +73,8 @@ class Completion:
     raw: str = ""
     """The answer decoded with special tokens kept (tool-call markers such as Mistral's ``[TOOL_CALLS]``
     are special tokens), the end-of-turn token left out: what tool calls are parsed from."""
+    logprobs: list[dict] | None = None
+    """Per generated token when asked for (serving): ``{"id", "logprob", "top": [(id, logprob), ...]}``."""
 
 
 class _RowStop:
@@ -198,13 +200,13 @@ def complete(
                     )
                 new = out[:, enc["input_ids"].shape[1] :]
                 for i, row in zip(idx, new):
-                    out_list[i] = _finish(tokenizer, row.tolist()[: limits[i]], eos, stop, lengths[i], limits[i])
+                    out_list[i] = finish(tokenizer, row.tolist()[: limits[i]], eos, stop, lengths[i], limits[i])
     finally:
         tokenizer.padding_side = side
     return out_list
 
 
-def _finish(tokenizer, ids: list[int], eos: list[int], stop, prompt_tokens: int, limit: int) -> Completion:
+def finish(tokenizer, ids: list[int], eos: list[int], stop, prompt_tokens: int, limit: int) -> Completion:
     end = next((k for k, t in enumerate(ids) if t in eos), None)
     ended = end is not None
     ids = ids[: end + 1] if ended else ids

@@ -177,11 +177,36 @@ def export_gguf(
                 "chosen": report.type,
                 "tried": tried,
             }
+        if report.passed:
+            report.checks["ollama"] = _write_modelfile(merged, out, source)
     report.seconds = round(time.monotonic() - started, 1)
     atomic.write_json(out.with_name(out.name + ".manifest.json"), asdict(report) | {"passed": report.passed})
     if report.passed:
         os.replace(pending, out)
     return report
+
+
+def _write_modelfile(merged: Path, out: Path, source: Path) -> dict:
+    """An Ollama Modelfile beside ``out`` (export/ollama.py): written where the chat template's layout
+    renders the check conversations exactly; otherwise none, and why (not a failure of the export)."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from lorasmith.export.ollama import NoLayout, modelfile
+    from lorasmith.runs import RunFolder
+
+    tokenizer = AutoTokenizer.from_pretrained(merged)
+    eos = GenerationConfig.from_pretrained(merged).eos_token_id if (merged / "generation_config.json").is_file() else None
+    ids = {tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}
+    stops = sorted({tokenizer.decode([i]) for i in ids})
+    run = RunFolder.of_adapter(source / "adapter") or RunFolder(source)
+    system = json.loads(run.prompting.read_text()).get("system_prompt") if run.prompting.is_file() else None
+    path = out.with_name(f"{out.stem}.Modelfile")
+    try:
+        text, check = modelfile(tokenizer, out, system, stops)
+    except NoLayout as e:
+        return {"passed": True, "written": None, "reason": str(e)}
+    atomic.write_text(path, text)
+    return check | {"written": str(path), "stops": stops, "system_prompt": system}
 
 
 def _convert_verified(source, out, merged, path, overrides, base, target) -> tuple[ExportReport, list[dict]]:

@@ -1,12 +1,13 @@
 """The serving engine: one base model with any number of LoRA adapters, a bounded queue, one worker.
 
-One worker thread owns the model (adapters are switched between batches, never during one).
-Requests wait in a bounded queue; the worker takes the oldest and, with it, the waiting requests it
-can run in the same batch (same model, greedy, same stop strings; streamed or not): on a CPU or
-GPU one batched generation of k prompts costs far less than k single ones. A streamed request's
-row is handed over as text as it is generated; a client that goes away sets ``cancelled`` and its
-row stops at the next token. Sampled requests run alone, so a seed reproduces an answer. Generation itself is the one path used
-everywhere (evaluation/generate.complete).
+One worker thread owns the model. Requests wait in a bounded queue; the worker runs them with
+continuous batching (serving/batch.py): between two decode steps, waiting requests for the adapter the
+batch runs join it (up to ``max_batch`` rows), and each leaves as soon as it ends, so a short request
+does not wait for a long one. Adapters are switched when the batch has drained: a request for another
+adapter stops new ones from joining, so it waits at most for the running rows to end. A streamed
+request's text is handed over as it is generated; a client that goes away sets ``cancelled`` and its
+row ends at the next step. Each row decodes with its own settings (greedy or sampled with its own seed,
+a JSON grammar, log-probs), so a seed reproduces an answer whatever else is running.
 """
 
 from __future__ import annotations
@@ -16,14 +17,19 @@ import queue
 import threading
 import time
 from concurrent.futures import Future
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 from lorasmith.data.template import render, template_of
 from lorasmith.data.tools import syntax_of
-from lorasmith.evaluation.generate import Sampling, complete
+from lorasmith.evaluation.generate import Sampling, stop_token_ids
 from lorasmith.models.hardware import Precision
+from lorasmith.serving.batch import Batcher
 
 log = logging.getLogger(__name__)
+
+
+LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, float("inf"))
 
 
 class Busy(Exception):
@@ -51,11 +57,12 @@ class Request:
     """How the model's chat template writes tool calls (data/tools.syntax_of)."""
     text: str | None = None
     """A plain prompt (``/v1/completions``), continued as it is: no chat template, ``messages`` unused."""
-
-    def batch_key(self):
-        if self.sampling != Sampling():
-            return None  # sampled: runs alone, so its seed gives the same answer whatever else is waiting
-        return (self.model, self.stop, self.text is None)
+    grammar: object | None = None
+    """A JSON grammar matcher (serving/constrained.py) the answer must follow; None: free text."""
+    logprobs: int | None = None
+    """Log-probs of each generated token and this many alternatives (None: none)."""
+    submitted: float = 0.0
+    """When it was queued (time.monotonic), for the latency histogram of GET /metrics."""
 
 
 @dataclass
@@ -68,22 +75,52 @@ class Served:
 
 
 class Engine:
-    def __init__(self, model, tokenizer, precision: Precision, served: list[Served], *, max_batch=8, max_queue=64):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        precision: Precision,
+        served: list[Served],
+        *,
+        max_batch=8,
+        max_queue=64,
+        prefill_chunk=512,
+        continuous=True,
+    ):
         self.model, self.tokenizer, self.precision = model, tokenizer, precision
         self.template = template_of(tokenizer) if tokenizer is not None else None
         self.syntax = syntax_of(getattr(tokenizer, "chat_template", None))
         self.context = context_length(model, tokenizer)
         """Tokens the model attends over (prompt and answer together); None when unknown."""
         self.served = {s.name: s for s in served}
-        self.max_batch = max_batch
+        self.max_batch, self.prefill_chunk = max_batch, prefill_chunk
+        self.continuous = continuous
+        """False: a batch runs to its end before waiting requests start (``--batching static``, for comparison)."""
         self.queue: queue.Queue[Request] = queue.Queue(maxsize=max_queue)
-        self._held: list[Request] = []  # taken from the queue but not batchable with the current batch
-        self._running: list[Request] = []
+        self._held: list[Request] = []  # taken from the queue, waiting for the batch to switch adapter
+        self._batcher: Batcher | None = None
+        self._grammars = None
         self.counters = {"requests": 0, "failed": 0, "prompt_tokens": 0, "completion_tokens": 0, "generation_seconds": 0.0}
         """Totals since start, for GET /metrics."""
+        self.latency = {bound: 0 for bound in LATENCY_BUCKETS}
+        """Requests answered within each bound (seconds from queueing to the whole answer), cumulative."""
+        self.latency_sum = 0.0
         self._stop = threading.Event()
         self.worker = threading.Thread(target=self._loop, name="lorasmith-engine", daemon=True)
         self.worker.start()
+
+    @property
+    def running(self) -> int:
+        """Rows in the running batch (for GET /metrics)."""
+        return self._batcher.size if self._batcher is not None else 0
+
+    def grammars(self):
+        """The JSON grammars of this tokenizer, built on first use (serving/constrained.py)."""
+        if self._grammars is None:
+            from lorasmith.serving.constrained import Grammars
+
+            self._grammars = Grammars(self.tokenizer, stop_token_ids(self.tokenizer, self.model))
+        return self._grammars
 
     def prompt_tokens(self, messages: list[dict], tools, prefill: str = "", text: str | None = None) -> int | None:
         """Tokens of the prompt generation would run on (None without a tokenizer); ``text``: a plain prompt."""
@@ -94,6 +131,7 @@ class Engine:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def submit(self, req: Request) -> Request:
+        req.submitted = time.monotonic()
         if req.stream:
             req.chunks = queue.Queue()
         try:
@@ -103,81 +141,116 @@ class Engine:
         return req
 
     def close(self, timeout: float = 30.0) -> None:
-        """Stop the worker: every waiting and running request is cancelled (a running generation stops at
-        its next token), and the worker is joined, so that no generation is still running when the
-        interpreter shuts down (torch aborts the process then)."""
+        """Stop the worker: every waiting and running request is cancelled (a running row ends at the next
+        step), and the worker is joined, so that no generation is still running when the interpreter
+        shuts down (torch aborts the process then)."""
         self._stop.set()
-        for req in [*self._running, *self._held, *list(self.queue.queue)]:
+        running = self._batcher.requests() if self._batcher is not None else []
+        for req in [*running, *self._held, *list(self.queue.queue)]:
             req.cancelled.set()
         if self.worker.is_alive() and threading.current_thread() is not self.worker:
             self.worker.join(timeout)
 
     # --- the worker ---------------------------------------------------------------------------
 
-    def _next(self, timeout: float = 0.1) -> Request | None:
-        if self._held:
-            return self._held.pop(0)
-        try:
-            return self.queue.get(timeout=timeout)
-        except queue.Empty:
-            return None
+    def _waiting(self, block: bool) -> list[Request]:
+        """Requests not yet running, oldest first (blocking briefly for one when ``block``)."""
+        while True:
+            try:
+                self._held.append(self.queue.get(timeout=0.1) if block and not self._held else self.queue.get_nowait())
+            except queue.Empty:
+                break
+            block = False
+        self._held = [r for r in self._held if not r.cancelled.is_set() or self._drop(r)]
+        return self._held
+
+    @staticmethod
+    def _drop(req: Request) -> bool:
+        """A request cancelled before it ran: ended without generating (False: not kept)."""
+        if not req.result.done():
+            req.result.set_exception(TimeoutError("cancelled before it ran"))
+        if req.chunks is not None:
+            req.chunks.put(None)
+        return False
 
     def _loop(self) -> None:
+        adapter = ExitStack()
+        current = None  # the served name the batch runs
         while not self._stop.is_set():
-            first = self._next()
-            if first is None:
-                continue
-            batch = [first]
-            key = first.batch_key()
-            while key is not None and len(batch) < self.max_batch:
-                try:
-                    other = self.queue.get_nowait()
-                except queue.Empty:
-                    break
-                (batch if other.batch_key() == key else self._held).append(other)
-            batch = [r for r in batch if not r.cancelled.is_set()]
-            if batch:
-                self._run(batch)
+            batcher = self._batcher
+            waiting = self._waiting(block=batcher is None or not batcher.busy)
+            if batcher is None or not batcher.busy:
+                adapter.close()
+                if not waiting:
+                    continue
+                current = waiting[0].model
+                adapter = ExitStack()
+                adapter.enter_context(self._adapter(self.served[current].adapter))
+                batcher = self._batcher = self._new_batcher()
+            joins = self.continuous or not batcher.busy
+            if joins and waiting and waiting[0].model == current and batcher.room():
+                # Only the oldest's adapter joins: a request for another adapter stops the batch from growing.
+                joining = []
+                for r in list(waiting):
+                    if r.model != current or len(joining) == batcher.room():
+                        break
+                    joining.append(r)
+                    self._held.remove(r)
+                self._admit(batcher, joining)
+            self._step(batcher)
+        adapter.close()
+        # Stopped: whatever did not finish is ended, so no client waits on it.
+        gone = RuntimeError("the server is shutting down")
+        for req in [*(self._batcher.cancel_all(gone) if self._batcher else []), *self._held, *list(self.queue.queue)]:
+            self._settle(req, error=gone)
 
-    def _run(self, batch: list[Request]) -> None:
-        first = batch[0]
-        self._running = batch
+    def _new_batcher(self) -> Batcher:
+        return Batcher(self.model, self.tokenizer, self.precision, max_rows=self.max_batch, prefill_chunk=self.prefill_chunk)
+
+    def _admit(self, batcher: Batcher, joining: list[Request]) -> None:
+        if any(r.grammar is not None for r in joining) and batcher.masker is None:
+            from lorasmith.serving.constrained import RowMask
+
+            batcher.masker = RowMask(self.grammars().vocab_size)
+        try:
+            batcher.admit(joining)
+        except Exception as e:  # a prompt that cannot be tokenized or rendered fails alone
+            log.exception("could not start a request")
+            for r in joining:
+                self.counters["failed"] += 1
+                self._settle(r, error=e)
+
+    def _step(self, batcher: Batcher) -> None:
         started = time.monotonic()
         try:
-            streaming = [r.chunks for r in batch]
-            streamer = _BatchStreamer(self.tokenizer, streaming) if any(q is not None for q in streaming) else None
-            with self._adapter(self.served[first.model].adapter):
-                done = complete(
-                    self.model,
-                    self.tokenizer,
-                    [r.text if r.text is not None else r.messages for r in batch],  # a batch holds one kind
-                    precision=self.precision,
-                    max_new_tokens=[r.max_tokens for r in batch],
-                    batch_size=len(batch),
-                    sampling=first.sampling,
-                    stop=first.stop,
-                    streamer=streamer,
-                    cancelled=[r.cancelled for r in batch],
-                    tools=[r.tools for r in batch],
-                    prefill=[r.prefill for r in batch],
-                )
-            for r, c in zip(batch, done):
-                r.result.set_result(c)
-                self.counters["requests"] += 1
-                self.counters["prompt_tokens"] += c.prompt_tokens
-                self.counters["completion_tokens"] += c.completion_tokens
-        except Exception as e:  # the request fails, the server goes on
+            ended = batcher.step()
+        except Exception as e:  # the batch fails, the server goes on
             log.exception("generation failed")
-            self.counters["failed"] += len(batch)
-            for r in batch:
-                if not r.result.done():
-                    r.result.set_exception(e)
-        finally:
-            self._running = []
-            self.counters["generation_seconds"] += time.monotonic() - started
-            for r in batch:
-                if r.chunks is not None:
-                    r.chunks.put(None)
+            for req in batcher.cancel_all(e):
+                self.counters["failed"] += 1
+                self._settle(req, error=e)
+            ended = []
+        self.counters["generation_seconds"] += time.monotonic() - started
+        now = time.monotonic()
+        for req, done in ended:
+            waited = now - req.submitted
+            self.latency_sum += waited
+            for bound in LATENCY_BUCKETS:
+                self.latency[bound] += waited <= bound
+            self.counters["requests"] += 1
+            self.counters["prompt_tokens"] += done.prompt_tokens
+            self.counters["completion_tokens"] += done.completion_tokens
+            self._settle(req, done)
+
+    @staticmethod
+    def _settle(req: Request, done=None, error: Exception | None = None) -> None:
+        if not req.result.done():
+            if error is not None:
+                req.result.set_exception(error)
+            else:
+                req.result.set_result(done)
+        if req.chunks is not None:
+            req.chunks.put(None)
 
     def _adapter(self, name: str | None):
         from contextlib import nullcontext
@@ -201,37 +274,3 @@ def context_length(model, tokenizer) -> int | None:
             return value
     value = getattr(tokenizer, "model_max_length", None)
     return value if isinstance(value, int) and 0 < value < 1 << 24 else None
-
-
-class _BatchStreamer:
-    """A transformers streamer for a batch: each streamed request's row, decoded as it grows, goes to that
-    request's queue as text deltas (rows of plain requests are skipped; a partial UTF-8 character is held
-    back until complete)."""
-
-    def __init__(self, tokenizer, queues: list[queue.Queue | None]):
-        self.tokenizer, self.queues = tokenizer, queues
-        self.set_rows(list(range(len(queues))), [1 << 30] * len(queues))
-
-    def set_rows(self, rows: list[int], limits: list[int]) -> None:
-        self.rows, self.limits, self.prompt = rows, limits, True
-        self.ids: list[list[int]] = [[] for _ in rows]
-        self.sent = ["" for _ in rows]
-
-    def put(self, value) -> None:
-        if self.prompt:  # generate() first puts the prompt
-            self.prompt = False
-            return
-        for k, token in enumerate(value.reshape(len(self.rows), -1)[:, -1].tolist()):
-            q = self.queues[self.rows[k]]
-            if q is None or len(self.ids[k]) >= self.limits[k]:  # a plain request's row, or past its own limit
-                continue
-            self.ids[k].append(token)
-            text = self.tokenizer.decode(self.ids[k], skip_special_tokens=True)
-            if text.endswith("\ufffd") or not text.startswith(self.sent[k]):
-                continue
-            if len(text) > len(self.sent[k]):
-                q.put(text[len(self.sent[k]) :])
-                self.sent[k] = text
-
-    def end(self) -> None:
-        pass

@@ -5,7 +5,10 @@ FastAPI is an optional extra (`lorasmith[serve]`): only `lorasmith serve` import
 delta, content deltas, a last chunk with ``finish_reason``, then ``data: [DONE]``). Requests may carry
 ``tools`` and ``tool_choice``, ``tool`` messages and assistant ``tool_calls``, ``content`` as a list of
 text parts, and the ``developer`` role (serving/tool_use.py); calls the model writes come back as
-``tool_calls`` with ``finish_reason: "tool_calls"``, streamed as OpenAI streams tool-call deltas. Errors use
+``tool_calls`` with ``finish_reason: "tool_calls"``, streamed as OpenAI streams tool-call deltas.
+``response_format`` (json_object, json_schema) is honoured by constrained decoding (serving/constrained.py),
+``logprobs``/``top_logprobs`` give the model's log-probs of each answer token. ``GET /metrics``: queue
+depth, running rows, totals and a latency histogram, in Prometheus text. Errors use
 OpenAI's shape (``{"error": {"message", "type", "param", "code"}}``) with 400 (bad request),
 401 (API key), 404 (unknown model or path), 413 (body too large) and 503 (queue full); a failure
 inside generation is a 500 with a message, never a traceback.
@@ -44,13 +47,7 @@ class Message(BaseModel):
 
 HARMLESS = {"user", "store", "metadata", "parallel_tool_calls", "stream_options", "service_tier"}
 """Fields OpenAI clients send that change nothing about the answer: accepted and not used."""
-NEUTRAL = {
-    "frequency_penalty": 0,
-    "presence_penalty": 0,
-    "logprobs": False,
-    "logit_bias": {},
-    "response_format": {"type": "text"},
-}
+NEUTRAL = {"frequency_penalty": 0, "presence_penalty": 0, "logit_bias": {}}
 """Fields accepted at the value that asks for nothing; any other value is refused (400), not ignored."""
 
 
@@ -67,10 +64,12 @@ class CompletionRequest(BaseModel):
     seed: int | None = None
     n: int = 1
     stream: bool = False
+    logprobs: int | None = Field(None, ge=0, le=5)
+    """Log-probs of each token and this many alternatives (the legacy completions shape)."""
 
 
-COMPLETION_NEUTRAL = {**NEUTRAL, "echo": False, "suffix": None, "best_of": 1, "logprobs": None}
-"""/v1/completions' own fields at the value that asks for nothing (``logprobs`` there is a number or null)."""
+COMPLETION_NEUTRAL = {**NEUTRAL, "echo": False, "suffix": None, "best_of": 1}
+"""/v1/completions' own fields at the value that asks for nothing."""
 
 
 class ChatRequest(BaseModel):
@@ -87,6 +86,10 @@ class ChatRequest(BaseModel):
     stream: bool = False
     tools: list[dict] | None = None
     tool_choice: str | dict | None = None
+    response_format: dict | None = None
+    """``{"type": "json_object"}`` or ``{"type": "json_schema", "json_schema": {...}}``: constrained decoding."""
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
 
 
 class ApiError(Exception):
@@ -199,6 +202,8 @@ def create_app(
         lines = [
             "# TYPE lorasmith_queue_depth gauge",
             f"lorasmith_queue_depth {engine.queue.qsize()}",
+            "# TYPE lorasmith_running_requests gauge",
+            f"lorasmith_running_requests {engine.running}",
             "# TYPE lorasmith_requests_total counter",
             f'lorasmith_requests_total{{outcome="ok"}} {c["requests"]}',
             f'lorasmith_requests_total{{outcome="failed"}} {c["failed"]}',
@@ -207,6 +212,11 @@ def create_app(
             f'lorasmith_tokens_total{{kind="completion"}} {c["completion_tokens"]}',
             "# TYPE lorasmith_generation_seconds_total counter",
             f"lorasmith_generation_seconds_total {c['generation_seconds']:.3f}",
+            "# HELP lorasmith_request_seconds from queueing to the whole answer",
+            "# TYPE lorasmith_request_seconds histogram",
+            *(f'lorasmith_request_seconds_bucket{{le="{_le(b)}"}} {n}' for b, n in engine.latency.items()),
+            f"lorasmith_request_seconds_sum {engine.latency_sum:.3f}",
+            f"lorasmith_request_seconds_count {c['requests']}",
         ]
         return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
 
@@ -222,17 +232,14 @@ def create_app(
         _submit(engine, req)
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if body.stream:
-            return StreamingResponse(_events(req, rid, created, http, request_timeout), media_type="text/event-stream")
+            return StreamingResponse(
+                _events(req, rid, created, http, engine.tokenizer, request_timeout), media_type="text/event-stream"
+            )
         done = await _wait(req, request_timeout)
         message, finish = tool_use.answer(done, req)
-        return {
-            "id": rid,
-            "object": "chat.completion",
-            "created": created,
-            "model": body.model,
-            "choices": [{"index": 0, "message": message, "finish_reason": finish}],
-            "usage": _usage(done),
-        }
+        choice = {"index": 0, "message": message, "finish_reason": finish, "logprobs": _chat_logprobs(engine.tokenizer, done)}
+        head = {"id": rid, "object": "chat.completion", "created": created, "model": body.model}
+        return head | {"choices": [choice], "usage": _usage(done)}
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, http: HttpRequest):
@@ -240,13 +247,20 @@ def create_app(
         _submit(engine, req)
         rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if body.stream:
-            return StreamingResponse(_events(req, rid, created, http, request_timeout), media_type="text/event-stream")
+            return StreamingResponse(
+                _events(req, rid, created, http, engine.tokenizer, request_timeout), media_type="text/event-stream"
+            )
         done = await _wait(req, request_timeout)
-        choice = {"index": 0, "text": done.text, "logprobs": None, "finish_reason": done.finish_reason}
+        logprobs = _text_logprobs(engine.tokenizer, done)
+        choice = {"index": 0, "text": done.text, "logprobs": logprobs, "finish_reason": done.finish_reason}
         head = {"id": rid, "object": "text_completion", "created": created, "model": body.model}
         return head | {"choices": [choice], "usage": _usage(done)}
 
     return app
+
+
+def _le(bound: float) -> str:
+    return "+Inf" if bound == float("inf") else f"{bound:g}"
 
 
 def _submit(engine: Engine, req: Request) -> None:
@@ -318,7 +332,9 @@ def _text_request(body: CompletionRequest, engine: Engine, max_tokens_limit: int
         raise ApiError(400, "prompt: one non-empty string (a list of several is not supported)", param="prompt")
     _check_context(engine, engine.prompt_tokens([], None, text=prompts[0]), limit, max_prompt_tokens, "prompt")
     sampling = Sampling(temperature=body.temperature, top_p=body.top_p, seed=body.seed)
-    return Request(body.model, [], limit, sampling=sampling, stop=stop, stream=body.stream, text=prompts[0])
+    return Request(
+        body.model, [], limit, sampling=sampling, stop=stop, stream=body.stream, text=prompts[0], logprobs=body.logprobs
+    )
 
 
 def _to_request(body: ChatRequest, engine: Engine, max_tokens_limit: int, max_prompt_tokens: int | None = None) -> Request:
@@ -342,6 +358,8 @@ def _to_request(body: ChatRequest, engine: Engine, max_tokens_limit: int, max_pr
     sampling = Sampling(temperature=body.temperature, top_p=body.top_p, seed=body.seed)
     prefill = tool_use.forced_prefix(engine.syntax, forced) if forced else ""
     _check_context(engine, engine.prompt_tokens(messages, tools, prefill), limit, max_prompt_tokens, "messages")
+    if body.top_logprobs is not None and not body.logprobs:
+        raise ApiError(400, "top_logprobs: needs logprobs: true", param="top_logprobs")
     return Request(
         model=body.model,
         messages=messages,
@@ -352,7 +370,54 @@ def _to_request(body: ChatRequest, engine: Engine, max_tokens_limit: int, max_pr
         tools=tools,
         prefill=prefill,
         syntax=engine.syntax,
+        grammar=_grammar(engine, body.response_format, tools),
+        logprobs=(body.top_logprobs or 0) if body.logprobs else None,
     )
+
+
+def _grammar(engine: Engine, response_format: dict | None, tools):
+    """The JSON grammar ``response_format`` asks for, compiled before queueing (a bad schema is a 400)."""
+    from lorasmith.serving.constrained import BadFormat, schema_of
+
+    try:
+        if schema_of(response_format) is None:
+            return None
+        if tools:
+            raise BadFormat("response_format with tools: the answer could not be a tool call; send one or the other")
+        return engine.grammars().matcher(response_format)
+    except BadFormat as e:
+        raise ApiError(400, str(e), param=e.param) from None
+
+
+def _token(tokenizer, token_id: int) -> str:
+    return tokenizer.decode([token_id])
+
+
+def _chat_logprobs(tokenizer, done) -> dict | None:
+    """OpenAI's chat ``logprobs``: each answer token, its log-prob and bytes, and the top alternatives."""
+    if done.logprobs is None:
+        return None
+
+    def entry(token_id: int, logprob: float) -> dict:
+        text = _token(tokenizer, token_id)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    content = [entry(t["id"], t["logprob"]) | {"top_logprobs": [entry(i, lp) for i, lp in t["top"]]} for t in done.logprobs]
+    return {"content": content, "refusal": None}
+
+
+def _text_logprobs(tokenizer, done) -> dict | None:
+    """The completions endpoint's ``logprobs``: tokens, their log-probs, top alternatives, text offsets."""
+    if done.logprobs is None:
+        return None
+    tokens = [_token(tokenizer, t["id"]) for t in done.logprobs]
+    offsets = [sum(len(t) for t in tokens[:k]) for k in range(len(tokens))]
+    return {
+        "tokens": tokens,
+        "token_logprobs": [t["logprob"] for t in done.logprobs],
+        "top_logprobs": [{_token(tokenizer, i): lp for i, lp in t["top"]} for t in done.logprobs],
+        "text_offset": offsets,
+    }
 
 
 def _usage(c) -> dict:
@@ -360,19 +425,19 @@ def _usage(c) -> dict:
     return {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens, "total_tokens": total}
 
 
-async def _events(req: Request, rid: str, created: int, http, timeout: float | None = None):
+async def _events(req: Request, rid: str, created: int, http, tokenizer, timeout: float | None = None):
     """Server-sent events: the role, the text as it is generated (holding back what may start a stop
     string), the last chunk with finish_reason, then [DONE]. A client that disconnects cancels generation."""
     import queue
 
     plain = req.text is not None  # /v1/completions: text chunks, no role, no tool calls
 
-    def chunk(delta: dict, finish: str | None = None, **extra) -> str:
+    def chunk(delta: dict, finish: str | None = None, logprobs=None, **extra) -> str:
         if plain:
-            choice = {"index": 0, "text": delta.get("content", ""), "logprobs": None, "finish_reason": finish}
+            choice = {"index": 0, "text": delta.get("content", ""), "logprobs": logprobs, "finish_reason": finish}
             body = {"id": rid, "object": "text_completion", "created": created, "model": req.model, "choices": [choice]}
         else:
-            choice = {"index": 0, "delta": delta, "finish_reason": finish}
+            choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
             body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": req.model, "choices": [choice]}
         return f"data: {json.dumps(body | extra)}\n\n"
 
@@ -414,8 +479,9 @@ async def _events(req: Request, rid: str, created: int, http, timeout: float | N
             return
         message, finish = ({"content": done.text}, done.finish_reason) if plain else tool_use.answer(done, req)
         content = message.get("content") or ""
-        if len(content) > sent:
-            yield chunk({"content": content[sent:]})
+        if len(content) > sent or done.logprobs is not None:  # the log-probs of the whole answer ride on the last piece
+            logprobs = _text_logprobs(tokenizer, done) if plain else _chat_logprobs(tokenizer, done)
+            yield chunk({"content": content[sent:]}, logprobs=logprobs)
         for k, call in enumerate(message.get("tool_calls") or ()):
             head = {
                 "index": k,
