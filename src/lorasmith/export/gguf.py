@@ -171,6 +171,8 @@ def export_gguf(
             tried.append({"type": target, "passed": report.passed, **_figures(report)})
             if keep_intermediate:
                 os.replace(sixteen, out.with_name(f"{out.stem}.{tried[-2]['type']}.gguf"))
+        elif quantized:  # no 16-bit type verified: that file is what is left to look at
+            os.replace(sixteen, pending)
         if out_type == "auto" or quantized:
             report.checks["auto" if out_type == "auto" else "intermediate"] = {
                 "passed": report.passed,
