@@ -256,6 +256,50 @@ def test_requests_join_a_running_batch_and_leave_it_as_they_end(tiny_model_dir):
         engine.close()
 
 
+def test_requests_for_two_adapters_and_seeds_answer_as_each_alone(tiny_model_dir, run):
+    """Requests for the base and for an adapter sent together: the batch switches adapter when it drains,
+    and each greedy answer equals that model's own answer alone; a sampled request with a seed gives the
+    same text alone and beside others (its own generator), and stop strings end rows where they appear."""
+    from contextlib import nullcontext
+
+    from lorasmith.evaluation.generate import Sampling, complete
+    from lorasmith.serving.chat import load_served
+    from lorasmith.serving.engine import Engine, Request, Served
+
+    model, tokenizer, precision = load_served(None, {"triage": run / "adapter"})
+    prompts = [f"ticket {k}: the app crashes" for k in range(6)]
+    alone = []  # transformers' generate through lorasmith's own path, in the precision the engine serves in,
+    for k, prompt in enumerate(prompts):  # before the engine owns the model (it switches adapters on it)
+        with model.disable_adapter() if k % 2 else nullcontext():
+            alone += complete(model, tokenizer, [[{"role": "user", "content": prompt}]], precision=precision, max_new_tokens=10)
+    with model.disable_adapter():
+        (base_0,) = complete(
+            model, tokenizer, [[{"role": "user", "content": prompts[0]}]], precision=precision, max_new_tokens=10
+        )
+    assert base_0.text != alone[0].text  # the adapter changes the answer: switching it is tested
+    engine = Engine(model, tokenizer, precision, [Served("base", None), Served("triage", "triage")], max_batch=3)
+    try:
+        reqs = [
+            engine.submit(Request("base" if k % 2 else "triage", [{"role": "user", "content": p}], 10))
+            for k, p in enumerate(prompts)
+        ]
+        assert [r.result.result(timeout=120).text for r in reqs] == [a.text for a in alone]
+        seeded = Sampling(temperature=1.0, top_p=0.9, seed=3)
+        alone = engine.submit(Request("triage", [{"role": "user", "content": "hi"}], 12, sampling=seeded)).result.result(120)
+        crowd = [
+            engine.submit(Request("triage", [{"role": "user", "content": p}], 12, sampling=Sampling(1.0))) for p in prompts[:2]
+        ]
+        beside = engine.submit(Request("triage", [{"role": "user", "content": "hi"}], 12, sampling=seeded))
+        assert beside.result.result(120).text == alone.text and all(c.result.result(120) for c in crowd)
+        if len(alone.text) > 3:
+            cut = alone.text[2:4]
+            stopped = engine.submit(Request("triage", [{"role": "user", "content": "hi"}], 12, sampling=seeded, stop=(cut,)))
+            done = stopped.result.result(120)
+            assert done.text == alone.text[: alone.text.index(cut)] and done.finish_reason == "stop"
+    finally:
+        engine.close()
+
+
 class Scripted:
     """A stand-in for the engine's Batcher whose rows end at their first step with ``answer(req)``."""
 
