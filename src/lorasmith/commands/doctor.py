@@ -27,6 +27,7 @@ def run(args) -> int:
     import torch
 
     from lorasmith.config import ModelConfig
+    from lorasmith.export import llama_runtime
     from lorasmith.models.hardware import choose_attention, choose_precision, default_device
     from lorasmith.models.loading import load_config
     from lorasmith.models.probe import ATTENTION_ROWS, ATTENTION_TOKENS, Shapes, cpu_name, matmul_peak
@@ -57,6 +58,8 @@ def run(args) -> int:
         "compile_auto_from_parameters": MIN_PARAMETERS,
         "bitsandbytes": importlib.util.find_spec("bitsandbytes") is not None,
         "flash_attn": importlib.util.find_spec("flash_attn") is not None,
+        "llama_cpp": llama_runtime.available(),
+        "llguidance": importlib.util.find_spec("llguidance") is not None,
         "cache": str(cache_dir()),
     }
     if device.type == "cpu":
@@ -91,6 +94,13 @@ def run(args) -> int:
         f"compile:    C++ compiler {found['cpp_compiler'] or 'not found'}; train.compile=auto compiles CPU runs of "
         f"bases with {MIN_PARAMETERS / 1e6:.0f}M+ parameters",
         f"qlora:      bitsandbytes {'installed' if found['bitsandbytes'] else 'not installed'}",
+        "gguf:       llama-cpp-python "
+        + (
+            "installed: q4_k_m/q5_k_m/q6_k, checked in llama.cpp"
+            if found["llama_cpp"]
+            else "not installed: 16-bit and q8_0 only (pip install 'lorasmith[gguf]')"
+        ),
+        f"json mode:  llguidance {'installed' if found['llguidance'] else 'not installed'} (serve's response_format)",
         f"cache:      {found['cache']} (probe results in probes.json)",
     ]
     print("\n".join(lines))
