@@ -28,9 +28,11 @@ def prompt_and_turn(messages: list[dict]) -> tuple[list[dict], dict]:
     return messages[:last], messages[last]
 
 
-def stop_token_ids(tokenizer, model) -> list[int]:
+def stop_token_ids(tokenizer, model=None, generation_config=None) -> list[int]:
+    """The tokenizer's EOS and the generation config's end-of-turn ids (the model's, or ``generation_config``)."""
     ids = {tokenizer.eos_token_id}
-    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    config = generation_config if generation_config is not None else getattr(model, "generation_config", None)
+    gen_eos = getattr(config, "eos_token_id", None)
     ids.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
     return sorted(i for i in ids if i is not None)
 

@@ -193,15 +193,14 @@ def _write_modelfile(merged: Path, out: Path, source: Path) -> dict:
     renders the check conversations exactly; otherwise none, and why (not a failure of the export)."""
     from transformers import AutoTokenizer, GenerationConfig
 
+    from lorasmith.evaluation.generate import stop_token_ids
     from lorasmith.export.ollama import NoLayout, modelfile
     from lorasmith.runs import RunFolder
 
     tokenizer = AutoTokenizer.from_pretrained(merged)
-    eos = GenerationConfig.from_pretrained(merged).eos_token_id if (merged / "generation_config.json").is_file() else None
-    ids = {tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}
-    stops = sorted({tokenizer.decode([i]) for i in ids})
-    run = RunFolder.of_adapter(source / "adapter") or RunFolder(source)
-    system = json.loads(run.prompting.read_text()).get("system_prompt") if run.prompting.is_file() else None
+    config = GenerationConfig.from_pretrained(merged) if (merged / "generation_config.json").is_file() else None
+    stops = sorted({tokenizer.decode([i]) for i in stop_token_ids(tokenizer, generation_config=config)})
+    system = (RunFolder.of_adapter(source / "adapter") or RunFolder(source)).system_prompt
     path = out.with_name(f"{out.stem}.Modelfile")
     try:
         text, check = modelfile(tokenizer, out, system, stops)

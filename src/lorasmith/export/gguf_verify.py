@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from lorasmith.export import llama_runtime
-from lorasmith.export.verify import compare_logits, logits, probe_prompts
+from lorasmith.export.verify import compare_logits, logits, logits_of_ids, probe_prompts
 from lorasmith.runs import RunFolder
 
 log = logging.getLogger(__name__)
@@ -137,7 +137,7 @@ def in_llama_cpp(report, reference, tokenizer, gguf_file: Path, prompts, pairs, 
             "llama.cpp_eos": runtime.eos,
             "not_end_of_generation_in_llama.cpp": missing,
         }
-        figures = compare_logits(logits_of(reference, ours), [runtime.logits(ids)[:, : _vocab(reference)] for ids in ours])
+        figures = compare_logits(logits_of_ids(reference, ours), [runtime.logits(ids)[:, : _vocab(reference)] for ids in ours])
         passed = figures["top1_agreement"] >= tolerance.top1 and figures["mean_kl"] <= tolerance.kl
         report.checks["logits"] = {"passed": passed, **figures, "required_top1": tolerance.top1, "allowed_kl": tolerance.kl}
         want = [greedy_reference(reference, ids, stops) for ids in ours]
@@ -170,11 +170,6 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 def _vocab(model) -> int:
     return model.get_output_embeddings().weight.shape[0]
-
-
-@torch.no_grad()
-def logits_of(model, ids_list: list[list[int]]) -> list[torch.Tensor]:
-    return [model(input_ids=torch.tensor([ids])).logits[0].float() for ids in ids_list]
 
 
 @torch.no_grad()

@@ -29,14 +29,16 @@ def probe_prompts(tokenizer, run: RunFolder | None) -> list[list[dict]]:
     return prompts
 
 
-@torch.no_grad()
 def logits(model, tokenizer, prompts: list[list[dict]]) -> list[torch.Tensor]:
     """The logits of every position of each prompt (rendered with the generation prompt), in fp32."""
-    out = []
-    for messages in prompts:
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-        out.append(model(**ids).logits[0].float())
-    return out
+    rendered = [tokenizer.apply_chat_template(m, add_generation_prompt=True, return_dict=True) for m in prompts]
+    return logits_of_ids(model, [r["input_ids"] for r in rendered])
+
+
+@torch.no_grad()
+def logits_of_ids(model, ids_list: list[list[int]]) -> list[torch.Tensor]:
+    """The logits of every position of each token sequence, in fp32."""
+    return [model(input_ids=torch.tensor([ids])).logits[0].float() for ids in ids_list]
 
 
 def compare_logits(ref: list[torch.Tensor], got: list[torch.Tensor]) -> dict:

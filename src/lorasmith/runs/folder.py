@@ -111,6 +111,11 @@ class RunFolder:
         return self.path / PROMPTING
 
     @property
+    def system_prompt(self) -> str | None:
+        """The system prompt most of the run's training conversations shared (prompting.json), if any."""
+        return self.read_json(self.prompting).get("system_prompt") if self.prompting.is_file() else None
+
+    @property
     def status_file(self) -> Path:
         return self.path / STATUS
 

@@ -102,9 +102,7 @@ def show_calls(message: dict) -> str:
 def trained_system_prompt(adapter: str | None) -> str | None:
     """The system prompt the adapter's run was trained under (most of its conversations shared it), if any."""
     run = RunFolder.of_adapter(Path(adapter)) if adapter else None
-    if run is None or not run.prompting.is_file():
-        return None
-    return json.loads(run.prompting.read_text()).get("system_prompt")
+    return run.system_prompt if run is not None else None
 
 
 def run_chat(

@@ -17,7 +17,7 @@ import queue
 import threading
 import time
 from concurrent.futures import Future
-from contextlib import ExitStack
+from contextlib import ExitStack, suppress
 from dataclasses import dataclass, field
 
 from lorasmith.data.template import render, template_of
@@ -154,58 +154,52 @@ class Engine:
     # --- the worker ---------------------------------------------------------------------------
 
     def _waiting(self, block: bool) -> list[Request]:
-        """Requests not yet running, oldest first (blocking briefly for one when ``block``)."""
+        """Requests not yet running, oldest first (waiting briefly for one when ``block`` and none is held);
+        one cancelled before it ran is ended here, without generating."""
+        if block and not self._held:
+            with suppress(queue.Empty):
+                self._held.append(self.queue.get(timeout=0.1))
         while True:
             try:
-                self._held.append(self.queue.get(timeout=0.1) if block and not self._held else self.queue.get_nowait())
+                self._held.append(self.queue.get_nowait())
             except queue.Empty:
                 break
-            block = False
-        self._held = [r for r in self._held if not r.cancelled.is_set() or self._drop(r)]
+        for req in [r for r in self._held if r.cancelled.is_set()]:
+            self._settle(req, error=TimeoutError("cancelled before it ran"))
+        self._held = [r for r in self._held if not r.cancelled.is_set()]
         return self._held
-
-    @staticmethod
-    def _drop(req: Request) -> bool:
-        """A request cancelled before it ran: ended without generating (False: not kept)."""
-        if not req.result.done():
-            req.result.set_exception(TimeoutError("cancelled before it ran"))
-        if req.chunks is not None:
-            req.chunks.put(None)
-        return False
 
     def _loop(self) -> None:
         adapter = ExitStack()
         current = None  # the served name the batch runs
         while not self._stop.is_set():
+            if self._batcher is None:
+                self._batcher = Batcher(
+                    self.model, self.tokenizer, self.precision, max_rows=self.max_batch, prefill_chunk=self.prefill_chunk
+                )
             batcher = self._batcher
-            waiting = self._waiting(block=batcher is None or not batcher.busy)
-            if batcher is None or not batcher.busy:
+            waiting = self._waiting(block=not batcher.busy)
+            if not batcher.busy:
                 adapter.close()
                 if not waiting:
                     continue
                 current = waiting[0].model
                 adapter = ExitStack()
                 adapter.enter_context(self._adapter(self.served[current].adapter))
-                batcher = self._batcher = self._new_batcher()
-            joins = self.continuous or not batcher.busy
-            if joins and waiting and waiting[0].model == current and batcher.room():
-                # Only the oldest's adapter joins: a request for another adapter stops the batch from growing.
-                joining = []
-                for r in list(waiting):
-                    if r.model != current or len(joining) == batcher.room():
-                        break
-                    joining.append(r)
-                    self._held.remove(r)
-                self._admit(batcher, joining)
+            if (self.continuous or not batcher.busy) and batcher.room():
+                # The oldest waiting requests for the batch's adapter join; one for another adapter stops the
+                # batch from growing, so it runs once the batch has drained.
+                same = next((k for k, r in enumerate(waiting) if r.model != current), len(waiting))
+                joining = waiting[: min(same, batcher.room())]
+                if joining:
+                    del self._held[: len(joining)]
+                    self._admit(batcher, joining)
             self._step(batcher)
         adapter.close()
         # Stopped: whatever did not finish is ended, so no client waits on it.
         gone = RuntimeError("the server is shutting down")
         for req in [*(self._batcher.cancel_all(gone) if self._batcher else []), *self._held, *list(self.queue.queue)]:
             self._settle(req, error=gone)
-
-    def _new_batcher(self) -> Batcher:
-        return Batcher(self.model, self.tokenizer, self.precision, max_rows=self.max_batch, prefill_chunk=self.prefill_chunk)
 
     def _admit(self, batcher: Batcher, joining: list[Request]) -> None:
         if any(r.grammar is not None for r in joining) and batcher.masker is None:

@@ -226,16 +226,21 @@ def create_app(
         data = [{"id": name, "object": "model", "created": created, "owned_by": "lorasmith"} for name in engine.served]
         return {"object": "list", "data": data}
 
+    async def run(req: Request, prefix: str, http: HttpRequest):
+        """Queue ``req``: its id and creation time, and a streamed response or the finished completion."""
+        _submit(engine, req)
+        rid, created = f"{prefix}-{uuid.uuid4().hex[:24]}", int(time.time())
+        if req.stream:
+            events = _events(req, rid, created, http, engine.tokenizer, request_timeout)
+            return rid, created, StreamingResponse(events, media_type="text/event-stream")
+        return rid, created, await _wait(req, request_timeout)
+
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, http: HttpRequest):
         req = _to_request(body, engine, max_tokens_limit, max_prompt_tokens)
-        _submit(engine, req)
-        rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-        if body.stream:
-            return StreamingResponse(
-                _events(req, rid, created, http, engine.tokenizer, request_timeout), media_type="text/event-stream"
-            )
-        done = await _wait(req, request_timeout)
+        rid, created, done = await run(req, "chatcmpl", http)
+        if req.stream:
+            return done
         message, finish = tool_use.answer(done, req)
         choice = {"index": 0, "message": message, "finish_reason": finish, "logprobs": _chat_logprobs(engine.tokenizer, done)}
         head = {"id": rid, "object": "chat.completion", "created": created, "model": body.model}
@@ -244,13 +249,9 @@ def create_app(
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, http: HttpRequest):
         req = _text_request(body, engine, max_tokens_limit, max_prompt_tokens)
-        _submit(engine, req)
-        rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-        if body.stream:
-            return StreamingResponse(
-                _events(req, rid, created, http, engine.tokenizer, request_timeout), media_type="text/event-stream"
-            )
-        done = await _wait(req, request_timeout)
+        rid, created, done = await run(req, "cmpl", http)
+        if req.stream:
+            return done
         logprobs = _text_logprobs(engine.tokenizer, done)
         choice = {"index": 0, "text": done.text, "logprobs": logprobs, "finish_reason": done.finish_reason}
         head = {"id": rid, "object": "text_completion", "created": created, "model": body.model}
