@@ -3,6 +3,11 @@
     .venv/bin/python benchmarks/profile_step.py [--length N] [--eager] [--by-shape] [key=value ...]
     e.g. --length 100 lora.target_modules=q_proj,k_proj,v_proj
 
+--by-shape also prints the breakdown issue 29 reads: the base projections and LM head, LoRA's rank-r
+matmuls, attention's batched matmuls, and everything else (the compiled graphs' kernels, per-call
+costs, the eager first layer), each in ms and as a share of the step; --kernels lists the compiled
+kernels by name (inductor's kernel profiling: a separate compilation).
+
 Builds a micro-batch of the 8 shortest conversations of the bench's generated data that have at
 least N tokens (default 100, the bench's typical step), runs 3 warm-up steps (compiling, unless
 --eager or train.compile=false), then one step under torch.profiler, and prints the ops by self CPU time.
@@ -24,7 +29,7 @@ from lorasmith.data.dataset import read_split, tokenize
 from lorasmith.models.adapter import add_lora, base_weights_dtype
 from lorasmith.models.hardware import choose_attention, choose_precision
 from lorasmith.models.loading import load_model, load_tokenizer
-from lorasmith.training.compile import compile_decoder_layers, should_compile
+from lorasmith.training.compile import compile_decoder_layers, matmul_attention_rows, should_compile
 from lorasmith.training.step import accumulate_gradients
 
 
@@ -33,8 +38,13 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=100)
     parser.add_argument("--eager", action="store_true")
     parser.add_argument("--by-shape", action="store_true", help="also list the matmuls grouped by input shapes")
+    parser.add_argument("--kernels", action="store_true", help="also list the compiled graphs' own C++ kernels (compiles afresh)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
+    if args.kernels:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.cpp.enable_kernel_profile = True  # part of the cache key: a separate compiled graph
     with tempfile.TemporaryDirectory() as tmp:
         train, val = synthetic.write(Path(tmp))
         cfg = config.load(None, [f"data.train={train}", f"data.val={val}", "data.max_length=512", *args.overrides])
@@ -47,7 +57,7 @@ def main() -> None:
     model = add_lora(load_model(cfg.model, device=cpu, attn_implementation=attention, dtype=dtype), cfg).train()
     compiled, why = should_compile(False if args.eager else cfg.train.compile, model, cpu, quantized=False)
     if compiled:
-        compile_decoder_layers(model)
+        compile_decoder_layers(model, matmul_rows=matmul_attention_rows(cfg.model, attention, precision, cpu))
     rows = sorted((e for e in data.encoded if len(e.input_ids) >= args.length), key=lambda e: len(e.input_ids))[:8]
     batch = collate(rows, tok.pad_token_id)
     for _ in range(3):
@@ -62,6 +72,26 @@ def main() -> None:
         mms = [e for e in prof.key_averages(group_by_input_shape=True) if e.key in ("aten::mm", "aten::bmm", "aten::addmm")]
         for e in sorted(mms, key=lambda e: -e.self_cpu_time_total)[:20]:
             print(f"{e.key:10} {e.count:5} calls {e.self_cpu_time_total / 1e3:8.1f} ms  {e.input_shapes}")
+        print_breakdown(prof, mms, cfg.lora.r)
+    if args.kernels:
+        kernels = [e for e in prof.key_averages() if "cpp_fused" in e.key]
+        print(f"compiled kernels: {sum(e.self_cpu_time_total for e in kernels) / 1e3:.1f} ms in {len(kernels)} kinds")
+        for e in sorted(kernels, key=lambda e: -e.self_cpu_time_total)[:25]:
+            print(f"{e.count:5} calls {e.self_cpu_time_total / 1e3:8.1f} ms  {e.key}")
+
+
+def print_breakdown(prof, mms, rank: int) -> None:
+    """The step's self time in four parts: a matmul with the LoRA rank among its dimensions is LoRA's."""
+    total = sum(e.self_cpu_time_total for e in prof.key_averages())
+    base, lora, attention = "base projections + LM head (mm)", f"LoRA rank-{rank} matmuls", "attention (bmm)"
+    parts = {base: 0.0, lora: 0.0, attention: 0.0}
+    for e in mms:
+        dims = {d for shape in e.input_shapes for d in shape}
+        parts[attention if e.key == "aten::bmm" else lora if rank in dims else base] += e.self_cpu_time_total
+    parts["everything else (compiled kernels, per-call costs, eager ops)"] = total - sum(parts.values())
+    print(f"breakdown of {total / 1e3:.0f} ms:")
+    for name, t in parts.items():
+        print(f"  {name:62} {t / 1e3:7.1f} ms  {100 * t / total:5.1f}%")
 
 
 if __name__ == "__main__":

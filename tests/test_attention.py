@@ -107,6 +107,28 @@ def test_causal_matmul_attention_matches_sdpa_with_grouped_heads():
         assert (a.double() - b).abs().max() <= 2e-2 * b.abs().max()
 
 
+def test_long_rows_recompute_the_matmul_attention_with_the_same_result(monkeypatch):
+    """Past SHORT_ROWS the scores are recomputed in the backward pass (checkpointing): the kernel runs twice,
+    output and gradients are the same; shorter rows keep theirs (it runs once)."""
+    import lorasmith.models.attention as attention
+
+    calls = []
+    original = attention.causal_matmul_attention
+    monkeypatch.setattr(attention, "causal_matmul_attention", lambda *a, **k: calls.append(1) or original(*a, **k))
+    torch.manual_seed(0)
+    for length, runs in ((attention.SHORT_ROWS + 8, 2), (attention.SHORT_ROWS, 1)):
+        q = torch.randn(1, 4, length, 8, dtype=torch.bfloat16, requires_grad=True)
+        k, v = (torch.randn(1, 2, length, 8, dtype=torch.bfloat16, requires_grad=True) for _ in "kv")
+        grad = torch.randn(1, length, 4, 8, dtype=torch.bfloat16)
+        want = original(q, k, v, scaling=0.3)
+        want = (want, *torch.autograd.grad(want, (q, k, v), grad))
+        calls.clear()
+        got = attention.matmul_attention(q, k, v, scaling=0.3)
+        got = (got, *torch.autograd.grad(got, (q, k, v), grad))
+        assert len(calls) == runs
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
 def test_compiled_bf16_training_takes_the_matmul_attention_and_stays_close(tiny_model_dir, tokenizer, monkeypatch):
     import lorasmith.models.attention as attention
     from lorasmith.training.compile import compile_decoder_layers
@@ -135,3 +157,20 @@ def test_compiled_bf16_training_takes_the_matmul_attention_and_stays_close(tiny_
     for name, g in grads.items():
         cos = torch.nn.functional.cosine_similarity(g.flatten(), ref_grads[name].flatten(), dim=0)
         assert cos > 0.99, name
+
+
+def test_rows_past_the_measured_limit_take_sdpa(tiny_model_dir, tokenizer, monkeypatch):
+    """compile_decoder_layers' matmul_rows (measured per machine) reaches the kernel: wider rows go to SDPA."""
+    import lorasmith.models.attention as attention
+    from lorasmith.training.compile import compile_decoder_layers
+
+    rows = [[{"role": "user", "content": "Spell 12 in words."}, {"role": "assistant", "content": "twelve"}]] * 2
+    batch = collate([encode(tokenizer, r, max_length=256) for r in rows], tokenizer.pad_token_id)
+    reference, _ = _loss_and_grads(tiny_lora(tiny_model_dir, SDPA_FP32, torch.bfloat16).train(), batch, BF16)
+    calls = []
+    original = attention.causal_matmul_attention
+    monkeypatch.setattr(attention, "causal_matmul_attention", lambda *a, **k: calls.append(1) or original(*a, **k))
+    model = tiny_lora(tiny_model_dir, SDPA_FP32, torch.bfloat16).train()
+    compile_decoder_layers(model, matmul_rows=batch.input_ids.shape[1] - 1)
+    loss, _ = _loss_and_grads(model, batch, BF16)
+    assert not calls and loss == pytest.approx(reference, rel=1e-2)

@@ -20,11 +20,12 @@ def fake_speeds(monkeypatch, tmp_path):
     monkeypatch.setattr(hardware, "cpu_has_bf16", lambda: True)
     speeds = {"bf16": 169.0, "fp32": 328.0}  # the Intel Xeon of issue 13: bf16 flag, slow bf16
     speeds.update(sdpa=70.0, sdpa_fp32=72.0)  # attention on the AMD EPYC: a near tie
+    speeds.update({2048: 1036.0, 4096: 1490.0, 8192: 1804.0})  # bf16 rows on the Intel Xeon with AMX
     calls = []
 
-    def timed(name, shapes, seconds):
+    def timed(name, shapes, seconds, tokens=probe.PROBE_TOKENS):
         calls.append(name)
-        return speeds[name]
+        return speeds[tokens] if tokens in probe.BATCH_TOKENS else speeds[name]
 
     monkeypatch.setattr(probe, "_time_candidate", timed)
     monkeypatch.setattr(probe, "_time_attention", timed)
@@ -65,6 +66,31 @@ def test_auto_attention_under_bf16_is_measured_and_sdpa_needs_a_clear_lead(fake_
     assert choose_attention("eager", cpu, bf16) == "eager" and len(calls) == 6  # an explicit setting wins
 
 
+def test_auto_batch_tokens_takes_the_fewest_rows_near_the_best_rate(fake_speeds):
+    speeds, calls = fake_speeds
+    assert probe.probe_batch_tokens(SMALL, "bf16").chosen == "8192"  # AMX: 1,490 at 4096 is < 90% of 1,804
+    assert len(calls) == 3
+    speeds.update({2048: 430.0, 4096: 436.0, 8192: 431.0})  # the AMD EPYC: flat
+    assert probe.probe_batch_tokens(SMALL, "bf16").chosen == "8192" and len(calls) == 3  # cached
+    assert probe.probe_batch_tokens(SMALL, "bf16", refresh=True).chosen == "2048"
+    speeds.update({2048: 1000.0, 4096: 1700.0, 8192: 1800.0})
+    assert probe.probe_batch_tokens(SMALL, "fp32").chosen == "4096"  # another precision: measured on its own
+
+
+def test_matmul_attention_rows_are_the_longest_won_from_the_shortest(fake_speeds, monkeypatch):
+    from lorasmith.models.attention import SHORT_ROWS
+
+    won = {"matmul 128": 96.0, "flash 128": 61.0, "matmul 256": 107.0, "flash 256": 70.0, "matmul 512": 87.0, "flash 512": 71.0}
+    assert probe.matmul_rows_of(won) == 512
+    assert probe.matmul_rows_of({**won, "matmul 256": 65.0}) == 128  # lost at 256: 512 is not taken either
+    assert probe.matmul_rows_of({**won, "matmul 128": 50.0}) == 0  # never faster: every row takes SDPA
+    calls = []
+    monkeypatch.setattr(probe, "_time_matmul_attention", lambda shapes, seconds: calls.append(1) or won)
+    assert probe.probe_matmul_rows(SMALL) == 512 and probe.probe_matmul_rows(SMALL) == 512 and len(calls) == 1
+    monkeypatch.setattr(probe, "_time_matmul_attention", lambda shapes, seconds: None)  # the compiler failed
+    assert probe.probe_matmul_rows(SMALL, refresh=True) == SHORT_ROWS
+
+
 def test_the_probes_measure_real_work():
     """Real timing, short: every candidate runs the layer's matmuls or attention and reports a plausible rate."""
     shapes = probe.Shapes(hidden=128, intermediate=256, heads=4, kv_heads=2, head_dim=32)
@@ -72,6 +98,9 @@ def test_the_probes_measure_real_work():
         assert 0.1 < probe._time_candidate(name, shapes, seconds=0.05) < 1e6
     for name in probe.ATTENTION_CANDIDATES:
         assert 0.1 < probe._time_attention(name, shapes, seconds=0.02) < 1e6
+    rates = probe._time_matmul_attention(shapes, seconds=0.02)  # compiles the matmul attention (~5 s)
+    assert sorted(rates) == sorted(f"{k} {n}" for k in ("matmul", "flash") for n in probe.MATMUL_ROWS)
+    assert all(0.1 < r < 1e6 for r in rates.values())
 
 
 def test_doctor_reports_the_choices(fake_speeds, monkeypatch, tiny_model_dir, capsys):
@@ -81,5 +110,8 @@ def test_doctor_reports_the_choices(fake_speeds, monkeypatch, tiny_model_dir, ca
     assert found["precision_auto"] == "fp32" and found["attention_auto"] == "sdpa"
     assert found["precision_probe_gflops"] == {"bf16": 169.0, "fp32": 328.0}
     assert found["layer_shapes"] == {"hidden": 64, "intermediate": 128, "heads": 4, "kv_heads": 2, "head_dim": 16}
+    assert found["batch_tokens_auto"] == 8192
     assert main(["doctor", "--model", str(tiny_model_dir)]) == 0
-    assert "precision:  auto -> fp32" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "precision:  auto -> fp32" in out
+    assert "max_batch_tokens=auto -> 8192 where memory allows (2048 tokens 1036, 4096 tokens 1490" in out

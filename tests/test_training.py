@@ -261,3 +261,35 @@ def test_batched_generation_keeps_each_answer_with_its_prompt(smol_dir, tokenize
     batched = generate(model, tokenizer, histories, precision=fp32, max_new_tokens=6, batch_size=4)
     one_by_one = [generate(model, tokenizer, [h], precision=fp32, max_new_tokens=6)[0] for h in histories]
     assert batched == one_by_one and len(set(batched)) > 1
+
+
+def test_auto_token_cap_follows_the_measured_rate_and_the_memory(lora_model, encoded, tiny_model_dir, monkeypatch):
+    """train.max_batch_tokens=auto: the probe's knee, as far as the memory budget holds it (a real forward and
+    backward measures the memory), never below 2048, and nothing measured where no micro-batch can pass 2048."""
+    from types import SimpleNamespace
+
+    from lorasmith import config
+    from lorasmith.distributed import Dist
+    from lorasmith.training import phases
+
+    probed = []
+
+    def knee(shapes, precision):
+        probed.append(precision)
+        return SimpleNamespace(chosen="8192", gflops={"2048": 1036.0, "4096": 1490.0, "8192": 1804.0})
+
+    monkeypatch.setattr(phases, "probe_batch_tokens", knee)
+    parallel = SimpleNamespace(dist=Dist(), precision=Precision("bf16", "cpu"), model=lora_model.train())
+    lengths = [len(e.input_ids) for e in encoded]
+    cpu = torch.device("cpu")
+
+    def cap(micro_batch: int, *overrides: str) -> int:
+        cfg = config.load(None, [f"model.name={tiny_model_dir}", *overrides])
+        plan = SimpleNamespace(lengths=lengths, plan_mb=micro_batch)
+        return phases.batch_token_cap(cfg, parallel, SimpleNamespace(encoded=encoded), plan, 0, cpu)
+
+    assert 2 * max(lengths) <= 2048 < 64 * max(lengths)
+    assert cap(2) == 2048 and not probed  # cannot bind: not measured
+    assert cap(64, "train.memory_budget_gb=100") == 8192 and probed == ["bf16"]
+    assert cap(64, "train.memory_budget_gb=0.0001") == 2048  # 100 KiB hold fewer than 2048 tokens: the floor
+    assert cap(64, "train.max_batch_tokens=300") == 300 and cap(64, "train.max_batch_tokens=0") == 0

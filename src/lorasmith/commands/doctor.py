@@ -70,6 +70,14 @@ def run(args) -> int:
             from lorasmith.models.probe import probe_attention
 
             found["attention_probe_gflops"] = probe_attention(shapes).gflops
+            if found["attention_auto"] == "sdpa_fp32":
+                from lorasmith.models.probe import probe_matmul_rows
+
+                found["matmul_attention_rows"] = probe_matmul_rows(shapes, refresh=args.reprobe)
+        from lorasmith.models.probe import probe_batch_tokens
+
+        rows = probe_batch_tokens(shapes, precision.name, refresh=args.reprobe)
+        found["batch_tokens_auto"], found["batch_tokens_probe_gflops"] = int(rows.chosen), rows.gflops
     if args.json:
         print(json.dumps(found, indent=2))
         return 0
@@ -91,6 +99,20 @@ def run(args) -> int:
     lines += [
         f"precision:  auto -> {found['precision_auto']}",
         f"attention:  auto -> {found['attention_auto']}" + attention_measured,
+        *(
+            [f"            compiled, rows up to {found['matmul_attention_rows']} tokens take two bf16 matmuls (measured)"]
+            if "matmul_attention_rows" in found
+            else []
+        ),
+        *(
+            [
+                f"batch:      train.max_batch_tokens=auto -> {found['batch_tokens_auto']} where memory allows ("
+                + ", ".join(f"{t} tokens {g:.0f}" for t, g in found["batch_tokens_probe_gflops"].items())
+                + f" GFLOP/s in {found['precision_auto']})"
+            ]
+            if "batch_tokens_auto" in found
+            else []
+        ),
         f"compile:    C++ compiler {found['cpp_compiler'] or 'not found'}; train.compile=auto compiles CPU runs of "
         f"bases with {MIN_PARAMETERS / 1e6:.0f}M+ parameters",
         f"qlora:      bitsandbytes {'installed' if found['bitsandbytes'] else 'not installed'}",

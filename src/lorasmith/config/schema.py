@@ -185,9 +185,13 @@ class TrainConfig:
     packing: bool = False
     """Padding-free packing: each micro-batch becomes one row with positions restarting per conversation
     (flash-attention's variable-length kernels on GPU). On CPU length grouping is as fast (see docs/benchmarks.md)."""
-    max_batch_tokens: int = 2048
+    max_batch_tokens: int | Literal["auto"] = "auto"
     """Cap on a micro-batch's padded size (rows x longest row): larger planned micro-batches run in pieces
-    whose gradients are accumulated (same result), bounding activation memory. 0 = no cap."""
+    whose gradients are accumulated (same result), bounding activation memory. 0 = no cap. auto = measured
+    on a CPU: the fewest tokens (2048, 4096 or 8192) at which this model's projections run within 10% of
+    their best rate on this machine, as far as half the free memory holds their activations (at least
+    2048; 2048 on GPUs, where it is not measured yet). Only measured when a planned micro-batch can be
+    larger than 2048 tokens; cached per machine (README: "Training")."""
     effective_batch_size: int = 0
     """Conversations per optimizer step; required with micro_batch_size=auto, else micro_batch_size x grad_accum."""
     memory_budget_gb: float = 0.0
@@ -215,7 +219,8 @@ class TrainConfig:
     """Recompute activations in the backward pass: less memory, about a third more compute."""
     compile: bool | Literal["auto"] = "auto"
     """torch.compile the decoder layers and the loss for training steps (evaluation stays eager): fused
-    elementwise work and, for rows up to 128 tokens, a matmul attention. auto = on a CPU with a C++ compiler
+    elementwise work and, for rows up to a measured length (256 tokens on the bench CPU), a matmul attention
+    (models/attention.py). auto = on a CPU with a C++ compiler
     for bases of 50M+ parameters (bench CPU: +28%, 581 vs 455 tok/s, after ~10 s of compiling, ~40 s on a
     fresh machine, cached across runs; docs/benchmarks.md); off on GPUs and quantized bases until measured
     there (true to try). Falls back to eager if compiling fails."""
@@ -262,8 +267,8 @@ class TrainConfig:
             raise ConfigError(f"train.max_steps must be >= 0, got {self.max_steps}")
         if self.max_steps == 0 and self.epochs <= 0:
             raise ConfigError("train.epochs must be > 0 when train.max_steps is 0")
-        if self.max_batch_tokens < 0:
-            raise ConfigError(f"train.max_batch_tokens must be >= 0, got {self.max_batch_tokens}")
+        if self.max_batch_tokens != "auto" and self.max_batch_tokens < 0:
+            raise ConfigError(f"train.max_batch_tokens must be >= 0 or auto, got {self.max_batch_tokens}")
         for key in ("grad_accum", "log_every", "keep_checkpoints", "max_skipped_steps"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"train.{key} must be >= 1, got {getattr(self, key)}")

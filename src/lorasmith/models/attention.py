@@ -17,17 +17,24 @@ SDPA_FP32 = "sdpa_fp32"
 
 
 SHORT_ROWS = 128
-"""Longest rows that take the matmul path when compiled (measured: faster up to ~110-150 tokens)."""
+"""Longest rows that take the matmul path when compiled, where it is not measured. training/trainee.py
+measures it per machine (models/probe.py, probe_matmul_rows: 256 on the AMD EPYC) and sets it on each
+attention module as MATMUL_ROWS_ATTR."""
+MATMUL_ROWS_ATTR = "lorasmith_matmul_rows"
 
 
 def causal_matmul_attention(query, key, value, scaling: float):
     """Causal grouped-query attention as two bf16 matmuls around an fp32 softmax.
 
-    For torch.compile only: the compiler fuses the scaling, mask and softmax into one pass, and
-    for short rows two large matmuls over all heads beat PyTorch's CPU flash kernel, whose
-    per-block overhead dominates there (8 rows of 102 tokens, forward + backward: 5.7 ms against
-    8.9 ms; at 196 tokens it loses, 29 ms against 22). Query heads are grouped under their
-    key/value head (the layout of transformers' ``repeat_kv``), so key and value are never repeated.
+    For torch.compile only: the compiler fuses the scaling, mask and softmax into one pass, and two
+    large bf16 matmuls over all heads beat PyTorch's CPU flash kernel on fp32 inputs, whose per-block
+    overhead dominates short rows (AMD EPYC, forward + backward, 8 rows of 102 tokens: 3.9 ms against
+    6.4; 8 of 256: 22 against 33; 4 of 512: 48 against 67, scores kept; whole compiled steps of 8 x 254 tokens
+    3.65 s against 4.0, 4 x 512 4.7 against 5.5). Eagerly it loses (4 x 512: 150 ms), and its scores
+    grow with the square of the length, so it is taken up to a measured length, recomputing the
+    scores of rows past SHORT_ROWS (``matmul_attention``).
+    Query heads are grouped under their key/value head (the layout of transformers' ``repeat_kv``),
+    so key and value are never repeated.
     """
     batch, heads, length, dim = query.shape
     kv_heads = key.shape[1]
@@ -41,6 +48,20 @@ def causal_matmul_attention(query, key, value, scaling: float):
     return out.transpose(1, 2).contiguous()
 
 
+def matmul_attention(query, key, value, scaling: float):
+    """``causal_matmul_attention`` as training runs it compiled: rows past SHORT_ROWS recompute their
+    scores in the backward pass instead of keeping them (non-reentrant checkpointing, which the compiler
+    traces). Kept, the [rows, heads, length, length] probabilities raised a bench run's peak memory by a
+    third (1.95 -> 2.6 GB, 8 rows of up to 470 tokens); recomputed, the step holds less than with the fp32
+    flash kernel, which keeps fp32 copies of query, key and value (1.75 GB), at about the same speed
+    (4 x 512 tokens: 4.47-4.89 s against 4.75-4.80 kept and 5.02-5.25 with flash)."""
+    if query.shape[2] <= SHORT_ROWS:  # small scores: keeping them costs little and saves a matmul
+        return causal_matmul_attention(query, key, value, scaling)
+    from torch.utils.checkpoint import checkpoint
+
+    return checkpoint(causal_matmul_attention, query, key, value, scaling, use_reentrant=False)
+
+
 def _takes_matmul_path(module, query, key, attention_mask, kwargs) -> bool:
     return (
         torch.compiler.is_compiling()
@@ -51,7 +72,7 @@ def _takes_matmul_path(module, query, key, attention_mask, kwargs) -> bool:
         and kwargs.get("softcap") is None
         and query.shape[2] == key.shape[2]
         and query.shape[1] % key.shape[1] == 0
-        and 1 < query.shape[2] <= SHORT_ROWS
+        and 1 < query.shape[2] <= getattr(module, MATMUL_ROWS_ATTR, SHORT_ROWS)
     )
 
 
@@ -60,7 +81,7 @@ def sdpa_fp32_attention(module, query, key, value, attention_mask, **kwargs):
 
     if _takes_matmul_path(module, query, key, attention_mask, kwargs):
         scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
-        return causal_matmul_attention(query, key, value, scaling), None
+        return matmul_attention(query, key, value, scaling), None
     dtype = query.dtype
     if attention_mask is not None and attention_mask.is_floating_point():
         attention_mask = attention_mask.float()  # SDPA wants an additive mask in the query's dtype

@@ -8,11 +8,17 @@ backward to the activations, as a frozen base with LoRA runs them) and takes the
 result is cached per machine (CPU model, threads, torch version) and shape in the lorasmith cache
 folder; ``LORASMITH_REPROBE=1`` or ``lorasmith doctor --reprobe`` measures again.
 
+``train.max_batch_tokens: auto`` is measured alike: the projections' rate at 2,048, 4,096 and 8,192
+rows. On the AMD EPYC it is flat from ~256 rows (420-440 GFLOP/s), on the Intel Xeon with AMX it rose
+from 1,036 to 1,804 GFLOP/s between 1,024 and 8,192 rows: a cap that suits one machine wastes the other.
+
 When bf16 wins, the attention kernel is measured too (``model.attn_implementation: auto``): PyTorch's
 CPU flash attention ran bf16 inputs at half its fp32 speed on the AMD EPYC (so ``sdpa_fp32`` upcasts
 them), but a CPU whose bf16 kernels are fast (AMX) may run it the other way round. Both kernels time
 one forward and backward on the model's head shapes; sdpa is taken where it is clearly faster
-(ATTENTION_MARGIN), and the choice is cached alike.
+(ATTENTION_MARGIN), and the choice is cached alike. Compiled training steps give rows up to some length
+to sdpa_fp32's matmul attention instead (models/attention.py); how long is measured too, compiled, against
+its flash kernel at 128, 256 and 512 tokens (``probe_matmul_rows``).
 
 On GPUs bf16 (or fp16 where bf16 is missing) is not measured: their tensor cores run it at several
 times the fp32 rate on every generation that has it.
@@ -49,6 +55,18 @@ ATTENTION_MARGIN = 1.2
 see sdpa_fp32's compiled matmul path for short rows (whole steps of 8 x 122 tokens: 1,826-2,079 ms with it
 against 2,220-2,480 with sdpa), and a near tie flips with the machine's noise (five probes on the AMD
 EPYC: sdpa 68-71 against sdpa_fp32 64-73 GFLOP/s)."""
+
+
+BATCH_TOKENS = (2048, 4096, 8192)
+"""The candidate caps of ``train.max_batch_tokens: auto``, smallest first; 2,048 was the fixed default."""
+BATCH_TOKENS_KNEE = 0.9
+"""The smallest candidate whose rate is at least this share of the best is taken: more rows than that buy
+little speed and cost activation memory."""
+
+
+MATMUL_ROWS = (128, 256, 512)
+"""The candidate row limits of sdpa_fp32's compiled matmul attention (models/attention.py), shortest first.
+Past 512 its [rows, heads, length, length] scores grow too large to keep for the backward."""
 
 
 @dataclass(frozen=True)
@@ -183,6 +201,67 @@ def _time_attention(name: str, shapes: Shapes, seconds: float) -> float:
     return flops / total / 1e9
 
 
+def _time_matmul_attention(shapes: Shapes, seconds: float) -> dict[str, float] | None:
+    """GFLOP/s (counted as _time_attention counts) of sdpa_fp32's compiled matmul path and of its flash
+    kernel at each of MATMUL_ROWS, forward + backward on up to ATTENTION_ROWS rows of 2048 tokens in all,
+    the two called in turn (this shared machine's speed drifts by 10-15% between phases: timed one after
+    the other, a 512-token tie read 60 against 72 once); None where the compiler fails. Compiled because
+    that path only runs compiled: eagerly its unfused fp32 scores cost 2.5x (4 x 512 tokens on the AMD
+    EPYC: 150 ms against 48 compiled)."""
+    from lorasmith.models.attention import matmul_attention, sdpa_fp32_attention
+
+    matmul = torch.compile(matmul_attention, dynamic=True)
+    layer = _AttentionLayer(shapes.heads // shapes.kv_heads)
+    dim, out = shapes.head_dim, {}
+    for length in MATMUL_ROWS:
+        rows = max(1, min(ATTENTION_ROWS, BATCH_TOKENS[0] // length))  # what a micro-batch under the least cap holds
+        query = torch.randn(rows, shapes.heads, length, dim, dtype=torch.bfloat16, requires_grad=True)
+        key, value = (torch.randn(rows, shapes.kv_heads, length, dim, dtype=torch.bfloat16, requires_grad=True) for _ in "kv")
+        grad = torch.randn(rows, length, shapes.heads, dim, dtype=torch.bfloat16)
+        flops = 3.5 * 2 * rows * shapes.heads * length**2 * dim
+        kernels = {
+            "matmul": lambda q, k, v: matmul(q, k, v, dim**-0.5),
+            "flash": lambda q, k, v: sdpa_fp32_attention(layer, q, k, v, None, dropout=0.0, scaling=dim**-0.5)[0],
+        }
+
+        def once(kernel, query=query, key=key, value=value, grad=grad):
+            kernel(query, key, value).backward(grad)
+            query.grad = key.grad = value.grad = None
+
+        try:
+            best = _best_seconds_in_turn({name: lambda k=k: once(k) for name, k in kernels.items()}, 2 * seconds)
+        except Exception as e:
+            if not isinstance(e, torch._dynamo.exc.TorchDynamoException):
+                raise
+            log.warning("could not compile the matmul attention probe: %s", str(e).strip().splitlines()[0][:200])
+            return None
+        out.update({f"{name} {length}": flops / t / 1e9 for name, t in best.items()})
+    return out
+
+
+def _best_seconds_in_turn(calls: dict, seconds: float) -> dict[str, float]:
+    """The fastest time of each of ``calls``, called in turn over ``seconds`` after one warm-up call each."""
+    for once in calls.values():
+        once()
+    best, end = dict.fromkeys(calls, float("inf")), time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        for name, once in calls.items():
+            t0 = time.perf_counter()
+            once()
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return best
+
+
+def matmul_rows_of(gflops: dict[str, float]) -> int:
+    """The longest of MATMUL_ROWS up to which the matmul path measured faster than flash at every length."""
+    rows = 0
+    for length in MATMUL_ROWS:
+        if gflops[f"matmul {length}"] < gflops[f"flash {length}"]:
+            break
+        rows = length
+    return rows
+
+
 def projection_rate(shapes: Shapes, precision: str, tokens: int, seconds: float = 1.0) -> float:
     """GFLOP/s of the model's own layer projections at ``tokens`` rows, forward and input gradient, in
     ``precision`` (bf16 or fp32): the most a training step of that size could reach on its matmuls."""
@@ -205,6 +284,27 @@ def probe_attention(shapes: Shapes, *, refresh: bool = False, seconds: float = A
     measure = lambda: {c: _time_attention(c, shapes, seconds) for c in ATTENTION_CANDIDATES}  # noqa: E731
     choose = lambda g: "sdpa" if g["sdpa"] >= ATTENTION_MARGIN * g["sdpa_fp32"] else "sdpa_fp32"  # noqa: E731
     return _cached(machine_key(shapes) + "|attention bf16", measure, refresh, choose)
+
+
+def probe_matmul_rows(shapes: Shapes, *, refresh: bool = False, seconds: float = 0.5) -> int:
+    """The longest rows that sdpa_fp32 gives to its compiled matmul attention on this CPU for ``shapes``,
+    from the cache or measured now (one small compilation and ~3 s of timing, ~15 s the first time on a
+    machine; 0.5 s per kernel and length, as 0.15 s flipped the 256-token choice between two runs); the
+    former fixed limit where the compiler fails."""
+    from lorasmith.models.attention import SHORT_ROWS
+
+    measure = lambda: _time_matmul_attention(shapes, seconds) or {}  # noqa: E731
+    choose = lambda g: str(matmul_rows_of(g)) if g else ""  # noqa: E731
+    result = _cached(machine_key(shapes) + "|matmul attention rows", measure, refresh, choose)
+    return int(result.chosen) if result.gflops else SHORT_ROWS  # empty: the compiler failed (cached alike)
+
+
+def probe_batch_tokens(shapes: Shapes, precision: str, *, refresh: bool = False, seconds: float = 0.5) -> ProbeResult:
+    """The micro-batch size in tokens past which the projections of ``shapes`` in ``precision`` stop getting
+    clearly faster on this CPU (one of BATCH_TOKENS), from the cache or measured now (a few seconds)."""
+    measure = lambda: {str(t): projection_rate(shapes, precision, t, seconds) for t in BATCH_TOKENS}  # noqa: E731
+    choose = lambda g: next(t for t in g if g[t] >= BATCH_TOKENS_KNEE * max(g.values()))  # noqa: E731
+    return _cached(machine_key(shapes) + f"|rows {precision}", measure, refresh, choose)
 
 
 def _cached(key: str, measure, refresh: bool, choose=lambda gflops: max(gflops, key=gflops.get)) -> ProbeResult:

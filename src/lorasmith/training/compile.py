@@ -3,8 +3,8 @@
 One compiled graph serves every layer (same code, parameters as graph inputs), so compiling
 costs about one layer's worth of time, not the whole model's; dynamic shapes keep varying batch
 sizes and lengths from recompiling, with two exceptions that each cost one more graph, once:
-rows over models/attention.py's SHORT_ROWS take the flash kernel instead of the matmul
-attention, and a micro-batch of one row is specialised by the compiler (size 1).
+rows longer than the measured matmul-attention limit (models/attention.py) take the flash kernel
+instead, and a micro-batch of one row is specialised by the compiler (size 1).
 
 Only training forwards (module in train mode, gradients on, an input that needs a gradient) take
 the compiled path: evaluation and generation run eagerly, so they neither trigger another
@@ -22,7 +22,10 @@ import shutil
 
 import torch
 
+from lorasmith.models.attention import MATMUL_ROWS_ATTR, SDPA_FP32, SHORT_ROWS
+from lorasmith.models.loading import load_config
 from lorasmith.models.loss import causal_lm, token_losses, use_compiled_token_losses
+from lorasmith.models.probe import Shapes, probe_matmul_rows
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +64,16 @@ def should_compile(setting: bool | str, model, device: torch.device, quantized: 
     if cpp_compiler() is None:
         return False, "train.compile=auto: no C++ compiler found for torch.compile's CPU backend"
     return True, "train.compile=auto: on CPU with a C++ compiler"
+
+
+def matmul_attention_rows(model_cfg, attention: str, precision, device: torch.device) -> int:
+    """How long the rows are that sdpa_fp32's compiled matmul attention takes: measured on a CPU under
+    bf16 autocast for this model's heads (models/probe.py, cached per machine)."""
+    if attention != SDPA_FP32 or device.type != "cpu" or precision.autocast_dtype is None:
+        return SHORT_ROWS  # that path is not taken
+    rows = probe_matmul_rows(Shapes.of(load_config(model_cfg)))
+    log.info("attention: rows up to %d tokens take the compiled matmul path, longer ones SDPA (measured)", rows)
+    return rows
 
 
 def _is_compiler_failure(err: BaseException) -> bool:
@@ -103,13 +116,17 @@ def cache_autocast_regions() -> None:
         marked.setdefault(f"torch.amp.autocast_mode.{name}", torch.__version__)
 
 
-def compile_decoder_layers(model) -> int:
+def compile_decoder_layers(model, matmul_rows: int = SHORT_ROWS) -> int:
     """Give each decoder layer, and the loss over the LM head, a compiled version for training steps;
-    return how many layers were wrapped."""
+    return how many layers were wrapped. Rows up to ``matmul_rows`` tokens take sdpa_fp32's matmul
+    attention there (models/attention.py)."""
     cache_autocast_regions()
     failed: list[bool] = []  # shared: one failure turns compiling off for the whole model
     layers = decoder_layers(model)
     for layer in layers:
+        for module in layer.modules():
+            if hasattr(module, "is_causal"):  # transformers' attention modules: what the kernel is called with
+                setattr(module, MATMUL_ROWS_ATTR, matmul_rows)
         eager = layer.forward
         compiled = _Fallback(eager, failed)
 

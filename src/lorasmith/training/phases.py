@@ -22,11 +22,11 @@ from lorasmith.distributed import Dist
 from lorasmith.errors import ConfigError
 from lorasmith.models.hardware import Precision, choose_attention, choose_precision, default_device
 from lorasmith.models.loading import load_config
-from lorasmith.models.probe import Shapes
+from lorasmith.models.probe import BATCH_TOKENS, Shapes, probe_batch_tokens
 from lorasmith.runs.metrics import truncate_after
 from lorasmith.training import checkpoint, lr_finder
 from lorasmith.training.checkpoint import TrainerState
-from lorasmith.training.memory import auto_micro_batch
+from lorasmith.training.memory import auto_micro_batch, available_memory, tokens_that_fit
 from lorasmith.training.optim import build_optimizer, build_scheduler
 from lorasmith.training.parallel import Parallel
 from lorasmith.training.run_start import RunStart
@@ -163,7 +163,8 @@ def build_optimization(
         lr = _auto_lr(cfg, parallel, data.train, plan, pad_id, device, start)
     optimizer = build_optimizer(model, cfg, lr)
     scheduler = build_scheduler(optimizer, cfg, plan.total_steps())
-    stepper = Stepper(parallel, optimizer, scheduler, tc, data.train, plan, pad_id, device)
+    cap = batch_token_cap(cfg, parallel, data.train, plan, pad_id, device)
+    stepper = Stepper(parallel, optimizer, scheduler, tc, data.train, plan, pad_id, device, max_tokens=cap)
     state = TrainerState(step=0, micro_batches_done=0, tokens_seen=0, skipped_steps=0, fingerprint=start.fingerprint)
     if start.ckpt is not None:
         checkpoint.restore(start.ckpt, model, optimizer, scheduler, parallel)
@@ -175,6 +176,36 @@ def build_optimization(
         pieces = plan_mb // auto_micro_batch(model, data.train, pad_id, parallel.precision, device, tc)
         state.oom_pieces = int(dist.all_reduce([pieces], op="max")[0])  # what fits on every process
     return Optimization(plan, lr, optimizer, scheduler, stepper, state)
+
+
+def batch_token_cap(cfg: Config, parallel: Parallel, train_set, plan: StepPlan, pad_id: int, device: torch.device) -> int:
+    """`train.max_batch_tokens` resolved. auto: the size at which this machine's matmuls on the model's
+    shapes stop getting faster (measured on rank 0 for all processes, models/probe.py), as far as half
+    the free memory holds its activations (measured on every process, the least taken,
+    training/memory.py); never below 2048, the former fixed cap."""
+    tc = cfg.train
+    if tc.max_batch_tokens != "auto":
+        return tc.max_batch_tokens
+    floor = BATCH_TOKENS[0]
+    longest = max(plan.lengths, default=0)
+    largest = max(tc.micro_batch_tokens, longest) if tc.micro_batch_tokens else plan.plan_mb * longest
+    if largest <= floor or device.type != "cpu" or tc.objective != "sft":
+        return floor  # the cap cannot bind; GPUs and preference pairs are not measured yet
+    dist = parallel.dist
+    rates = probe_batch_tokens(Shapes.of(load_config(cfg.model)), parallel.precision.name) if dist.is_main else None
+    knee = int(dist.broadcast(rates and int(rates.chosen)))
+    shown = rates and ", ".join(f"{t} {g:.0f}" for t, g in rates.gflops.items())
+    if knee <= floor:
+        if dist.is_main:
+            log.info("train.max_batch_tokens=auto: %d (projections at %s GFLOP/s: no faster above)", floor, shown)
+        return floor
+    budget = int(tc.memory_budget_gb * 2**30) if tc.memory_budget_gb else available_memory(device) // 2
+    fits = tokens_that_fit(parallel.model, train_set, pad_id, parallel.precision, device, budget, plan.plan_mb)
+    fits = -int(dist.all_reduce([-fits], op="max")[0])
+    cap = max([floor] + [t for t in BATCH_TOKENS if t <= min(knee, fits)])
+    if dist.is_main:
+        log.info("train.max_batch_tokens=auto: %d (projections at %s GFLOP/s; memory holds ~%d tokens)", cap, shown, fits)
+    return cap
 
 
 def _auto_lr(cfg, parallel: Parallel, train_set, plan, pad_id, device, start: RunStart) -> float:

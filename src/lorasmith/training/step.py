@@ -104,12 +104,23 @@ class Stepper:
     """
 
     def __init__(
-        self, parallel: Parallel, optimizer, scheduler, cfg: TrainConfig, data: TokenizedSet, plan: StepPlan, pad_id: int, device
+        self,
+        parallel: Parallel,
+        optimizer,
+        scheduler,
+        cfg: TrainConfig,
+        data: TokenizedSet,
+        plan: StepPlan,
+        pad_id: int,
+        device,
+        max_tokens: int = 0,
     ):
         self.parallel, self.model, self.precision, self.dist = parallel, parallel.model, parallel.precision, parallel.dist
         self.optimizer, self.scheduler = optimizer, scheduler
         self.scaler = torch.amp.GradScaler(device.type) if self.precision.needs_grad_scaler else None
         self.cfg, self.data, self.plan, self.pad_id, self.device = cfg, data, plan, pad_id, device
+        self.max_tokens = max_tokens
+        """train.max_batch_tokens resolved (training/phases.py: batch_token_cap); 0 = no cap."""
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.nonfinite_in_row = 0
         if cfg.objective != "sft":  # preference pairs: chosen and rejected rows, one loss per pair
@@ -136,7 +147,7 @@ class Stepper:
         world = self.dist.world_size
         shares = [idx[rank::world] for idx in planned if idx[rank::world]]
         pieces = [p for idx in shares for p in split_indices(idx, parts)]
-        return cap_tokens(pieces, self.plan.lengths, self.cfg.max_batch_tokens)
+        return cap_tokens(pieces, self.plan.lengths, self.max_tokens)
 
     def _accumulate(self, state: TrainerState, on_oom):
         planned = self.plan.planned(state.micro_batches_done)

@@ -17,7 +17,7 @@ from lorasmith.models.loading import load_model
 from lorasmith.models.target import resolve
 from lorasmith.runs import check_writable
 from lorasmith.training.checkpoint import seed_everything
-from lorasmith.training.compile import compile_decoder_layers, should_compile
+from lorasmith.training.compile import compile_decoder_layers, matmul_attention_rows, should_compile
 from lorasmith.training.parallel import Parallel
 from lorasmith.training.phases import Hardware
 
@@ -51,7 +51,7 @@ def build_trainee(cfg: Config, hw: Hardware, dist: Dist, run_path: Path) -> Para
         compiled, why = False, "not measured with FSDP's per-layer gathers yet"
     log.info("decoder layers %s (%s)", "compiled" if compiled else "eager", why)
     if compiled:
-        compile_decoder_layers(model)
+        compile_decoder_layers(model, matmul_rows=_matmul_attention_rows(cfg, hw, dist))
     trainable, total = count_parameters(model)
     if trainable == 0:
         raise TrainingError("no trainable parameter: lora.target_modules matched no layer of this model")
@@ -71,6 +71,12 @@ def build_trainee(cfg: Config, hw: Hardware, dist: Dist, run_path: Path) -> Para
     if dist.active:
         seed_everything(cfg.train.seed + dist.rank)  # LoRA dropout: different masks on different data
     return parallel
+
+
+def _matmul_attention_rows(cfg: Config, hw: Hardware, dist: Dist) -> int:
+    """compile.matmul_attention_rows, measured by rank 0 for every process."""
+    rows = matmul_attention_rows(cfg.model, hw.attention, hw.precision, hw.device) if dist.is_main else None
+    return int(dist.broadcast(rows))
 
 
 def check_start_adapter(cfg: Config) -> None:
