@@ -13,9 +13,10 @@ def add_parser(sub) -> None:
     p = sub.add_parser(
         "doctor",
         help="show the device, measured matmul peaks per dtype, and the precision, attention and compile choices",
-        description="Measures this machine (about 10 s): the matmul peak of each dtype, and the probes that "
-        "`train.precision: auto` and `model.attn_implementation: auto` use on the model's own layer shapes "
-        "(cached; --reprobe measures again).",
+        description="Measures this machine (about 10 s; 20-30 s the first time, which compiles the matmul "
+        "attention's probe): the matmul peak of each dtype, and the probes that `train.precision: auto`, "
+        "`model.attn_implementation: auto` and `train.max_batch_tokens: auto` use on the model's own layer "
+        "shapes (cached; --reprobe measures again).",
     )
     p.add_argument("--model", default="smollm2-135m-instruct", help="model whose layer shapes to probe")
     p.add_argument("--reprobe", action="store_true", help="measure the probes again instead of using the cache")

@@ -190,8 +190,8 @@ class TrainConfig:
     whose gradients are accumulated (same result), bounding activation memory. 0 = no cap. auto = measured
     on a CPU: the fewest tokens (2048, 4096 or 8192) at which this model's projections run within 10% of
     their best rate on this machine, as far as half the free memory holds their activations (at least
-    2048; 2048 on GPUs, where it is not measured yet). Only measured when a planned micro-batch can be
-    larger than 2048 tokens; cached per machine (README: "Training")."""
+    2048; 2048 on GPUs and for preference pairs, not measured there yet). Only measured when a planned
+    micro-batch can be larger than 2048 tokens; cached per machine (README: "Training")."""
     effective_batch_size: int = 0
     """Conversations per optimizer step; required with micro_batch_size=auto, else micro_batch_size x grad_accum."""
     memory_budget_gb: float = 0.0
