@@ -153,12 +153,19 @@ def _time_candidate(name: str, shapes: Shapes, seconds: float, tokens: int = PRO
 
 def _best_seconds(once, seconds: float) -> float:
     """The fastest of repeated calls of ``once`` over ``seconds``, after one warm-up call."""
-    once()
-    best, end = float("inf"), time.perf_counter() + seconds
-    while time.perf_counter() < end:
-        t0 = time.perf_counter()
+    return _best_seconds_in_turn({"once": once}, seconds)["once"]
+
+
+def _best_seconds_in_turn(calls: dict, seconds: float) -> dict[str, float]:
+    """The fastest time of each of ``calls``, called in turn over ``seconds`` after one warm-up call each."""
+    for once in calls.values():
         once()
-        best = min(best, time.perf_counter() - t0)
+    best, end = dict.fromkeys(calls, float("inf")), time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        for name, once in calls.items():
+            t0 = time.perf_counter()
+            once()
+            best[name] = min(best[name], time.perf_counter() - t0)
     return best
 
 
@@ -170,13 +177,29 @@ class _AttentionLayer(torch.nn.Module):
         self.is_causal, self.num_key_value_groups = True, groups
 
 
+def _attention_case(shapes: Shapes, rows: int, length: int):
+    """``(once, flops)``: ``once(kernel)`` runs forward + backward of ``kernel(query, key, value)`` on bf16
+    query, key and value of the model's head shapes (``rows`` rows of ``length`` tokens); ``flops`` counts it
+    as the flash-attention papers do: forward 4 x rows x heads x length^2 x head_dim halved by the causal
+    mask, backward 2.5 times the forward."""
+    dim = shapes.head_dim
+    query = torch.randn(rows, shapes.heads, length, dim, dtype=torch.bfloat16, requires_grad=True)
+    key, value = (torch.randn(rows, shapes.kv_heads, length, dim, dtype=torch.bfloat16, requires_grad=True) for _ in "kv")
+    grad = torch.randn(rows, length, shapes.heads, dim, dtype=torch.bfloat16)
+
+    def once(kernel) -> None:
+        kernel(query, key, value).backward(grad)
+        query.grad = key.grad = value.grad = None
+
+    return once, 3.5 * 2 * rows * shapes.heads * length**2 * dim
+
+
 def _time_attention(name: str, shapes: Shapes, seconds: float) -> float:
     """GFLOP/s of the kernel ``name`` over one forward + backward at each of ATTENTION_TOKENS (best time
     of each), on bf16 query, key and value of the model's head shapes, called as a decoder layer calls
     it in training (causal, no padding mask).
 
-    Counted as the flash-attention papers count: forward 4 x rows x heads x length^2 x head_dim halved by
-    the causal mask, backward 2.5 times the forward."""
+    Counted as _attention_case counts."""
     from transformers import AttentionInterface
 
     from lorasmith.models.attention import register
@@ -184,20 +207,13 @@ def _time_attention(name: str, shapes: Shapes, seconds: float) -> float:
     register()
     kernel = AttentionInterface()[name]
     layer = _AttentionLayer(shapes.heads // shapes.kv_heads)
-    rows, dim = ATTENTION_ROWS, shapes.head_dim
+    scaling = shapes.head_dim**-0.5
+    call = lambda q, k, v: kernel(layer, q, k, v, None, dropout=0.0, scaling=scaling)[0]  # noqa: E731
     flops = total = 0.0
     for length in ATTENTION_TOKENS:
-        query = torch.randn(rows, shapes.heads, length, dim, dtype=torch.bfloat16, requires_grad=True)
-        key, value = (torch.randn(rows, shapes.kv_heads, length, dim, dtype=torch.bfloat16, requires_grad=True) for _ in "kv")
-        grad = torch.randn(rows, length, shapes.heads, dim, dtype=torch.bfloat16)
-
-        def once(query=query, key=key, value=value, grad=grad):
-            out, _ = kernel(layer, query, key, value, None, dropout=0.0, scaling=dim**-0.5)
-            out.backward(grad)
-            query.grad = key.grad = value.grad = None
-
-        flops += 3.5 * 2 * rows * shapes.heads * length**2 * dim
-        total += _best_seconds(once, seconds)
+        once, case_flops = _attention_case(shapes, ATTENTION_ROWS, length)
+        flops += case_flops
+        total += _best_seconds(lambda once=once: once(call), seconds)
     return flops / total / 1e9
 
 
@@ -212,24 +228,16 @@ def _time_matmul_attention(shapes: Shapes, seconds: float) -> dict[str, float] |
 
     matmul = torch.compile(matmul_attention, dynamic=True)
     layer = _AttentionLayer(shapes.heads // shapes.kv_heads)
-    dim, out = shapes.head_dim, {}
+    scaling, out = shapes.head_dim**-0.5, {}
+    kernels = {
+        "matmul": lambda q, k, v: matmul(q, k, v, scaling),
+        "flash": lambda q, k, v: sdpa_fp32_attention(layer, q, k, v, None, dropout=0.0, scaling=scaling)[0],
+    }
     for length in MATMUL_ROWS:
         rows = max(1, min(ATTENTION_ROWS, BATCH_TOKENS[0] // length))  # what a micro-batch under the least cap holds
-        query = torch.randn(rows, shapes.heads, length, dim, dtype=torch.bfloat16, requires_grad=True)
-        key, value = (torch.randn(rows, shapes.kv_heads, length, dim, dtype=torch.bfloat16, requires_grad=True) for _ in "kv")
-        grad = torch.randn(rows, length, shapes.heads, dim, dtype=torch.bfloat16)
-        flops = 3.5 * 2 * rows * shapes.heads * length**2 * dim
-        kernels = {
-            "matmul": lambda q, k, v: matmul(q, k, v, dim**-0.5),
-            "flash": lambda q, k, v: sdpa_fp32_attention(layer, q, k, v, None, dropout=0.0, scaling=dim**-0.5)[0],
-        }
-
-        def once(kernel, query=query, key=key, value=value, grad=grad):
-            kernel(query, key, value).backward(grad)
-            query.grad = key.grad = value.grad = None
-
+        once, flops = _attention_case(shapes, rows, length)
         try:
-            best = _best_seconds_in_turn({name: lambda k=k: once(k) for name, k in kernels.items()}, 2 * seconds)
+            best = _best_seconds_in_turn({name: lambda k=k, once=once: once(k) for name, k in kernels.items()}, 2 * seconds)
         except Exception as e:
             if not isinstance(e, torch._dynamo.exc.TorchDynamoException):
                 raise
@@ -237,19 +245,6 @@ def _time_matmul_attention(shapes: Shapes, seconds: float) -> dict[str, float] |
             return None
         out.update({f"{name} {length}": flops / t / 1e9 for name, t in best.items()})
     return out
-
-
-def _best_seconds_in_turn(calls: dict, seconds: float) -> dict[str, float]:
-    """The fastest time of each of ``calls``, called in turn over ``seconds`` after one warm-up call each."""
-    for once in calls.values():
-        once()
-    best, end = dict.fromkeys(calls, float("inf")), time.perf_counter() + seconds
-    while time.perf_counter() < end:
-        for name, once in calls.items():
-            t0 = time.perf_counter()
-            once()
-            best[name] = min(best[name], time.perf_counter() - t0)
-    return best
 
 
 def matmul_rows_of(gflops: dict[str, float]) -> int:

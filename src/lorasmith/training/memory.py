@@ -160,17 +160,25 @@ def probe_micro_batch(
     return best, measured
 
 
-def _longest_rows_step(model, longest, pad_id, precision, device) -> Callable[[int], None]:
-    """``run(n)``: forward and backward on the ``n`` first of ``longest`` as one micro-batch, no gradient kept."""
+def memory_budget(tc, device: torch.device, share: float) -> int:
+    """Bytes a probe may plan for: ``train.memory_budget_gb`` when set, else ``share`` of the free memory."""
+    return int(tc.memory_budget_gb * 2**30) if tc.memory_budget_gb else int(share * available_memory(device))
+
+
+def _longest_rows_step(model, train_set, pad_id, precision, device):
+    """``(longest, run)``: the training conversations longest first, and ``run(n)``, forward and backward
+    on the ``n`` first of them as one micro-batch, no gradient kept."""
     from lorasmith.data.batching import collate
     from lorasmith.models.loss import weighted_loss
+
+    longest = sorted(train_set.encoded, key=lambda e: -len(e.input_ids))
 
     def run(n: int) -> None:
         parts = weighted_loss(model, collate(longest[:n], pad_id).to(device), precision)
         (parts.loss_sum / max(parts.weight_sum, 1.0)).backward()
         model.zero_grad(set_to_none=True)
 
-    return run
+    return longest, run
 
 
 def saved_activation_bytes(model, fn: Callable[[], None]) -> int:
@@ -197,11 +205,10 @@ def tokens_that_fit(model, train_set, pad_id, precision, device, budget: int, ma
     rows) keeps for its backward pass. That grows linearly in tokens at a given length (faster only in
     attention's scores, which the longest rows already carry). Embedded model, compiled, 2 x 512 tokens:
     1,087 KB a token (878 eager)."""
-    longest = sorted(train_set.encoded, key=lambda e: -len(e.input_ids))
+    longest, run = _longest_rows_step(model, train_set, pad_id, precision, device)
     width = len(longest[0].input_ids)
     # Two rows at least (one would cost a compiled model a graph of its own), never more than a planned micro-batch.
     rows = min(len(longest), max_rows, max(2, probe_tokens // width))
-    run = _longest_rows_step(model, longest, pad_id, precision, device)
     kept = saved_activation_bytes(model, lambda: run(rows))
     release_memory()
     return int(budget / max(kept / (rows * width), 1.0))
@@ -211,9 +218,8 @@ def auto_micro_batch(model, train_set, pad_id, precision, device, tc) -> int:
     """`micro_batch_size: auto`: the largest micro-batch of the longest conversations that fits the memory budget."""
     from lorasmith.errors import TrainingError
 
-    budget = int(tc.memory_budget_gb * 2**30) if tc.memory_budget_gb else int(0.9 * available_memory(device))
-    longest = sorted(train_set.encoded, key=lambda e: -len(e.input_ids))
-    run = _longest_rows_step(model, longest, pad_id, precision, device)
+    budget = memory_budget(tc, device, 0.9)
+    longest, run = _longest_rows_step(model, train_set, pad_id, precision, device)
     best, measured = probe_micro_batch(run, tc.effective_batch_size, budget, device)
     for m in measured:
         log.info("micro-batch probe: %s", m)

@@ -26,7 +26,7 @@ from lorasmith.models.probe import BATCH_TOKENS, Shapes, probe_batch_tokens
 from lorasmith.runs.metrics import truncate_after
 from lorasmith.training import checkpoint, lr_finder
 from lorasmith.training.checkpoint import TrainerState
-from lorasmith.training.memory import auto_micro_batch, available_memory, tokens_that_fit
+from lorasmith.training.memory import auto_micro_batch, memory_budget, tokens_that_fit
 from lorasmith.training.optim import build_optimizer, build_scheduler
 from lorasmith.training.parallel import Parallel
 from lorasmith.training.run_start import RunStart
@@ -199,7 +199,7 @@ def batch_token_cap(cfg: Config, parallel: Parallel, train_set, plan: StepPlan, 
         if dist.is_main:
             log.info("train.max_batch_tokens=auto: %d (projections at %s GFLOP/s: no faster above)", floor, shown)
         return floor
-    budget = int(tc.memory_budget_gb * 2**30) if tc.memory_budget_gb else available_memory(device) // 2
+    budget = memory_budget(tc, device, 0.5)
     fits = tokens_that_fit(parallel.model, train_set, pad_id, parallel.precision, device, budget, plan.plan_mb)
     fits = -int(dist.all_reduce([-fits], op="max")[0])
     cap = max([floor] + [t for t in BATCH_TOKENS if t <= min(knee, fits)])
