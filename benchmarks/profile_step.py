@@ -72,7 +72,9 @@ def main() -> None:
         mms = [e for e in prof.key_averages(group_by_input_shape=True) if e.key in ("aten::mm", "aten::bmm", "aten::addmm")]
         for e in sorted(mms, key=lambda e: -e.self_cpu_time_total)[:20]:
             print(f"{e.key:10} {e.count:5} calls {e.self_cpu_time_total / 1e3:8.1f} ms  {e.input_shapes}")
-        print_breakdown(prof, mms, cfg.lora.r)
+        widths = {m.in_features for m in model.modules() if isinstance(m, torch.nn.Linear) and m.in_features > cfg.lora.r}
+        widths |= {m.out_features for m in model.modules() if isinstance(m, torch.nn.Linear) and m.out_features > cfg.lora.r}
+        print_breakdown(prof, mms, cfg.lora.r, widths)
     if args.kernels:
         kernels = [e for e in prof.key_averages() if "cpp_fused" in e.key]
         print(f"compiled kernels: {sum(e.self_cpu_time_total for e in kernels) / 1e3:.1f} ms in {len(kernels)} kinds")
@@ -80,14 +82,17 @@ def main() -> None:
             print(f"{e.count:5} calls {e.self_cpu_time_total / 1e3:8.1f} ms  {e.key}")
 
 
-def print_breakdown(prof, mms, rank: int) -> None:
-    """The step's self time in four parts: a matmul with the LoRA rank among its dimensions is LoRA's."""
+def print_breakdown(prof, mms, rank: int, widths: set[int]) -> None:
+    """The step's self time in four parts: a matmul with the LoRA rank among its dimensions, or two or
+    three ranks (the fused A's of q/k/v and gate/up, training/lora_fusion.py) that are not one of the
+    base projections' ``widths``, is LoRA's."""
     total = sum(e.self_cpu_time_total for e in prof.key_averages())
     base, lora, attention = "base projections + LM head (mm)", f"LoRA rank-{rank} matmuls", "attention (bmm)"
     parts = {base: 0.0, lora: 0.0, attention: 0.0}
+    lora_dims = {rank, 2 * rank, 3 * rank} - widths
     for e in mms:
         dims = {d for shape in e.input_shapes for d in shape}
-        parts[attention if e.key == "aten::bmm" else lora if rank in dims else base] += e.self_cpu_time_total
+        parts[attention if e.key == "aten::bmm" else lora if dims & lora_dims else base] += e.self_cpu_time_total
     parts["everything else (compiled kernels, per-call costs, eager ops)"] = total - sum(parts.values())
     print(f"breakdown of {total / 1e3:.0f} ms:")
     for name, t in parts.items():

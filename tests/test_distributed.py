@@ -122,12 +122,26 @@ def test_fsdp_on_two_processes_equals_one_process_and_resumes_on_one(tmp_path, t
     assert _close(_adapter(tmp_path / "fsdp"), _adapter(one_process[4]), ATOL)
 
 
+@pytest.fixture(scope="module")
+def with_dropout(tmp_path_factory, tiny_model_dir, data_files):
+    """Uninterrupted 2-process runs with dropout, by strategy, made once for the tests that resume one:
+    exact resume then needs each process's own RNG state back."""
+    runs = {}
+
+    def run(strategy: str) -> Path:
+        if strategy not in runs:
+            out = tmp_path_factory.mktemp(f"dropout-{strategy}")
+            proc = _launch(_args(tiny_model_dir, data_files, out, "ref", "lora.dropout=0.1", f"train.distributed={strategy}"))
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            runs[strategy] = out / "ref"
+        return runs[strategy]
+
+    return run
+
+
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_a_killed_process_stops_the_other_and_resume_is_exact(tmp_path, tiny_model_dir, data_files, strategy):
-    # With dropout: exact resume needs each process's own RNG state back.
-    ref_args = _args(tiny_model_dir, data_files, tmp_path, "ref", "lora.dropout=0.1", f"train.distributed={strategy}")
-    proc = _launch(ref_args)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def test_a_killed_process_stops_the_other_and_resume_is_exact(tmp_path, tiny_model_dir, data_files, with_dropout, strategy):
+    ref = with_dropout(strategy)
     args = _args(tiny_model_dir, data_files, tmp_path, "killed", "lora.dropout=0.1", f"train.distributed={strategy}")
     proc = _launch(args, crash=("kill-before-step", 3))  # SIGKILL of rank 1 before step 4
     assert proc.returncode != 0
@@ -139,16 +153,14 @@ def test_a_killed_process_stops_the_other_and_resume_is_exact(tmp_path, tiny_mod
     assert not (run / "adapter").exists()
     proc = _launch([*args, "--resume"])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert _losses(run) == _losses(tmp_path / "ref")
-    assert _equal(_adapter(run), _adapter(tmp_path / "ref"))
+    assert _losses(run) == _losses(ref)
+    assert _equal(_adapter(run), _adapter(ref))
 
 
-def test_sigterm_on_one_process_stops_all_at_the_same_step(tmp_path, tiny_model_dir, data_files):
+def test_sigterm_on_one_process_stops_all_at_the_same_step(tmp_path, tiny_model_dir, data_files, with_dropout):
     """A preempted worker: the processes agree to stop after the same step, save once, exit 143."""
-    ref_args = _args(tiny_model_dir, data_files, tmp_path, "ref", "lora.dropout=0.1")
-    proc = _launch(ref_args)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    args = _args(tiny_model_dir, data_files, tmp_path, "termed", "lora.dropout=0.1")
+    ref = with_dropout("ddp")
+    args = _args(tiny_model_dir, data_files, tmp_path, "termed", "lora.dropout=0.1", "train.distributed=ddp")
     proc = _launch(args, crash=("term-before-step", 3))
     assert proc.returncode != 0 and proc.stderr.count("stopped by SIGTERM after step 4") == 1, proc.stderr[-3000:]
     run = tmp_path / "termed"
@@ -157,8 +169,8 @@ def test_sigterm_on_one_process_stops_all_at_the_same_step(tmp_path, tiny_model_
     assert [p.name for p in sorted((run / "checkpoints").iterdir())][-1] == "step-0000004"
     proc = _launch([*args, "--resume"])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert _losses(run) == _losses(tmp_path / "ref")
-    assert _equal(_adapter(run), _adapter(tmp_path / "ref"))
+    assert _losses(run) == _losses(ref)
+    assert _equal(_adapter(run), _adapter(ref))
 
 
 def test_an_oom_on_one_process_makes_all_split_the_same_way(tmp_path, tiny_model_dir, data_files, one_process):

@@ -1,0 +1,118 @@
+"""One matmul for the LoRA down-projections that read the same input (q/k/v, gate/up): a graph pass.
+
+A LoRA layer multiplies its input by a rank-r matrix A before its B: q, k and v read the same
+normed hidden states, as do gate and up, so a decoder layer runs three and two [tokens, hidden] x
+[hidden, r] matmuls on one input, and as many again in the backward pass for the input's gradient
+and for A's. They are small (r columns) and cost mostly their call: one matmul against the A's
+stacked ([tokens, hidden] x [hidden, 3r]) does the same work in one call each way. The compiler
+differentiates through the stacking (its backward is slicing the gradient), so training is the same
+up to summation order.
+
+Why a pass of our own: inductor's `batch_linear_lhs` fusion does this for 2-D inputs only, and
+sees the LoRA inputs as different nodes (peft casts the input to A's dtype once per layer); this
+pass takes [batch, tokens, hidden] inputs and looks through those identical casts. It fuses only
+linears without bias whose weights need gradients and are narrow (a LoRA rank, not a projection):
+the frozen base projections would have to be stacked again on every call, costing a copy for no
+faster matmul. Dropout on LoRA's input (lora.dropout > 0) gives each layer its own input, so
+nothing matches then and the graph is left as it is.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections import defaultdict
+
+import torch
+from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+
+MAX_RANK = 256
+"""Widest A fused: LoRA ranks are 8-128; a wider weight is a projection of its own."""
+
+_LINEAR = (torch._C._nn.linear, torch.nn.functional.linear)
+
+
+def _value(node):
+    return node.meta.get("example_value") if isinstance(node, torch.fx.Node) else None
+
+
+def _source(node: torch.fx.Node) -> tuple:
+    """What a linear's input is, seen through casts (``x.to(dtype)``, ``x.float()``): two casts of one
+    node to one dtype and device are the same tensor."""
+    if node.op == "call_method" and node.target in ("to", "float", "bfloat16", "half") and not node.kwargs:
+        value = _value(node)
+        if value is not None and isinstance(node.args[0], torch.fx.Node):
+            return ("cast", node.args[0], value.dtype, value.device)
+    return ("node", node)
+
+
+def _operands(node: torch.fx.Node) -> tuple:
+    """A linear's (input, weight, bias), given by position or by name."""
+    named = [node.kwargs.get(k) for k in ("input", "weight", "bias")[len(node.args) :]]
+    return tuple([*node.args, *named, None, None, None][:3])
+
+
+def _fusable(node: torch.fx.Node) -> bool:
+    if node.op != "call_function" or node.target not in _LINEAR:
+        return False
+    x, weight, bias = _operands(node)
+    if bias is not None or not isinstance(x, torch.fx.Node) or not isinstance(weight, torch.fx.Node):
+        return False
+    w, out = _value(weight), _value(node)
+    return (
+        isinstance(w, torch.Tensor)
+        and isinstance(out, torch.Tensor)
+        and w.dim() == 2
+        and w.requires_grad
+        and w.shape[0] <= MAX_RANK
+    )
+
+
+def fuse_shared_input_linears(graph: torch.fx.Graph) -> int:
+    """Replace each group of fusable linears on one input by one linear on their stacked weights and a
+    split of its output; return how many groups were fused."""
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    groups: dict[tuple, list[torch.fx.Node]] = defaultdict(list)
+    for node in graph.nodes:
+        if _fusable(node):
+            x, weight, _ = _operands(node)
+            groups[(_source(x), _value(weight).dtype)].append(node)
+    fused = 0
+    for nodes in groups.values():
+        if len(nodes) < 2:
+            continue
+        first = min(nodes, key=order.__getitem__)
+        weights = [_operands(n)[1] for n in nodes]
+        if any(order[w] > order[first] for w in weights):  # a weight computed after the first linear
+            continue
+        x = _operands(first)[0]
+        with graph.inserting_before(first):
+            stacked = graph.call_function(torch.cat, (weights,), {"dim": 0})
+            stacked.meta["example_value"] = torch.cat([_value(w) for w in weights], dim=0)
+            out = graph.call_function(torch._C._nn.linear, (x, stacked))
+            out.meta["example_value"] = torch._C._nn.linear(_value(x), stacked.meta["example_value"])
+            widths = [_value(w).shape[0] for w in weights]
+            parts = graph.call_function(torch.split, (out, widths), {"dim": -1})
+            parts.meta["example_value"] = torch.split(out.meta["example_value"], widths, dim=-1)
+            for i, node in enumerate(nodes):
+                part = graph.call_function(operator.getitem, (parts, i))
+                part.meta.update(node.meta)
+                node.replace_all_uses_with(part)
+        for node in nodes:
+            graph.erase_node(node)
+        fused += 1
+    return fused
+
+
+class LoraFusion(CustomGraphPass):
+    """inductor's pre-grad hook (``torch._inductor.config.pre_grad_custom_pass``); its uuid, this file's
+    hash, keeps compiled graphs cached across runs."""
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        fuse_shared_input_linears(graph)
+
+    def uuid(self) -> bytes:
+        return get_hash_for_files((__file__,))
+
+
+LORA_FUSION = LoraFusion()
+"""The one instance every compiled layer shares (training/compile.py says why)."""

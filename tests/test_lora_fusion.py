@@ -1,0 +1,49 @@
+"""The LoRA A's that read one input (q/k/v, gate/up) fused into one matmul by a graph pass: same
+training, fewer matmuls, and nothing fused where LoRA dropout gives each layer its own input."""
+
+import torch
+from tests.conftest import tiny_lora
+
+from lorasmith.training.lora_fusion import fuse_shared_input_linears
+
+
+def _loss_and_grads(model, ids, fused: list[int] | None = None):
+    forward = model
+    if fused is not None:
+
+        def backend(gm, example_inputs):
+            fused.append(fuse_shared_input_linears(gm.graph))
+            gm.recompile()
+            return gm.forward
+
+        torch._dynamo.reset()
+        forward = torch.compile(model, backend=backend)
+    model.zero_grad(set_to_none=True)
+    loss = forward(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_qkv_and_gate_up_share_one_matmul_and_train_the_same(tiny_model_dir):
+    model = tiny_lora(tiny_model_dir).train()
+    ids = torch.randint(0, 1000, (3, 17))
+    want_loss, want = _loss_and_grads(model, ids)
+    fused: list[int] = []
+    got_loss, got = _loss_and_grads(model, ids, fused)
+    layers = model.base_model.model.config.num_hidden_layers
+    assert sum(fused) == 2 * layers  # q/k/v and gate/up in every layer; o and down read inputs of their own
+    assert torch.allclose(got_loss, want_loss, rtol=1e-6, atol=0)
+    assert got.keys() == want.keys() and all(torch.allclose(got[k], want[k], rtol=1e-4, atol=1e-7) for k in want)
+
+
+def test_lora_dropout_leaves_the_graph_as_it_is(tiny_model_dir):
+    from lorasmith import config
+    from lorasmith.models.adapter import add_lora
+    from lorasmith.models.loading import load_model
+
+    cfg = config.load(None, [f"model.name={tiny_model_dir}", "lora.dropout=0.1"])
+    model = add_lora(load_model(cfg.model, device=torch.device("cpu"), attn_implementation="sdpa"), cfg)
+    assert any(isinstance(m, torch.nn.Dropout) for m in model.modules())
+    fused: list[int] = []
+    _loss_and_grads(model.train(), torch.randint(0, 1000, (2, 9)), fused)
+    assert sum(fused) == 0
