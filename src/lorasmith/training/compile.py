@@ -27,7 +27,6 @@ from lorasmith.models.attention import MATMUL_ROWS_ATTR, SDPA_FP32, SHORT_ROWS
 from lorasmith.models.loading import load_config
 from lorasmith.models.loss import causal_lm, token_losses, use_compiled_token_losses
 from lorasmith.models.probe import Shapes, probe_matmul_rows
-from lorasmith.training.lora_fusion import LORA_FUSION
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +123,8 @@ def compile_decoder_layers(model, matmul_rows: int = SHORT_ROWS) -> int:
     return how many layers were wrapped. Rows up to ``matmul_rows`` tokens take sdpa_fp32's matmul
     attention there (models/attention.py)."""
     cache_autocast_regions()
+    from lorasmith.training.lora_fusion import LORA_FUSION  # imports inductor: only when compiling
+
     failed: list[bool] = []  # shared: one failure turns compiling off for the whole model
     # One matmul for the LoRA A's of q/k/v and of gate/up (training/lora_fusion.py). One options dict for
     # all layers: dynamo keeps one compiled graph per backend, and backends are equal when their options
