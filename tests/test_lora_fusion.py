@@ -47,3 +47,30 @@ def test_lora_dropout_leaves_the_graph_as_it_is(tiny_model_dir):
     fused: list[int] = []
     _loss_and_grads(model.train(), torch.randint(0, 1000, (2, 9)), fused)
     assert sum(fused) == 0
+
+
+def test_a_linear_whose_output_is_changed_in_place_is_not_fused():
+    """A fused linear's outputs are views of one tensor, which autograd does not let anyone modify."""
+    import torch.nn.functional as F
+
+    class TwoAs(torch.nn.Module):
+        def __init__(self, in_place: bool):
+            super().__init__()
+            self.a, self.b, self.in_place = torch.nn.Parameter(torch.randn(4, 8)), torch.nn.Parameter(torch.randn(4, 8)), in_place
+
+        def forward(self, x):
+            a, b = self.a, self.b  # both weights ahead of the first linear, as dynamo's inputs are
+            y = F.linear(x, a)
+            if self.in_place:
+                y.mul_(2)
+            return y + F.linear(x, b)
+
+    def fused(in_place: bool) -> int:
+        graph = torch.fx.symbolic_trace(TwoAs(in_place)).graph
+        shapes = {"placeholder": (2, 8), "get_attr": (4, 8)}
+        for node in graph.nodes:  # the example values dynamo's graphs carry
+            node.meta["example_value"] = torch.randn(shapes.get(node.op, (2, 4)), requires_grad=node.op == "get_attr")
+        return fuse_shared_input_linears(graph)
+
+    assert fused(in_place=False) == 1
+    assert fused(in_place=True) == 0

@@ -9,8 +9,8 @@ differentiates through the stacking (its backward is slicing the gradient), so t
 up to summation order.
 
 Why a pass of our own: inductor's `batch_linear_lhs` fusion does this for 2-D inputs only, and
-sees the LoRA inputs as different nodes (peft casts the input to A's dtype once per layer); this
-pass takes [batch, tokens, hidden] inputs and looks through those identical casts. It fuses only
+sees the LoRA inputs as different nodes wherever peft casts the input to A's dtype (once per layer);
+this pass takes [batch, tokens, hidden] inputs and looks through such identical casts. It fuses only
 linears without bias whose weights need gradients and are narrow (a LoRA rank, not a projection):
 the frozen base projections would have to be stacked again on every call, costing a copy for no
 faster matmul. Dropout on LoRA's input (lora.dropout > 0) gives each layer its own input, so
@@ -51,8 +51,16 @@ def _operands(node: torch.fx.Node) -> tuple:
     return tuple([*node.args, *named, None, None, None][:3])
 
 
+def _mutates(node: torch.fx.Node) -> bool:
+    """Whether a node writes into its input (``x.add_(...)``, ``operator.iadd``): the graph is torch IR,
+    where in-place ops keep their names. A fused linear's outputs are views of one tensor, which
+    autograd does not let a caller modify in place."""
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    return name.endswith("_") or (getattr(node.target, "__module__", None) == "_operator" and name.startswith("i"))
+
+
 def _fusable(node: torch.fx.Node) -> bool:
-    if node.op != "call_function" or node.target not in _LINEAR:
+    if node.op != "call_function" or node.target not in _LINEAR or any(_mutates(u) for u in node.users):
         return False
     x, weight, bias = _operands(node)
     if bias is not None or not isinstance(x, torch.fx.Node) or not isinstance(weight, torch.fx.Node):
