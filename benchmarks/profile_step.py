@@ -72,8 +72,8 @@ def main() -> None:
         mms = [e for e in prof.key_averages(group_by_input_shape=True) if e.key in ("aten::mm", "aten::bmm", "aten::addmm")]
         for e in sorted(mms, key=lambda e: -e.self_cpu_time_total)[:20]:
             print(f"{e.key:10} {e.count:5} calls {e.self_cpu_time_total / 1e3:8.1f} ms  {e.input_shapes}")
-        widths = {m.in_features for m in model.modules() if isinstance(m, torch.nn.Linear) and m.in_features > cfg.lora.r}
-        widths |= {m.out_features for m in model.modules() if isinstance(m, torch.nn.Linear) and m.out_features > cfg.lora.r}
+        linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+        widths = {w for m in linears for w in (m.in_features, m.out_features) if w > cfg.lora.r}
         print_breakdown(prof, mms, cfg.lora.r, widths)
     if args.kernels:
         kernels = [e for e in prof.key_averages() if "cpp_fused" in e.key]

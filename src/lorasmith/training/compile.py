@@ -12,8 +12,8 @@ compilation nor depend on the compiler; nor does the first layer of a LoRA model
 (the frozen embedding's output) needs no gradient and would otherwise cost a graph of its own.
 The layers' graphs go through training/lora_fusion.py's pass (the LoRA A's of q/k/v and of
 gate/up, one matmul each). The loss over the LM head is compiled too: upcast, log-softmax, gather
-and argmax fuse into single passes over the logits. If compiling fails (no C++ compiler, no Python headers), training
-goes on eagerly.
+and argmax fuse into single passes over the logits. If compiling fails (no C++ compiler, no Python
+headers), training goes on eagerly.
 """
 
 from __future__ import annotations
