@@ -18,7 +18,7 @@ them), but a CPU whose bf16 kernels are fast (AMX) may run it the other way roun
 one forward and backward on the model's head shapes; sdpa is taken where it is clearly faster
 (ATTENTION_MARGIN), and the choice is cached alike. Compiled training steps give rows up to some length
 to sdpa_fp32's matmul attention instead (models/attention.py); how long is measured too, compiled, against
-its flash kernel at 128, 256 and 512 tokens (``probe_matmul_rows``).
+its flash kernel at 128, 256, 384 and 512 tokens (``probe_matmul_rows``).
 
 On GPUs bf16 (or fp16 where bf16 is missing) is not measured: their tensor cores run it at several
 times the fp32 rate on every generation that has it.
@@ -64,9 +64,10 @@ BATCH_TOKENS_KNEE = 0.9
 little speed and cost activation memory."""
 
 
-MATMUL_ROWS = (128, 256, 512)
-"""The candidate row limits of sdpa_fp32's compiled matmul attention (models/attention.py), shortest first.
-Past 512 its [rows, heads, length, length] scores grow too large to keep for the backward."""
+MATMUL_ROWS = (128, 256, 384, 512)
+"""The candidate row limits of sdpa_fp32's compiled matmul attention (models/attention.py), shortest first
+(384: the bench's 90th-percentile conversation is ~300 tokens). Past 512 its [rows, heads, length, length]
+scores grow too large even to recompute in one piece."""
 
 
 @dataclass(frozen=True)
@@ -248,9 +249,10 @@ def _time_matmul_attention(shapes: Shapes, seconds: float) -> dict[str, float] |
 
 
 def matmul_rows_of(gflops: dict[str, float]) -> int:
-    """The longest of MATMUL_ROWS up to which the matmul path measured faster than flash at every length."""
+    """The longest measured length up to which the matmul path was faster than flash at every length (the
+    lengths are read from ``gflops``: a result cached before MATMUL_ROWS changed still reads)."""
     rows = 0
-    for length in MATMUL_ROWS:
+    for length in sorted(int(k.split()[1]) for k in gflops if k.startswith("matmul ")):
         if gflops[f"matmul {length}"] < gflops[f"flash {length}"]:
             break
         rows = length
