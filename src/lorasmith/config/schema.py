@@ -219,7 +219,7 @@ class TrainConfig:
     """Recompute activations in the backward pass: less memory, about a third more compute."""
     compile: bool | Literal["auto"] = "auto"
     """torch.compile the decoder layers and the loss for training steps (evaluation stays eager): fused
-    elementwise work and, for rows up to a measured length (256 tokens on the bench CPU), a matmul attention
+    elementwise work and, for rows up to a measured length (256-384 tokens on the bench CPU), a matmul attention
     (models/attention.py). auto = on a CPU with a C++ compiler
     for bases of 50M+ parameters (bench CPU: +28%, 581 vs 455 tok/s, after ~10 s of compiling, ~40 s on a
     fresh machine, cached across runs; docs/benchmarks.md); off on GPUs and quantized bases until measured

@@ -19,7 +19,7 @@ SDPA_FP32 = "sdpa_fp32"
 
 SHORT_ROWS = 128
 """Longest rows that take the matmul path when compiled, where it is not measured. training/trainee.py
-measures it per machine (models/probe.py, probe_matmul_rows: 256 on the AMD EPYC) and sets it on each
+measures it per machine (models/probe.py, probe_matmul_rows: 256 or 384 on the AMD EPYC) and sets it on each
 attention module as MATMUL_ROWS_ATTR."""
 MATMUL_ROWS_ATTR = "lorasmith_matmul_rows"
 

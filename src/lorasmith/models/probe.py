@@ -195,21 +195,26 @@ def _attention_case(shapes: Shapes, rows: int, length: int):
     return once, 3.5 * 2 * rows * shapes.heads * length**2 * dim
 
 
-def _time_attention(name: str, shapes: Shapes, seconds: float) -> float:
-    """GFLOP/s of the kernel ``name`` over one forward + backward at each of ATTENTION_TOKENS (best time
-    of each), on bf16 query, key and value of the model's head shapes, called as a decoder layer calls
-    it in training (causal, no padding mask).
-
-    Counted as _attention_case counts."""
+def _layer_kernel(name: str, shapes: Shapes):
+    """``call(query, key, value)``: the attention kernel ``name`` called as a decoder layer of ``shapes``
+    calls it in training (causal, no padding mask, no dropout), returning its output."""
     from transformers import AttentionInterface
 
     from lorasmith.models.attention import register
 
     register()
     kernel = AttentionInterface()[name]
-    layer = _AttentionLayer(shapes.heads // shapes.kv_heads)
-    scaling = shapes.head_dim**-0.5
-    call = lambda q, k, v: kernel(layer, q, k, v, None, dropout=0.0, scaling=scaling)[0]  # noqa: E731
+    layer, scaling = _AttentionLayer(shapes.heads // shapes.kv_heads), shapes.head_dim**-0.5
+    return lambda q, k, v: kernel(layer, q, k, v, None, dropout=0.0, scaling=scaling)[0]
+
+
+def _time_attention(name: str, shapes: Shapes, seconds: float) -> float:
+    """GFLOP/s of the kernel ``name`` over one forward + backward at each of ATTENTION_TOKENS (best time
+    of each), on bf16 query, key and value of the model's head shapes, called as a decoder layer calls
+    it in training (causal, no padding mask).
+
+    Counted as _attention_case counts."""
+    call = _layer_kernel(name, shapes)
     flops = total = 0.0
     for length in ATTENTION_TOKENS:
         once, case_flops = _attention_case(shapes, ATTENTION_ROWS, length)
@@ -225,15 +230,11 @@ def _time_matmul_attention(shapes: Shapes, seconds: float) -> dict[str, float] |
     the other, a 512-token tie read 60 against 72 once); None where the compiler fails. Compiled because
     that path only runs compiled: eagerly its unfused fp32 scores cost 2.5x (4 x 512 tokens on the AMD
     EPYC: 150 ms against 48 compiled)."""
-    from lorasmith.models.attention import matmul_attention, sdpa_fp32_attention
+    from lorasmith.models.attention import SDPA_FP32, matmul_attention
 
     matmul = torch.compile(matmul_attention, dynamic=True)
-    layer = _AttentionLayer(shapes.heads // shapes.kv_heads)
     scaling, out = shapes.head_dim**-0.5, {}
-    kernels = {
-        "matmul": lambda q, k, v: matmul(q, k, v, scaling),
-        "flash": lambda q, k, v: sdpa_fp32_attention(layer, q, k, v, None, dropout=0.0, scaling=scaling)[0],
-    }
+    kernels = {"matmul": lambda q, k, v: matmul(q, k, v, scaling), "flash": _layer_kernel(SDPA_FP32, shapes)}
     for length in MATMUL_ROWS:
         rows = max(1, min(ATTENTION_ROWS, BATCH_TOKENS[0] // length))  # what a micro-batch under the least cap holds
         once, flops = _attention_case(shapes, rows, length)
