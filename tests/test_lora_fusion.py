@@ -1,18 +1,21 @@
-"""The LoRA A's that read one input (q/k/v, gate/up) fused into one matmul by a graph pass: same
-training, fewer matmuls, and nothing fused where LoRA dropout gives each layer its own input."""
+"""The LoRA graph passes: the A's that read one input (q/k/v, gate/up) fused into one matmul, and
+LoRA's scaling moved onto A's output: same training, fewer matmuls and smaller tensors, and nothing
+fused where LoRA dropout gives each layer its own input."""
 
 import torch
 from tests.conftest import tiny_lora
 
-from lorasmith.training.lora_fusion import fuse_shared_input_linears
+from lorasmith.training.lora_fusion import fuse_shared_input_linears, scale_before_lora_b
 
 
-def _loss_and_grads(model, ids, fused: list[int] | None = None):
+def _loss_and_grads(model, ids, fused: list[int] | None = None, scaled: list[int] | None = None):
     forward = model
     if fused is not None:
 
         def backend(gm, example_inputs):
             fused.append(fuse_shared_input_linears(gm.graph))
+            if scaled is not None:
+                scaled.append(scale_before_lora_b(gm.graph))
             gm.recompile()
             return gm.forward
 
@@ -34,6 +37,44 @@ def test_qkv_and_gate_up_share_one_matmul_and_train_the_same(tiny_model_dir):
     assert sum(fused) == 2 * layers  # q/k/v and gate/up in every layer; o and down read inputs of their own
     assert torch.allclose(got_loss, want_loss, rtol=1e-6, atol=0)
     assert got.keys() == want.keys() and all(torch.allclose(got[k], want[k], rtol=1e-4, atol=1e-7) for k in want)
+
+
+def test_lora_scaling_moves_onto_the_rank_r_side_and_trains_the_same(tiny_model_dir):
+    model = tiny_lora(tiny_model_dir).train()
+    ids = torch.randint(0, 1000, (3, 17))
+    want_loss, want = _loss_and_grads(model, ids)
+    fused, scaled = [], []
+    got_loss, got = _loss_and_grads(model, ids, fused, scaled)
+    layers = model.base_model.model.config.num_hidden_layers
+    assert sum(scaled) == 7 * layers  # every adapted projection (all linear layers), fused A's or not
+    assert torch.allclose(got_loss, want_loss, rtol=1e-6, atol=0)
+    assert got.keys() == want.keys() and all(torch.allclose(got[k], want[k], rtol=1e-4, atol=1e-7) for k in want)
+
+
+def test_only_a_narrow_trained_linear_used_by_its_scaling_alone_is_rewritten():
+    import torch.nn.functional as F
+
+    class Up(torch.nn.Module):
+        def __init__(self, trained: bool, wide: bool, reused: bool):
+            super().__init__()
+            self.b = torch.nn.Parameter(torch.randn(8 if wide else 32, 16), requires_grad=trained)
+            self.reused = reused
+
+        def forward(self, h):
+            y = F.linear(h, self.b)
+            return y * 2.0 + (y if self.reused else 0)
+
+    def rewritten(**kw) -> int:
+        module = Up(**kw)
+        graph = torch.fx.symbolic_trace(module).graph
+        for node in graph.nodes:
+            node.meta["example_value"] = module.b if node.op == "get_attr" else torch.randn(2, 16)
+        return scale_before_lora_b(graph)
+
+    assert rewritten(trained=True, wide=False, reused=False) == 1
+    assert rewritten(trained=False, wide=False, reused=False) == 0  # a frozen projection
+    assert rewritten(trained=True, wide=True, reused=False) == 0  # its input is the wider side
+    assert rewritten(trained=True, wide=False, reused=True) == 0  # the unscaled product is used too
 
 
 def test_lora_dropout_leaves_the_graph_as_it_is(tiny_model_dir):

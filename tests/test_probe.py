@@ -91,6 +91,30 @@ def test_matmul_attention_rows_are_the_longest_won_from_the_shortest(fake_speeds
     assert probe.probe_matmul_rows(SMALL, refresh=True) == SHORT_ROWS
 
 
+def test_a_length_lost_between_wins_is_timed_again(monkeypatch):
+    """One slow reading at 256 tokens (matmul path 39.8 against flash 68.1, between wins) had cut the limit to
+    128; timed again, each kernel keeps its better reading. A loss at the longest length is not retimed."""
+    first = {128: (83.0, 53.0), 256: (39.8, 68.1), 384: (76.0, 70.0), 512: (60.0, 71.0)}
+    again = {256: (74.0, 59.0)}
+    timed = []
+
+    def case(shapes, rows, length):
+        timed.append(length)
+        return (lambda kernel: None), 1e9  # one GFLOP: the rate read is 1 / the time
+
+    def in_turn(calls, seconds):
+        length = timed[-1]
+        matmul, flash = again[length] if timed.count(length) > 1 else first[length]
+        return {"matmul": 1 / matmul, "flash": 1 / flash}
+
+    monkeypatch.setattr(probe, "_attention_case", case)
+    monkeypatch.setattr(probe, "_best_seconds_in_turn", in_turn)
+    rates = probe._time_matmul_attention(SMALL, seconds=0.01)
+    assert timed == [128, 256, 384, 512, 256]
+    assert rates["matmul 256"] == pytest.approx(74.0) and rates["flash 256"] == pytest.approx(68.1)
+    assert probe.matmul_rows_of(rates) == 384
+
+
 def test_the_probes_measure_real_work():
     """Real timing, short: every candidate runs the layer's matmuls or attention and reports a plausible rate."""
     shapes = probe.Shapes(hidden=128, intermediate=256, heads=4, kv_heads=2, head_dim=32)

@@ -229,23 +229,37 @@ def _time_matmul_attention(shapes: Shapes, seconds: float) -> dict[str, float] |
     the two called in turn (this shared machine's speed drifts by 10-15% between phases: timed one after
     the other, a 512-token tie read 60 against 72 once); None where the compiler fails. Compiled because
     that path only runs compiled: eagerly its unfused fp32 scores cost 2.5x (4 x 512 tokens on the AMD
-    EPYC: 150 ms against 48 compiled)."""
+    EPYC: 150 ms against 48 compiled).
+
+    A length where the matmul path lost while it won at a longer one is timed again, each kernel keeping
+    its better reading: matmul_rows_of stops at the first loss, and one slow reading (256 tokens at 39.8
+    GFLOP/s against flash's 68.1, between wins at 128, 384 and 512; 73-74 against 57-59 timed again) had
+    cut the limit to 128."""
     from lorasmith.models.attention import SDPA_FP32, matmul_attention
 
     matmul = torch.compile(matmul_attention, dynamic=True)
     scaling, out = shapes.head_dim**-0.5, {}
     kernels = {"matmul": lambda q, k, v: matmul(q, k, v, scaling), "flash": _layer_kernel(SDPA_FP32, shapes)}
-    for length in MATMUL_ROWS:
+
+    def time_at(length: int) -> None:
         rows = max(1, min(ATTENTION_ROWS, BATCH_TOKENS[0] // length))  # what a micro-batch under the least cap holds
         once, flops = _attention_case(shapes, rows, length)
-        try:
-            best = _best_seconds_in_turn({name: lambda k=k, once=once: once(k) for name, k in kernels.items()}, 2 * seconds)
-        except Exception as e:
-            if not isinstance(e, torch._dynamo.exc.TorchDynamoException):
-                raise
-            log.warning("could not compile the matmul attention probe: %s", str(e).strip().splitlines()[0][:200])
-            return None
-        out.update({f"{name} {length}": flops / t / 1e9 for name, t in best.items()})
+        best = _best_seconds_in_turn({name: lambda k=k, once=once: once(k) for name, k in kernels.items()}, 2 * seconds)
+        for name, t in best.items():
+            out[f"{name} {length}"] = max(out.get(f"{name} {length}", 0.0), flops / t / 1e9)
+
+    wins = lambda length: out[f"matmul {length}"] >= out[f"flash {length}"]  # noqa: E731
+    try:
+        for length in MATMUL_ROWS:
+            time_at(length)
+        for i, length in enumerate(MATMUL_ROWS):
+            if not wins(length) and any(wins(longer) for longer in MATMUL_ROWS[i + 1 :]):
+                time_at(length)
+    except Exception as e:
+        if not isinstance(e, torch._dynamo.exc.TorchDynamoException):
+            raise
+        log.warning("could not compile the matmul attention probe: %s", str(e).strip().splitlines()[0][:200])
+        return None
     return out
 
 

@@ -126,7 +126,8 @@ def compile_decoder_layers(model, matmul_rows: int = SHORT_ROWS) -> int:
     from lorasmith.training.lora_fusion import LORA_FUSION  # imports inductor: only when compiling
 
     failed: list[bool] = []  # shared: one failure turns compiling off for the whole model
-    # One matmul for the LoRA A's of q/k/v and of gate/up (training/lora_fusion.py). One options dict for
+    # One matmul for the LoRA A's of q/k/v and of gate/up, LoRA's scaling on the rank-r side
+    # (training/lora_fusion.py). One options dict for
     # all layers: dynamo keeps one compiled graph per backend, and backends are equal when their options
     # are; a pass object per layer made 29 backends, 29 graphs and a cache lookup walking them (+15%).
     options = {"pre_grad_custom_pass": LORA_FUSION}

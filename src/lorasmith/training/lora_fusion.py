@@ -1,4 +1,5 @@
-"""One matmul for the LoRA down-projections that read the same input (q/k/v, gate/up): a graph pass.
+"""Graph passes for LoRA layers: one matmul for the down-projections that read the same input (q/k/v,
+gate/up), and LoRA's scaling applied on the rank-r side.
 
 A LoRA layer multiplies its input by a rank-r matrix A before its B: q, k and v read the same
 normed hidden states, as do gate and up, so a decoder layer runs three and two [tokens, hidden] x
@@ -15,6 +16,13 @@ linears without bias whose weights need gradients and are narrow (a LoRA rank, n
 the frozen base projections would have to be stacked again on every call, costing a copy for no
 faster matmul. Dropout on LoRA's input (lora.dropout > 0) gives each layer its own input, so
 nothing matches then and the graph is left as it is.
+
+peft scales a LoRA layer's output, ``B(A(x)) * scaling``: a [tokens, out] product, and in the
+backward pass the output's gradient times the scaling, a [tokens, out] tensor of its own written and
+read again before B's two matmuls (up to 1,536 wide here, where A's output is 16). Scaling A's output
+instead, ``B(A(x) * scaling)``, is the same product (exactly so for a power-of-two scaling, as
+alpha = 2r gives) and the scaled tensors are [tokens, r]: in the profile the gradient's scaled copies
+had been extra outputs of the fused backward kernels, which run at the memory's rate on CPU.
 """
 
 from __future__ import annotations
@@ -111,12 +119,46 @@ def fuse_shared_input_linears(graph: torch.fx.Graph) -> int:
     return fused
 
 
+def _scalar(arg) -> bool:
+    return isinstance(arg, (int, float)) and not isinstance(arg, bool)
+
+
+def scale_before_lora_b(graph: torch.fx.Graph) -> int:
+    """Rewrite each ``linear(h, B) * s`` into ``linear(h * s, B)`` where B needs a gradient and reads
+    fewer features than it writes (at most MAX_RANK), ``s`` is a Python number and the product is the
+    linear's only use (a LoRA layer's up-projection and its scaling); return how many were rewritten."""
+    rewritten = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in (operator.mul, torch.mul) or len(node.args) != 2:
+            continue
+        linear, scale = node.args if isinstance(node.args[0], torch.fx.Node) else node.args[::-1]
+        if not (isinstance(linear, torch.fx.Node) and _scalar(scale) and not node.kwargs):
+            continue
+        if linear.op != "call_function" or linear.target not in _LINEAR or list(linear.users) != [node]:
+            continue
+        h, weight, bias = _operands(linear)
+        w, hv = _value(weight), _value(h)
+        if bias is not None or not isinstance(w, torch.Tensor) or not isinstance(hv, torch.Tensor):
+            continue
+        if not (w.dim() == 2 and w.requires_grad and w.shape[1] <= MAX_RANK and w.shape[1] < w.shape[0]):
+            continue
+        with graph.inserting_before(linear):
+            scaled = graph.call_function(operator.mul, (h, scale))
+            scaled.meta["example_value"] = hv * scale
+        linear.args, linear.kwargs = (scaled, weight), {}
+        node.replace_all_uses_with(linear)
+        graph.erase_node(node)
+        rewritten += 1
+    return rewritten
+
+
 class LoraFusion(CustomGraphPass):
     """inductor's pre-grad hook (``torch._inductor.config.pre_grad_custom_pass``); its uuid, this file's
     hash, keeps compiled graphs cached across runs."""
 
     def __call__(self, graph: torch.fx.Graph) -> None:
         fuse_shared_input_linears(graph)
+        scale_before_lora_b(graph)
 
     def uuid(self) -> bytes:
         return get_hash_for_files((__file__,))
