@@ -248,7 +248,9 @@ def _time_matmul_attention(shapes: Shapes, seconds: float) -> dict[str, float] |
         for name, t in best.items():
             out[f"{name} {length}"] = max(out.get(f"{name} {length}", 0.0), flops / t / 1e9)
 
-    wins = lambda length: out[f"matmul {length}"] >= out[f"flash {length}"]  # noqa: E731
+    def wins(length: int) -> bool:
+        return out[f"matmul {length}"] >= out[f"flash {length}"]
+
     try:
         for length in MATMUL_ROWS:
             time_at(length)
