@@ -1,12 +1,15 @@
 """Profile one lorasmith training step on the embedded model and print where the time goes.
 
-    .venv/bin/python benchmarks/profile_step.py [--length N] [--eager] [--by-shape] [key=value ...]
+    .venv/bin/python benchmarks/profile_step.py [--length N] [--eager] [--by-shape] [--steps N] [key=value ...]
     e.g. --length 100 lora.target_modules=q_proj,k_proj,v_proj
 
 --by-shape also prints the breakdown issue 29 reads: the base projections and LM head, LoRA's rank-r
 matmuls, attention's batched matmuls, and everything else (the compiled graphs' kernels, per-call
 costs, the eager first layer), each in ms and as a share of the step; --kernels lists the compiled
 kernels by name (inductor's kernel profiling: a separate compilation).
+
+--steps N times N whole steps first, without the profiler (forward, backward, AdamW update), and prints
+the best and the median: the figure to compare trees by, run in turn.
 
 Builds a micro-batch of the 8 shortest conversations of the bench's generated data that have at
 least N tokens (default 100, the bench's typical step), runs 3 warm-up steps (compiling, unless
@@ -30,6 +33,7 @@ from lorasmith.models.adapter import add_lora, base_weights_dtype
 from lorasmith.models.hardware import choose_attention, choose_precision
 from lorasmith.models.loading import load_model, load_tokenizer
 from lorasmith.training.compile import compile_decoder_layers, matmul_attention_rows, should_compile
+from lorasmith.training.host_memory import keep_freed_memory
 from lorasmith.training.step import accumulate_gradients
 
 
@@ -39,6 +43,7 @@ def main() -> None:
     parser.add_argument("--eager", action="store_true")
     parser.add_argument("--by-shape", action="store_true", help="also list the matmuls grouped by input shapes")
     parser.add_argument("--kernels", action="store_true", help="also list the compiled graphs' own C++ kernels (compiles afresh)")
+    parser.add_argument("--steps", type=int, default=0, help="time this many whole steps (no profiler) first")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     if args.kernels:
@@ -60,9 +65,12 @@ def main() -> None:
         compile_decoder_layers(model, matmul_rows=matmul_attention_rows(cfg.model, attention, precision, cpu))
     rows = sorted((e for e in data.encoded if len(e.input_ids) >= args.length), key=lambda e: len(e.input_ids))[:8]
     batch = collate(rows, tok.pad_token_id)
+    keep_freed_memory()  # as the training loop does: steps reuse the last one's pages
     for _ in range(3):
         accumulate_gradients(model, [batch], precision)
         model.zero_grad(set_to_none=True)
+    if args.steps:
+        time_steps(model, batch, precision, args.steps)
     with profile(activities=[ProfilerActivity.CPU], record_shapes=args.by_shape) as prof:
         accumulate_gradients(model, [batch], precision)
     print(f"precision {precision.name}, base {dtype}, attention {attention}, {'compiled' if compiled else 'eager'} ({why})")
@@ -80,6 +88,24 @@ def main() -> None:
         print(f"compiled kernels: {sum(e.self_cpu_time_total for e in kernels) / 1e3:.1f} ms in {len(kernels)} kinds")
         for e in sorted(kernels, key=lambda e: -e.self_cpu_time_total)[:25]:
             print(f"{e.count:5} calls {e.self_cpu_time_total / 1e3:8.1f} ms  {e.key}")
+
+
+def time_steps(model, batch, precision, steps: int) -> None:
+    """Best and median wall time of ``steps`` training steps on ``batch``, AdamW update included."""
+    import statistics
+    import time
+
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True)
+    seconds = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        accumulate_gradients(model, [batch], precision)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        seconds.append(time.perf_counter() - t0)
+    best, median = min(seconds) * 1e3, statistics.median(seconds) * 1e3
+    rate = batch.num_real_tokens / median * 1e3
+    print(f"{steps} steps: best {best:.0f} ms, median {median:.0f} ms, {rate:.0f} real tok/s at the median")
 
 
 def print_breakdown(prof, mms, rank: int, widths: set[int]) -> None:

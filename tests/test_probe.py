@@ -139,3 +139,4 @@ def test_doctor_reports_the_choices(fake_speeds, monkeypatch, tiny_model_dir, ca
     out = capsys.readouterr().out
     assert "precision:  auto -> fp32" in out
     assert "max_batch_tokens=auto -> 8192 where memory allows (2048 tokens 1036, 4096 tokens 1490" in out
+    assert "row blocks: none measured yet" in out  # a fresh cache: compiled training measures them

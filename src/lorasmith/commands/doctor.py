@@ -79,6 +79,11 @@ def run(args) -> int:
 
         rows = probe_batch_tokens(shapes, precision.name, refresh=args.reprobe)
         found["batch_tokens_auto"], found["batch_tokens_probe_gflops"] = int(rows.chosen), rows.gflops
+        from lorasmith.training.row_split import PLANS
+
+        if args.reprobe:
+            PLANS.forget()
+        found["matmul_row_blocks"] = PLANS.measured()
     if args.json:
         print(json.dumps(found, indent=2))
         return 0
@@ -116,6 +121,7 @@ def run(args) -> int:
         ),
         f"compile:    C++ compiler {found['cpp_compiler'] or 'not found'}; train.compile=auto compiles CPU runs of "
         f"bases with {MIN_PARAMETERS / 1e6:.0f}M+ parameters",
+        *(_row_blocks(found["matmul_row_blocks"]) if "matmul_row_blocks" in found else []),
         f"qlora:      bitsandbytes {'installed' if found['bitsandbytes'] else 'not installed'}",
         "gguf:       llama-cpp-python "
         + (
@@ -128,3 +134,15 @@ def run(args) -> int:
     ]
     print("\n".join(lines))
     return 0
+
+
+def _row_blocks(plans: dict[str, int]) -> list[str]:
+    """What compiled training measured of its projections' row blocks on this machine (training/row_split.py)."""
+    if not plans:
+        return ["row blocks: none measured yet (compiled training measures each projection shape on first use)"]
+    split = sorted((k for k, n in plans.items() if n > 1), key=lambda k: int(k.split("x")[0]))
+    shown = "; ".join(f"{k.split()[0]} in {plans[k]}" for k in split[:6]) + (" ..." if len(split) > 6 else "")
+    return [
+        f"row blocks: {len(split)} of {len(plans)} measured matmul shapes run in row blocks here"
+        + (f" ({shown})" if split else "")
+    ]

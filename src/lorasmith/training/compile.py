@@ -124,13 +124,15 @@ def compile_decoder_layers(model, matmul_rows: int = SHORT_ROWS) -> int:
     attention there (models/attention.py)."""
     cache_autocast_regions()
     from lorasmith.training.lora_fusion import LORA_FUSION  # imports inductor: only when compiling
+    from lorasmith.training.row_split import ROW_SPLIT
 
     failed: list[bool] = []  # shared: one failure turns compiling off for the whole model
     # One matmul for the LoRA A's of q/k/v and of gate/up, LoRA's scaling on the rank-r side
-    # (training/lora_fusion.py). One options dict for
+    # (training/lora_fusion.py); the projections in row blocks where this CPU's GEMM would leave a thread
+    # idle (training/row_split.py). One options dict for
     # all layers: dynamo keeps one compiled graph per backend, and backends are equal when their options
     # are; a pass object per layer made 29 backends, 29 graphs and a cache lookup walking them (+15%).
-    options = {"pre_grad_custom_pass": LORA_FUSION}
+    options = {"pre_grad_custom_pass": LORA_FUSION, "post_grad_custom_post_pass": ROW_SPLIT}
     layers = decoder_layers(model)
     for layer in layers:
         for module in layer.modules():
@@ -145,6 +147,6 @@ def compile_decoder_layers(model, matmul_rows: int = SHORT_ROWS) -> int:
 
         layer.forward = forward
     # weighted_loss takes it for training steps only, like the layers.
-    use_compiled_token_losses(model, _Fallback(token_losses, failed))
+    use_compiled_token_losses(model, _Fallback(token_losses, failed, options={"post_grad_custom_post_pass": ROW_SPLIT}))
     log.info("compiling %d decoder layers and the loss for training (the first steps take longer)", len(layers))
     return len(layers)
