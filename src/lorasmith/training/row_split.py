@@ -10,11 +10,12 @@ blocks (each writing its rows of one output), every block runs on both threads.
 
 No flag or version says which shapes fall in such a gap, and other CPUs and thread counts have their
 own (or none), so it is measured: per shape (rows rounded down to ROW_BUCKET, the two widths, the weight's
-layout) on first use, one product against 2 and 3 blocks called in turn, and kept per machine in the
-lorasmith cache. A post-grad graph pass (given to the compiled layers and loss by training/compile.py)
-routes their 2-D bf16/fp16 matmuls of fixed widths (``mm``, and ``addmm`` where the compiler adds a LoRA
-gradient in) through ``lorasmith::row_split_mm``/``row_split_addmm``, which look the plan up; LoRA's
-rank-r products and anything narrower than MIN_WIDTH keep ``aten.mm``.
+layout) on first use, one product against 2 and 3 blocks called in turn (ROUNDS calls each: a few ms, inside
+the step that first meets the shape), and kept per machine in the lorasmith cache, so later runs only look up.
+A post-grad graph pass (given to the compiled layers and loss by training/compile.py) routes their 2-D
+bf16/fp16 matmuls of fixed widths (``mm``, and ``addmm`` where the compiler adds a LoRA gradient in) through
+``lorasmith::row_split_mm``/``row_split_addmm``, which look the plan up; LoRA's rank-r products and anything
+narrower than MIN_WIDTH keep ``aten.mm``.
 
 Cutting rows changes no arithmetic: each output row is the same dot products over the same K.
 """
