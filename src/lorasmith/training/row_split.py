@@ -130,9 +130,9 @@ class Plans:
             return {}
 
     def measured(self) -> dict[str, int]:
-        """This machine's plans so far (``lorasmith doctor`` shows them)."""
+        """This machine's plans in the cache (``lorasmith doctor`` shows them; every measurement is saved there)."""
         with self._lock:
-            return dict(self._load() | (self._plans or {}))
+            return self._load()
 
     def forget(self) -> None:
         """Drop this machine's plans: each shape is measured again on its next use."""
