@@ -48,6 +48,15 @@ def test_blocks_compute_the_same_product(transposed_weight):
         assert got.is_contiguous() and torch.equal(got, want)
 
 
+def test_blocks_add_a_bias_or_a_gradient_as_addmm_does(plans):
+    _, measured = plans  # this table cuts every measured shape into 3 blocks
+    torch.manual_seed(0)
+    a, b = torch.randn(600, 256, dtype=torch.bfloat16), torch.randn(384, 256, dtype=torch.bfloat16).t()
+    for add in (torch.randn(384, dtype=torch.bfloat16), torch.randn(600, 384, dtype=torch.bfloat16)):
+        assert torch.equal(row_split.row_split_addmm(add, a, b), torch.addmm(add, a, b))
+    assert measured == ["576x256x384 nt bfloat16"]
+
+
 def test_a_split_is_taken_only_when_clearly_faster():
     assert choose({1: 1.0, 2: 0.6, 3: 0.7}) == 2
     assert choose({1: 1.0, 2: 0.95, 3: 0.9}) == 1  # within the margin: noise, not a gap
