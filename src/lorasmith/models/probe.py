@@ -66,8 +66,8 @@ little speed and cost activation memory."""
 
 MATMUL_ROWS = (128, 256, 384, 512)
 """The candidate row limits of sdpa_fp32's compiled matmul attention (models/attention.py), shortest first
-(384: the bench's 90th-percentile conversation is ~300 tokens). Past 512 its [rows, heads, length, length]
-scores grow too large even to recompute in one piece."""
+(384: the bench's 90th-percentile conversation is ~300 tokens). Past 512 the bf16 probabilities it keeps,
+2 x heads x length bytes a token in each layer, outgrow what the flash kernel keeps by more than a fifth."""
 
 
 @dataclass(frozen=True)
@@ -235,9 +235,9 @@ def _time_matmul_attention(shapes: Shapes, seconds: float) -> dict[str, float] |
     its better reading: matmul_rows_of stops at the first loss, and one slow reading (256 tokens at 39.8
     GFLOP/s against flash's 68.1, between wins at 128, 384 and 512; 73-74 against 57-59 timed again) had
     cut the limit to 128."""
-    from lorasmith.models.attention import SDPA_FP32, matmul_attention
+    from lorasmith.models.attention import SDPA_FP32, causal_matmul_attention
 
-    matmul = torch.compile(matmul_attention, dynamic=True)
+    matmul = torch.compile(causal_matmul_attention, dynamic=True)
     scaling, out = shapes.head_dim**-0.5, {}
     kernels = {"matmul": lambda q, k, v: matmul(q, k, v, scaling), "flash": _layer_kernel(SDPA_FP32, shapes)}
 
@@ -309,7 +309,8 @@ def probe_matmul_rows(shapes: Shapes, *, refresh: bool = False, seconds: float =
 
     measure = lambda: _time_matmul_attention(shapes, seconds) or {}  # noqa: E731
     choose = lambda g: str(matmul_rows_of(g)) if g else ""  # noqa: E731
-    result = _cached(machine_key(shapes) + "|matmul attention rows", measure, refresh, choose)
+    # The key names what was timed: a limit measured while rows past 128 recomputed their scores is re-measured.
+    result = _cached(machine_key(shapes) + "|matmul attention rows, bf16 probabilities kept", measure, refresh, choose)
     return int(result.chosen) if result.gflops else SHORT_ROWS  # empty: the compiler failed (cached alike)
 
 
