@@ -72,6 +72,21 @@ def test_mask_free_padded_rows_equal_each_row_alone(tiny_model_dir, encoded, bat
             torch.testing.assert_close(p.grad, g_whole[name], rtol=1e-4, atol=1e-7)
 
 
+def test_rows_padded_to_a_multiple_give_the_loss_and_gradients_of_the_unpadded_batch(tiny_model_dir, encoded, batch, tokenizer):
+    """train.pad_to_multiple_of: the extra pads change the batch's shape, never its loss or gradients."""
+    padded = collate(encoded, tokenizer.pad_token_id, 16)
+    assert padded.input_ids.shape[1] % 16 == 0 and padded.input_ids.shape[1] > batch.input_ids.shape[1]
+    extra = padded.input_ids[:, batch.input_ids.shape[1] :]
+    assert (extra == tokenizer.pad_token_id).all() and not padded.attention_mask[:, batch.input_ids.shape[1] :].any()
+    assert padded.weight_sum == batch.weight_sum and padded.num_real_tokens == batch.num_real_tokens
+    model = tiny_lora(tiny_model_dir, SDPA_FP32)
+    loss, grads = _loss_and_grads(model, batch, FP32)
+    loss_padded, grads_padded = _loss_and_grads(model, padded, FP32)
+    assert loss_padded == pytest.approx(loss, rel=1e-5)
+    for name, g in grads.items():
+        torch.testing.assert_close(grads_padded[name], g, rtol=1e-4, atol=1e-7)
+
+
 def test_lora_input_casts_off_changes_nothing_under_autocast(tiny_model_dir, batch):
     model = tiny_lora(tiny_model_dir, SDPA_FP32)
     model.zero_grad(set_to_none=True)

@@ -83,6 +83,8 @@ def test_token_cap_pieces_are_a_partition_within_the_cap():
     assert [len(p) for p in cap_tokens([list(range(8))], [290] * 8, 2048)] == [4, 4]
     assert [len(p) for p in cap_tokens([list(range(8))], [600] + [100] * 7, 1000)] == [1, 7]
     assert [len(p) for p in cap_tokens([list(range(9))], [200] * 9, 1000)] == [5, 4]
+    # Rows padded to a multiple of 16 (train.pad_to_multiple_of) are as wide as their rounded length: 5 x 208 > 1000.
+    assert [len(p) for p in cap_tokens([list(range(9))], [200] * 9, 1000, multiple=16)] == [3, 3, 3]
 
 
 def _run(tiny_model_dir, tmp_path, demo_rows, name, *extra):

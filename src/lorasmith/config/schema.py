@@ -182,6 +182,14 @@ class TrainConfig:
     """Token-budget batching: fill each micro-batch with conversations of similar length up to this many padded
     tokens, instead of micro_batch_size conversations; the effective batch is then ~micro_batch_tokens x grad_accum
     tokens (the loss stays normalised by trained tokens). 0 = off."""
+    pad_to_multiple_of: int = 16
+    """Right-pad each micro-batch's rows to a multiple of this many tokens (1: to its longest row only). Pads
+    follow every real token and carry no loss, so loss and gradients are those of the unpadded batch; what
+    changes is how many distinct matmul shapes a run meets. On a CPU oneDNN builds kernels for each new
+    shape (~4 ms against ~0.7 to run a [700, 576] x [576, 1536] product, ~25 shapes a step) and keeps
+    ~1,024, so with unpadded widths nearly every step rebuilds them; 16 leaves 32 widths up to 512 tokens and
+    is the row count of an AMX tile (AMX Xeon, `lorasmith bench`, lorasmith row: 1,037-1,054 real tok/s
+    unpadded, 1,138-1,158 at 8, 1,150-1,173 at 16). Packed micro-batches are not padded."""
     packing: bool = False
     """Padding-free packing: each micro-batch becomes one row with positions restarting per conversation
     (flash-attention's variable-length kernels on GPU). On CPU length grouping is as fast (see docs/benchmarks.md)."""
@@ -269,7 +277,7 @@ class TrainConfig:
             raise ConfigError("train.epochs must be > 0 when train.max_steps is 0")
         if self.max_batch_tokens != "auto" and self.max_batch_tokens < 0:
             raise ConfigError(f"train.max_batch_tokens must be >= 0 or auto, got {self.max_batch_tokens}")
-        for key in ("grad_accum", "log_every", "keep_checkpoints", "max_skipped_steps"):
+        for key in ("grad_accum", "log_every", "keep_checkpoints", "max_skipped_steps", "pad_to_multiple_of"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"train.{key} must be >= 1, got {getattr(self, key)}")
         if self.micro_batch_tokens < 0:

@@ -86,13 +86,18 @@ class Batch:
         return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.weights.to(device), pos)
 
 
-def collate(samples: list[Encoded], pad_id: int) -> Batch:
-    """Right-pad to the longest sample in the batch (never to max_length).
+def padded_width(length: int, multiple: int) -> int:
+    """``length`` rounded up to a multiple of ``multiple`` (train.pad_to_multiple_of)."""
+    return -(-length // multiple) * multiple
+
+
+def collate(samples: list[Encoded], pad_id: int, multiple: int = 1) -> Batch:
+    """Right-pad to the longest sample in the batch (never to max_length), rounded up to ``multiple``.
 
     Padding is marked by position (attention mask and zero weight), never by token id: with
     pad == eos, masking by id would also drop the EOS that ends each assistant turn.
     """
-    width = max(len(s.input_ids) for s in samples)
+    width = padded_width(max(len(s.input_ids) for s in samples), multiple)
     ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(samples), width), dtype=torch.long)
     weights = torch.zeros((len(samples), width), dtype=torch.float32)
@@ -152,10 +157,10 @@ class PairBatch:
         return PairBatch(self.sides.to(device), self.loss, ref)
 
 
-def collate_pairs(samples: list, pad_id: int, loss: PreferenceLoss) -> PairBatch:
+def collate_pairs(samples: list, pad_id: int, loss: PreferenceLoss, multiple: int = 1) -> PairBatch:
     """``samples``: :class:`~lorasmith.data.preferences.PairEncoded` (chosen and rejected sides, and the
     reference log-probs once computed)."""
-    sides = collate([s.chosen for s in samples] + [s.rejected for s in samples], pad_id)
+    sides = collate([s.chosen for s in samples] + [s.rejected for s in samples], pad_id, multiple)
     known = all(s.reference is not None for s in samples)
     ref = torch.tensor([s.reference[0] for s in samples] + [s.reference[1] for s in samples]) if known else None
     return PairBatch(sides, loss, ref)

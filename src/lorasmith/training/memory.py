@@ -49,18 +49,19 @@ def split_indices(indices: list[int], parts: int) -> list[list[int]]:
     return out
 
 
-def _fill(rows: list[int], lengths: list[int], max_tokens: int, max_rows: int) -> list[list[int]]:
+def _fill(rows: list[int], width, max_tokens: int, max_rows: int) -> list[list[int]]:
     parts: list[list[int]] = []
     for i in rows:
-        if parts and len(parts[-1]) < max_rows and (len(parts[-1]) + 1) * lengths[parts[-1][0]] <= max_tokens:
+        if parts and len(parts[-1]) < max_rows and (len(parts[-1]) + 1) * width(parts[-1][0]) <= max_tokens:
             parts[-1].append(i)
         else:
             parts.append([i])
     return parts
 
 
-def cap_tokens(pieces: list[list[int]], lengths: list[int], max_tokens: int) -> list[list[int]]:
-    """Cut pieces further so each one's padded size (rows x longest) stays within ``max_tokens``.
+def cap_tokens(pieces: list[list[int]], lengths: list[int], max_tokens: int, multiple: int = 1) -> list[list[int]]:
+    """Cut pieces further so each one's padded size (rows x longest, rounded up to ``multiple``) stays within
+    ``max_tokens``.
 
     Each piece is cut into as few parts as fit, longest rows first, and those parts are kept as
     even as the cap allows: 8 rows of 290 tokens under a cap of 2048 become 4 + 4, not 7 + 1.
@@ -70,12 +71,15 @@ def cap_tokens(pieces: list[list[int]], lengths: list[int], max_tokens: int) -> 
     """
     if not max_tokens:
         return pieces
+    from lorasmith.data.batching import padded_width
+
+    width = lambda i: padded_width(lengths[i], multiple)  # noqa: E731
     out = []
     for piece in pieces:
         rows = sorted(piece, key=lambda i: -lengths[i])  # longest first: a part's width is its first row's
-        fewest = len(_fill(rows, lengths, max_tokens, len(rows)))
+        fewest = len(_fill(rows, width, max_tokens, len(rows)))
         for max_rows in range(-(-len(rows) // fewest), len(rows) + 1):  # the smallest row limit that still needs no more parts
-            parts = _fill(rows, lengths, max_tokens, max_rows)
+            parts = _fill(rows, width, max_tokens, max_rows)
             if len(parts) == fewest:
                 out.extend(parts)
                 break
@@ -165,16 +169,16 @@ def memory_budget(tc, device: torch.device, share: float) -> int:
     return int(tc.memory_budget_gb * 2**30) if tc.memory_budget_gb else int(share * available_memory(device))
 
 
-def _longest_rows_step(model, train_set, pad_id, precision, device):
+def _longest_rows_step(model, train_set, pad_id, precision, device, multiple: int = 1):
     """``(longest, run)``: the training conversations longest first, and ``run(n)``, forward and backward
-    on the ``n`` first of them as one micro-batch, no gradient kept."""
+    on the ``n`` first of them as one micro-batch padded as training pads it, no gradient kept."""
     from lorasmith.data.batching import collate
     from lorasmith.models.loss import weighted_loss
 
     longest = sorted(train_set.encoded, key=lambda e: -len(e.input_ids))
 
     def run(n: int) -> None:
-        parts = weighted_loss(model, collate(longest[:n], pad_id).to(device), precision)
+        parts = weighted_loss(model, collate(longest[:n], pad_id, multiple).to(device), precision)
         (parts.loss_sum / max(parts.weight_sum, 1.0)).backward()
         model.zero_grad(set_to_none=True)
 
@@ -199,14 +203,18 @@ def saved_activation_bytes(model, fn: Callable[[], None]) -> int:
     return sum(kept.values())
 
 
-def tokens_that_fit(model, train_set, pad_id, precision, device, budget: int, max_rows: int, probe_tokens: int = 1024) -> int:
+def tokens_that_fit(
+    model, train_set, pad_id, precision, device, budget: int, max_rows: int, probe_tokens: int = 1024, multiple: int = 1
+) -> int:
     """How many padded tokens one micro-batch's activations can hold within ``budget`` bytes, from what one
     forward and backward on the longest conversations (~``probe_tokens`` padded tokens, up to ``max_rows``
     rows) keeps for its backward pass. That grows linearly in tokens at a given length (faster only in
     attention's scores, which the longest rows already carry). Embedded model, compiled, 2 x 512 tokens:
     1,087 KB a token (878 eager)."""
-    longest, run = _longest_rows_step(model, train_set, pad_id, precision, device)
-    width = len(longest[0].input_ids)
+    from lorasmith.data.batching import padded_width
+
+    longest, run = _longest_rows_step(model, train_set, pad_id, precision, device, multiple)
+    width = padded_width(len(longest[0].input_ids), multiple)
     # Two rows at least (one would cost a compiled model a graph of its own), never more than a planned micro-batch.
     rows = min(len(longest), max_rows, max(2, probe_tokens // width))
     kept = saved_activation_bytes(model, lambda: run(rows))
@@ -219,7 +227,8 @@ def auto_micro_batch(model, train_set, pad_id, precision, device, tc) -> int:
     from lorasmith.errors import TrainingError
 
     budget = memory_budget(tc, device, 0.9)
-    longest, run = _longest_rows_step(model, train_set, pad_id, precision, device)
+    multiple = 1 if tc.packing else tc.pad_to_multiple_of
+    longest, run = _longest_rows_step(model, train_set, pad_id, precision, device, multiple)
     best, measured = probe_micro_batch(run, tc.effective_batch_size, budget, device)
     for m in measured:
         log.info("micro-batch probe: %s", m)
