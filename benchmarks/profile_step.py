@@ -11,8 +11,8 @@ kernels by name (inductor's kernel profiling: a separate compilation).
 --steps N times N whole steps first, without the profiler (forward, backward, AdamW update), and prints
 the best and the median: the figure to compare trees by, run in turn.
 
-Builds a micro-batch of the 8 shortest conversations of the bench's generated data that have at
-least N tokens (default 100, the bench's typical step), runs 3 warm-up steps (compiling, unless
+Builds a micro-batch of the 8 (--rows) shortest conversations of the bench's generated data that have at
+least N tokens (default 100, the bench's typical step), padded as training pads it, runs 3 warm-up steps (compiling, unless
 --eager or train.compile=false), then one step under torch.profiler, and prints the ops by self CPU time.
 """
 
@@ -40,6 +40,7 @@ from lorasmith.training.step import accumulate_gradients
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--length", type=int, default=100)
+    parser.add_argument("--rows", type=int, default=8, help="rows in the micro-batch (the bench's long steps run 4 x ~263)")
     parser.add_argument("--eager", action="store_true")
     parser.add_argument("--by-shape", action="store_true", help="also list the matmuls grouped by input shapes")
     parser.add_argument("--kernels", action="store_true", help="also list the compiled graphs' own C++ kernels (compiles afresh)")
@@ -63,8 +64,8 @@ def main() -> None:
     compiled, why = should_compile(False if args.eager else cfg.train.compile, model, cpu, quantized=False)
     if compiled:
         compile_decoder_layers(model, matmul_rows=matmul_attention_rows(cfg.model, attention, precision, cpu))
-    rows = sorted((e for e in data.encoded if len(e.input_ids) >= args.length), key=lambda e: len(e.input_ids))[:8]
-    batch = collate(rows, tok.pad_token_id)
+    rows = sorted((e for e in data.encoded if len(e.input_ids) >= args.length), key=lambda e: len(e.input_ids))[: args.rows]
+    batch = collate(rows, tok.pad_token_id, cfg.train.pad_to_multiple_of)  # padded as training pads it
     keep_freed_memory()  # as the training loop does: steps reuse the last one's pages
     for _ in range(3):
         accumulate_gradients(model, [batch], precision)

@@ -10,7 +10,7 @@ blocks (each writing its rows of one output), every block runs on both threads.
 
 No flag or version says which shapes fall in such a gap, and other CPUs and thread counts have their
 own (or none), so it is measured: per shape (rows rounded down to ROW_BUCKET, the two widths, the weight's
-layout) on first use, one product against 2 and 3 blocks called in turn (ROUNDS calls each: a few ms, inside
+layout) on first use, one product against 2, 3 and 4 blocks called in turn (ROUNDS calls each: a few ms, inside
 the step that first meets the shape), and kept per machine in the lorasmith cache, so later runs only look up.
 A post-grad graph pass (given to the compiled layers and loss by training/compile.py) routes their 2-D
 bf16/fp16 matmuls of fixed widths (``mm``, and ``addmm`` where the compiler adds a LoRA gradient in) through
@@ -34,8 +34,10 @@ from lorasmith.paths import cache_dir
 
 log = logging.getLogger(__name__)
 
-PIECES = (1, 2, 3)
-"""Row blocks tried; 1 is the product as it is."""
+PIECES = (1, 2, 3, 4)
+"""Row blocks tried; 1 is the product as it is. Which count wins moves with the rows (AMX Xeon, [M, 1536] x
+[1536, 576], GFLOP/s as 1/2/3/4 blocks: 704 rows 1,104/1,302/1,251/1,457; 1,024 rows 1,155/1,859/1,646/1,252;
+1,088 rows 1,065/1,250/1,450/1,078: two blocks of 1,088 are 576 + 512 rows, and 576 is inside the gap)."""
 ROW_BUCKET = 64
 """Plans are kept per this many rows: oneDNN's gaps measured here start and end on multiples of 64."""
 MIN_ROWS = 256
@@ -47,8 +49,10 @@ MARGIN = 1.15
 ALIGN = 64
 """Block heights (all but the last) are multiples of this: the GEMM generates its kernels per shape (oneDNN: ~4 ms
 for each new one on the AMX Xeon), so blocks of recurring heights reuse them across steps of other lengths."""
-ROUNDS = 4
-"""Timed calls of each candidate, in turn, after one warm-up call each."""
+ROUNDS = 8
+"""Timed calls of each candidate, in turn, after one warm-up call each: with 4, the AMX Xeon's cached plans for
+1,088 rows (4 x 272 tokens, the bench's long micro-batches) kept 2 blocks where 3 measure 15-35% faster; measured
+again with 8, they take 3 and the other 53 plans of a bench run stay as they were."""
 
 
 def blocks(rows: int, pieces: int) -> list[tuple[int, int]]:
@@ -87,7 +91,8 @@ def plan_key(a: torch.Tensor, b: torch.Tensor) -> str:
 def _machine() -> str:
     from lorasmith.models.probe import cpu_name
 
-    return f"{cpu_name()}|{torch.get_num_threads()} threads|torch {torch.__version__}"
+    # The candidates are part of the key: plans chosen among fewer are measured again.
+    return f"{cpu_name()}|{torch.get_num_threads()} threads|torch {torch.__version__}|blocks {PIECES[-1]}, {ROUNDS} rounds"
 
 
 def time_in_turn(calls: dict, rounds: int = ROUNDS) -> dict:
