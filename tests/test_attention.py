@@ -79,6 +79,10 @@ def test_rows_padded_to_a_multiple_give_the_loss_and_gradients_of_the_unpadded_b
     extra = padded.input_ids[:, batch.input_ids.shape[1] :]
     assert (extra == tokenizer.pad_token_id).all() and not padded.attention_mask[:, batch.input_ids.shape[1] :].any()
     assert padded.weight_sum == batch.weight_sum and padded.num_real_tokens == batch.num_real_tokens
+    # Never past the limit training gives (its set's longest conversation): no position beyond a real row's.
+    longest = batch.input_ids.shape[1]
+    width = lambda limit: collate(encoded, tokenizer.pad_token_id, 16, limit=limit).input_ids.shape[1]  # noqa: E731
+    assert width(longest + 1) == min(longest + 1, padded.input_ids.shape[1]) and width(longest) == longest
     model = tiny_lora(tiny_model_dir, SDPA_FP32)
     loss, grads = _loss_and_grads(model, batch, FP32)
     loss_padded, grads_padded = _loss_and_grads(model, padded, FP32)

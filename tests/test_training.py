@@ -85,6 +85,7 @@ def test_token_cap_pieces_are_a_partition_within_the_cap():
     assert [len(p) for p in cap_tokens([list(range(9))], [200] * 9, 1000)] == [5, 4]
     # Rows padded to a multiple of 16 (train.pad_to_multiple_of) are as wide as their rounded length: 5 x 208 > 1000.
     assert [len(p) for p in cap_tokens([list(range(9))], [200] * 9, 1000, multiple=16)] == [3, 3, 3]
+    assert [len(p) for p in cap_tokens([list(range(9))], [200] * 9, 1000, multiple=16, limit=200)] == [5, 4]  # not past it
 
 
 def _run(tiny_model_dir, tmp_path, demo_rows, name, *extra):

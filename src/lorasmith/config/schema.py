@@ -189,7 +189,8 @@ class TrainConfig:
     shape (~4 ms against ~0.7 to run a [700, 576] x [576, 1536] product, ~25 shapes a step) and keeps
     ~1,024, so with unpadded widths nearly every step rebuilds them; 16 leaves 32 widths up to 512 tokens and
     is the row count of an AMX tile (AMX Xeon, `lorasmith bench`, lorasmith row: 1,037-1,054 real tok/s
-    unpadded, 1,138-1,158 at 8, 1,150-1,173 at 16). Packed micro-batches are not padded. train.max_batch_tokens
+    unpadded, 1,138-1,158 at 8, 1,150-1,173 at 16). Never past the training set's longest conversation (no
+    position beyond a real row's); packed micro-batches are not padded. train.max_batch_tokens
     counts the padded width; train.micro_batch_tokens fills micro-batches by their rows' own lengths."""
     packing: bool = False
     """Padding-free packing: each micro-batch becomes one row with positions restarting per conversation

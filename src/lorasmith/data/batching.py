@@ -86,18 +86,22 @@ class Batch:
         return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.weights.to(device), pos)
 
 
-def padded_width(length: int, multiple: int) -> int:
-    """``length`` rounded up to a multiple of ``multiple`` (train.pad_to_multiple_of)."""
-    return -(-length // multiple) * multiple
+def padded_width(length: int, multiple: int, limit: int = 0) -> int:
+    """``length`` rounded up to a multiple of ``multiple`` (train.pad_to_multiple_of), but not past ``limit``
+    (when longer than ``length``)."""
+    width = -(-length // multiple) * multiple
+    return max(length, min(width, limit)) if limit else width
 
 
-def collate(samples: list[Encoded], pad_id: int, multiple: int = 1) -> Batch:
-    """Right-pad to the longest sample in the batch (never to max_length), rounded up to ``multiple``.
+def collate(samples: list[Encoded], pad_id: int, multiple: int = 1, limit: int = 0) -> Batch:
+    """Right-pad to the longest sample in the batch (never to max_length), rounded up to ``multiple`` but not
+    past ``limit``: training gives the longest conversation of its set, so no padded row reaches a position
+    that no real row does (a model with learned positions has only so many).
 
     Padding is marked by position (attention mask and zero weight), never by token id: with
     pad == eos, masking by id would also drop the EOS that ends each assistant turn.
     """
-    width = padded_width(max(len(s.input_ids) for s in samples), multiple)
+    width = padded_width(max(len(s.input_ids) for s in samples), multiple, limit)
     ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(samples), width), dtype=torch.long)
     weights = torch.zeros((len(samples), width), dtype=torch.float32)
@@ -157,10 +161,10 @@ class PairBatch:
         return PairBatch(self.sides.to(device), self.loss, ref)
 
 
-def collate_pairs(samples: list, pad_id: int, loss: PreferenceLoss, multiple: int = 1) -> PairBatch:
+def collate_pairs(samples: list, pad_id: int, loss: PreferenceLoss, multiple: int = 1, limit: int = 0) -> PairBatch:
     """``samples``: :class:`~lorasmith.data.preferences.PairEncoded` (chosen and rejected sides, and the
     reference log-probs once computed)."""
-    sides = collate([s.chosen for s in samples] + [s.rejected for s in samples], pad_id, multiple)
+    sides = collate([s.chosen for s in samples] + [s.rejected for s in samples], pad_id, multiple, limit)
     known = all(s.reference is not None for s in samples)
     ref = torch.tensor([s.reference[0] for s in samples] + [s.reference[1] for s in samples]) if known else None
     return PairBatch(sides, loss, ref)

@@ -59,9 +59,11 @@ def _fill(rows: list[int], width, max_tokens: int, max_rows: int) -> list[list[i
     return parts
 
 
-def cap_tokens(pieces: list[list[int]], lengths: list[int], max_tokens: int, multiple: int = 1) -> list[list[int]]:
-    """Cut pieces further so each one's padded size (rows x longest, rounded up to ``multiple``) stays within
-    ``max_tokens``.
+def cap_tokens(
+    pieces: list[list[int]], lengths: list[int], max_tokens: int, multiple: int = 1, limit: int = 0
+) -> list[list[int]]:
+    """Cut pieces further so each one's padded size (rows x longest, rounded up to ``multiple`` but not past
+    ``limit``, as data/batching.collate pads) stays within ``max_tokens``.
 
     Each piece is cut into as few parts as fit, longest rows first, and those parts are kept as
     even as the cap allows: 8 rows of 290 tokens under a cap of 2048 become 4 + 4, not 7 + 1.
@@ -73,7 +75,7 @@ def cap_tokens(pieces: list[list[int]], lengths: list[int], max_tokens: int, mul
         return pieces
     from lorasmith.data.batching import padded_width
 
-    width = lambda i: padded_width(lengths[i], multiple)  # noqa: E731
+    width = lambda i: padded_width(lengths[i], multiple, limit)  # noqa: E731
     out = []
     for piece in pieces:
         rows = sorted(piece, key=lambda i: -lengths[i])  # longest first: a part's width is its first row's
@@ -169,16 +171,17 @@ def memory_budget(tc, device: torch.device, share: float) -> int:
     return int(tc.memory_budget_gb * 2**30) if tc.memory_budget_gb else int(share * available_memory(device))
 
 
-def _longest_rows_step(model, train_set, pad_id, precision, device, multiple: int = 1):
+def _longest_rows_step(model, train_set, pad_id, precision, device):
     """``(longest, run)``: the training conversations longest first, and ``run(n)``, forward and backward
-    on the ``n`` first of them as one micro-batch padded as training pads it, no gradient kept."""
+    on the ``n`` first of them as one micro-batch, no gradient kept (as training runs them: never padded past
+    the longest conversation, train.pad_to_multiple_of adds nothing to them)."""
     from lorasmith.data.batching import collate
     from lorasmith.models.loss import weighted_loss
 
     longest = sorted(train_set.encoded, key=lambda e: -len(e.input_ids))
 
     def run(n: int) -> None:
-        parts = weighted_loss(model, collate(longest[:n], pad_id, multiple).to(device), precision)
+        parts = weighted_loss(model, collate(longest[:n], pad_id).to(device), precision)
         (parts.loss_sum / max(parts.weight_sum, 1.0)).backward()
         model.zero_grad(set_to_none=True)
 
@@ -203,18 +206,14 @@ def saved_activation_bytes(model, fn: Callable[[], None]) -> int:
     return sum(kept.values())
 
 
-def tokens_that_fit(
-    model, train_set, pad_id, precision, device, budget: int, max_rows: int, probe_tokens: int = 1024, multiple: int = 1
-) -> int:
+def tokens_that_fit(model, train_set, pad_id, precision, device, budget: int, max_rows: int, probe_tokens: int = 1024) -> int:
     """How many padded tokens one micro-batch's activations can hold within ``budget`` bytes, from what one
     forward and backward on the longest conversations (~``probe_tokens`` padded tokens, up to ``max_rows``
     rows) keeps for its backward pass. That grows linearly in tokens at a given length (faster only in
     attention's scores, which the longest rows already carry). Embedded model, compiled, 2 x 512 tokens:
     1,087 KB a token (878 eager)."""
-    from lorasmith.data.batching import padded_width
-
-    longest, run = _longest_rows_step(model, train_set, pad_id, precision, device, multiple)
-    width = padded_width(len(longest[0].input_ids), multiple)
+    longest, run = _longest_rows_step(model, train_set, pad_id, precision, device)
+    width = len(longest[0].input_ids)
     # Two rows at least (one would cost a compiled model a graph of its own), never more than a planned micro-batch.
     rows = min(len(longest), max_rows, max(2, probe_tokens // width))
     kept = saved_activation_bytes(model, lambda: run(rows))
@@ -227,8 +226,7 @@ def auto_micro_batch(model, train_set, pad_id, precision, device, tc) -> int:
     from lorasmith.errors import TrainingError
 
     budget = memory_budget(tc, device, 0.9)
-    multiple = 1 if tc.packing else tc.pad_to_multiple_of
-    longest, run = _longest_rows_step(model, train_set, pad_id, precision, device, multiple)
+    longest, run = _longest_rows_step(model, train_set, pad_id, precision, device)
     best, measured = probe_micro_batch(run, tc.effective_batch_size, budget, device)
     for m in measured:
         log.info("micro-batch probe: %s", m)

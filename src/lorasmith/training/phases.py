@@ -200,8 +200,7 @@ def batch_token_cap(cfg: Config, parallel: Parallel, train_set, plan: StepPlan, 
             log.info("train.max_batch_tokens=auto: %d (projections at %s GFLOP/s: no faster above)", floor, shown)
         return floor
     budget = memory_budget(tc, device, 0.5)
-    multiple = 1 if tc.packing else tc.pad_to_multiple_of
-    fits = tokens_that_fit(parallel.model, train_set, pad_id, parallel.precision, device, budget, plan.plan_mb, multiple=multiple)
+    fits = tokens_that_fit(parallel.model, train_set, pad_id, parallel.precision, device, budget, plan.plan_mb)
     fits = -int(dist.all_reduce([-fits], op="max")[0])
     cap = max([floor] + [t for t in BATCH_TOKENS if t <= min(knee, fits)])
     if dist.is_main:

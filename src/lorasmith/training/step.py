@@ -125,9 +125,12 @@ class Stepper:
         self.nonfinite_in_row = 0
         if cfg.objective != "sft":  # preference pairs: chosen and rejected rows, one loss per pair
             loss = PreferenceLoss(cfg.objective, cfg.beta, cfg.label_smoothing)
-            self.collate = lambda samples: collate_pairs(samples, pad_id, loss, cfg.pad_to_multiple_of)
+            self.widest = max(max(p.chosen.length, p.rejected.length) for p in data.encoded)
+            self.collate = lambda samples: collate_pairs(samples, pad_id, loss, cfg.pad_to_multiple_of, self.widest)
         else:
-            self.collate = collate_packed if cfg.packing else lambda samples: collate(samples, pad_id, cfg.pad_to_multiple_of)
+            self.widest = max(e.length for e in data.encoded)
+            multiple = cfg.pad_to_multiple_of
+            self.collate = collate_packed if cfg.packing else lambda samples: collate(samples, pad_id, multiple, self.widest)
         self.accumulating = False
         """True while a step only accumulates gradients: abandoning it then leaves weights and state untouched."""
 
@@ -148,7 +151,7 @@ class Stepper:
         shares = [idx[rank::world] for idx in planned if idx[rank::world]]
         pieces = [p for idx in shares for p in split_indices(idx, parts)]
         multiple = 1 if self.cfg.packing else self.cfg.pad_to_multiple_of
-        return cap_tokens(pieces, self.plan.lengths, self.max_tokens, multiple)
+        return cap_tokens(pieces, self.plan.lengths, self.max_tokens, multiple, self.widest)
 
     def _accumulate(self, state: TrainerState, on_oom):
         planned = self.plan.planned(state.micro_batches_done)
