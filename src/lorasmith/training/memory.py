@@ -49,7 +49,7 @@ def split_indices(indices: list[int], parts: int) -> list[list[int]]:
     return out
 
 
-def _fill(rows: list[int], width, max_tokens: int, max_rows: int) -> list[list[int]]:
+def _fill(rows: list[int], width: Callable[[int], int], max_tokens: int, max_rows: int) -> list[list[int]]:
     parts: list[list[int]] = []
     for i in rows:
         if parts and len(parts[-1]) < max_rows and (len(parts[-1]) + 1) * width(parts[-1][0]) <= max_tokens:

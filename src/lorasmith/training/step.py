@@ -123,14 +123,15 @@ class Stepper:
         """train.max_batch_tokens resolved (training/phases.py: batch_token_cap); 0 = no cap."""
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.nonfinite_in_row = 0
+        self.multiple = 1 if cfg.packing else cfg.pad_to_multiple_of  # packed rows are not padded
+        """Rows are padded to a multiple of this many tokens, never past ``widest``, the set's longest row."""
         if cfg.objective != "sft":  # preference pairs: chosen and rejected rows, one loss per pair
             loss = PreferenceLoss(cfg.objective, cfg.beta, cfg.label_smoothing)
             self.widest = max(max(p.chosen.length, p.rejected.length) for p in data.encoded)
-            self.collate = lambda samples: collate_pairs(samples, pad_id, loss, cfg.pad_to_multiple_of, self.widest)
+            self.collate = lambda samples: collate_pairs(samples, pad_id, loss, self.multiple, self.widest)
         else:
             self.widest = max(e.length for e in data.encoded)
-            multiple = cfg.pad_to_multiple_of
-            self.collate = collate_packed if cfg.packing else lambda samples: collate(samples, pad_id, multiple, self.widest)
+            self.collate = collate_packed if cfg.packing else lambda samples: collate(samples, pad_id, self.multiple, self.widest)
         self.accumulating = False
         """True while a step only accumulates gradients: abandoning it then leaves weights and state untouched."""
 
@@ -150,8 +151,7 @@ class Stepper:
         world = self.dist.world_size
         shares = [idx[rank::world] for idx in planned if idx[rank::world]]
         pieces = [p for idx in shares for p in split_indices(idx, parts)]
-        multiple = 1 if self.cfg.packing else self.cfg.pad_to_multiple_of
-        return cap_tokens(pieces, self.plan.lengths, self.max_tokens, multiple, self.widest)
+        return cap_tokens(pieces, self.plan.lengths, self.max_tokens, self.multiple, self.widest)
 
     def _accumulate(self, state: TrainerState, on_oom):
         planned = self.plan.planned(state.micro_batches_done)
