@@ -10,6 +10,7 @@ from lorasmith.data.masking import encode
 from lorasmith.models.attention import SDPA_FP32
 from lorasmith.models.hardware import Precision
 from lorasmith.models.loss import causal_lm, lora_input_casts_off, weighted_loss
+from lorasmith.training.memory import saved_for_backward
 
 FP32 = Precision("fp32", "cpu")
 BF16 = Precision("bf16", "cpu")
@@ -142,16 +143,11 @@ def test_matmul_attention_keeps_one_bf16_copy_of_its_probabilities_and_matches_f
     ).transpose(1, 2)
     want = (ref, *torch.autograd.grad(ref, (q, k, v), grad.double()))
 
-    storages: dict[int, torch.Tensor] = {}
-
-    def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = causal_matmul_attention(q, k, v, scaling=0.25)
-    scores = [t for t in storages.values() if t.numel() >= batch * heads * length * length]
-    assert [(t.numel(), t.dtype) for t in scores] == [(batch * heads * length * length, torch.bfloat16)]
+    outs = []
+    kept = saved_for_backward(lambda: outs.append(causal_matmul_attention(q, k, v, scaling=0.25)))
+    out = outs[0]
+    scores = [(s.numel, s.dtype) for s in kept if s.numel >= batch * heads * length * length]
+    assert scores == [(batch * heads * length * length, torch.bfloat16)]
 
     compiled = torch.compile(causal_matmul_attention, dynamic=True)
     for got in (out, compiled(q, k, v, 0.25)):

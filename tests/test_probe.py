@@ -108,7 +108,7 @@ def test_a_length_lost_between_wins_is_timed_again(monkeypatch):
         return {"matmul": 1 / matmul, "flash": 1 / flash}
 
     monkeypatch.setattr(probe, "_attention_case", case)
-    monkeypatch.setattr(probe, "_best_seconds_in_turn", in_turn)
+    monkeypatch.setattr(probe, "best_seconds_in_turn", in_turn)
     rates = probe._time_matmul_attention(SMALL, seconds=0.01)
     assert timed == [128, 256, 384, 512, 256]
     assert rates["matmul 256"] == pytest.approx(74.0) and rates["flash 256"] == pytest.approx(68.1)

@@ -154,19 +154,22 @@ def _time_candidate(name: str, shapes: Shapes, seconds: float, tokens: int = PRO
 
 def _best_seconds(once, seconds: float) -> float:
     """The fastest of repeated calls of ``once`` over ``seconds``, after one warm-up call."""
-    return _best_seconds_in_turn({"once": once}, seconds)["once"]
+    return best_seconds_in_turn({"once": once}, seconds)["once"]
 
 
-def _best_seconds_in_turn(calls: dict, seconds: float) -> dict[str, float]:
-    """The fastest time of each of ``calls``, called in turn over ``seconds`` after one warm-up call each."""
+def best_seconds_in_turn(calls: dict, seconds: float = float("inf"), rounds: int | None = None) -> dict:
+    """The fastest time of each of ``calls``, called in turn after one warm-up call each, over ``seconds`` or
+    for ``rounds`` rounds, whichever ends first. In turn, so that a slower phase of the machine falls on every
+    candidate alike."""
     for once in calls.values():
         once()
-    best, end = dict.fromkeys(calls, float("inf")), time.perf_counter() + seconds
-    while time.perf_counter() < end:
+    best, end, done = dict.fromkeys(calls, float("inf")), time.perf_counter() + seconds, 0
+    while time.perf_counter() < end and (rounds is None or done < rounds):
         for name, once in calls.items():
             t0 = time.perf_counter()
             once()
             best[name] = min(best[name], time.perf_counter() - t0)
+        done += 1
     return best
 
 
@@ -244,7 +247,7 @@ def _time_matmul_attention(shapes: Shapes, seconds: float) -> dict[str, float] |
     def time_at(length: int) -> None:
         rows = max(1, min(ATTENTION_ROWS, BATCH_TOKENS[0] // length))  # what a micro-batch under the least cap holds
         once, flops = _attention_case(shapes, rows, length)
-        best = _best_seconds_in_turn({name: lambda k=k, once=once: once(k) for name, k in kernels.items()}, 2 * seconds)
+        best = best_seconds_in_turn({name: lambda k=k, once=once: once(k) for name, k in kernels.items()}, 2 * seconds)
         for name, t in best.items():
             out[f"{name} {length}"] = max(out.get(f"{name} {length}", 0.0), flops / t / 1e9)
 

@@ -14,6 +14,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -188,22 +189,37 @@ def _longest_rows_step(model, train_set, pad_id, precision, device):
     return longest, run
 
 
-def saved_activation_bytes(model, fn: Callable[[], None]) -> int:
-    """Bytes of the distinct tensors that autograd keeps for the backward pass while ``fn`` runs, the
-    model's parameters left out: a step's activation memory, counted exactly and whatever the
-    allocator does (a resident-memory delta reads ~0 in a process whose heap an earlier step grew)."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    kept: dict[int, int] = {}
+class Saved(NamedTuple):
+    """What autograd kept of one storage: the saved tensor's element count and dtype, the storage's bytes."""
+
+    numel: int
+    dtype: torch.dtype
+    nbytes: int
+
+
+def saved_for_backward(fn: Callable[[], None], leave_out=()) -> list[Saved]:
+    """One record per distinct storage that autograd keeps for the backward pass while ``fn`` runs, the
+    storages of ``leave_out`` (a model's parameters) left out. Records, not the tensors: holding those
+    would keep every activation alive through a backward pass inside ``fn``."""
+    skip = {p.untyped_storage().data_ptr() for p in leave_out}
+    kept: dict[int, Saved] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            kept[storage.data_ptr()] = storage.nbytes()
+        if storage.data_ptr() not in skip:
+            kept[storage.data_ptr()] = Saved(t.numel(), t.dtype, storage.nbytes())
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn()
-    return sum(kept.values())
+    return list(kept.values())
+
+
+def saved_activation_bytes(model, fn: Callable[[], None]) -> int:
+    """Bytes of the distinct tensors that autograd keeps for the backward pass while ``fn`` runs, the
+    model's parameters left out: a step's activation memory, counted exactly and whatever the
+    allocator does (a resident-memory delta reads ~0 in a process whose heap an earlier step grew)."""
+    return sum(s.nbytes for s in saved_for_backward(fn, model.parameters()))
 
 
 def tokens_that_fit(model, train_set, pad_id, precision, device, budget: int, max_rows: int, probe_tokens: int = 1024) -> int:

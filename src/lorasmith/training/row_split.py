@@ -30,6 +30,7 @@ import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
 from lorasmith import atomic
+from lorasmith.models.probe import best_seconds_in_turn, cpu_name
 from lorasmith.paths import cache_dir
 
 log = logging.getLogger(__name__)
@@ -89,25 +90,8 @@ def plan_key(a: torch.Tensor, b: torch.Tensor) -> str:
 
 
 def _machine() -> str:
-    from lorasmith.models.probe import cpu_name
-
     # The candidates are part of the key: plans chosen among fewer are measured again.
     return f"{cpu_name()}|{torch.get_num_threads()} threads|torch {torch.__version__}|blocks {PIECES[-1]}, {ROUNDS} rounds"
-
-
-def time_in_turn(calls: dict, rounds: int = ROUNDS) -> dict:
-    """The fastest of ``rounds`` timed calls of each of ``calls``, called in turn after one warm-up each."""
-    import time
-
-    for once in calls.values():
-        once()
-    best = dict.fromkeys(calls, float("inf"))
-    for _ in range(rounds):
-        for name, once in calls.items():
-            t0 = time.perf_counter()
-            once()
-            best[name] = min(best[name], time.perf_counter() - t0)
-    return best
 
 
 def choose(seconds: dict[int, float]) -> int:
@@ -167,7 +151,7 @@ class Plans:
 
     def _measure(self, a: torch.Tensor, b: torch.Tensor) -> int:
         out = a.new_empty((a.shape[0], b.shape[1]))
-        seconds = time_in_turn({k: (lambda k=k: mm_in_blocks(a, b, k, out)) for k in PIECES})
+        seconds = best_seconds_in_turn({k: (lambda k=k: mm_in_blocks(a, b, k, out)) for k in PIECES}, rounds=ROUNDS)
         chosen = choose(seconds)
         if chosen != 1:
             log.info("matmul %s: %d row blocks, %.2f ms against %.2f (measured)", plan_key(a, b), chosen,
