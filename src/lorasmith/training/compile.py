@@ -11,8 +11,9 @@ the compiled path: evaluation and generation run eagerly, so they neither trigge
 compilation nor depend on the compiler; nor does the first layer of a LoRA model, whose input
 (the frozen embedding's output) needs no gradient and would otherwise cost a graph of its own.
 The layers' graphs go through training/lora_fusion.py's pass (the LoRA A's of q/k/v and of
-gate/up, one matmul each). The loss over the LM head is compiled too: upcast, log-softmax, gather
-and argmax fuse into single passes over the logits. If compiling fails (no C++ compiler, no Python
+gate/up, one matmul each) and rotate q and k in one pass each (models/rotary.py). The loss over
+the LM head is compiled too: upcast, log-softmax, gather and argmax fuse into single passes over
+the logits. If compiling fails (no C++ compiler, no Python
 headers), training goes on eagerly.
 """
 
@@ -23,6 +24,7 @@ import shutil
 
 import torch
 
+from lorasmith.models import rotary
 from lorasmith.models.attention import MATMUL_ROWS_ATTR, SDPA_FP32, SHORT_ROWS
 from lorasmith.models.loading import load_config
 from lorasmith.models.loss import causal_lm, token_losses, use_compiled_token_losses
@@ -127,6 +129,7 @@ def compile_decoder_layers(model, matmul_rows: int = SHORT_ROWS) -> int:
     from lorasmith.training.row_split import ROW_SPLIT
 
     failed: list[bool] = []  # shared: one failure turns compiling off for the whole model
+    rotary.install(model)  # the rotation of q and k in one pass (models/rotary.py)
     # One matmul for the LoRA A's of q/k/v and of gate/up, LoRA's scaling on the rank-r side
     # (training/lora_fusion.py); the projections in row blocks where this CPU's GEMM would leave a thread
     # idle (training/row_split.py). One options dict for
