@@ -47,6 +47,16 @@ def test_labelled_positions_loss_equals_full_logits_loss(lora_model, encoded, to
     assert parts.positions == int((batch.weights[:, 1:] > 0).sum())
 
 
+def test_training_steps_skip_the_argmax_that_evaluation_counts(lora_model, encoded, tokenizer):
+    batch = collate(encoded[:4], tokenizer.pad_token_id)
+    assert weighted_loss(lora_model.train(), batch, FP32).correct is None  # nothing reads it there
+    with torch.no_grad():
+        parts = weighted_loss(lora_model.eval(), batch, FP32)
+        logits = lora_model(input_ids=batch.input_ids).logits[:, :-1]
+    keep = batch.weights[:, 1:] > 0
+    assert parts.correct == int((logits.argmax(-1) == batch.input_ids[:, 1:])[keep].sum())
+
+
 def _grads(model):
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 

@@ -25,8 +25,9 @@ class LossParts:
     loss_sum: torch.Tensor
     """Sum over trained positions of weight x cross-entropy (a graph node when training)."""
     weight_sum: float
-    correct: int
-    """Trained positions whose argmax prediction is the target."""
+    correct: int | None
+    """Trained positions whose argmax prediction is the target; None for training steps, which skip the argmax
+    (one more pass over the logits: ~9 of the embedded model's ~55 ms of LM head and loss a step, AMX Xeon)."""
     positions: int
     margins: torch.Tensor | None = None
     """Evaluation only: per trained position, the target's logit minus the highest other logit (> 0: only
@@ -57,13 +58,17 @@ def lora_input_casts_off(model, precision: Precision):
         yield
 
 
-def token_losses(head, hidden: torch.Tensor, targets: torch.Tensor, softcap: float | None, margins: bool = False):
+def token_losses(
+    head, hidden: torch.Tensor, targets: torch.Tensor, softcap: float | None, margins: bool = False, hits: bool = True
+):
     """Cross-entropy of each trained position, and whether the argmax gets it right (``margins``: by how
-    much, as the target's logit minus the highest other logit)."""
+    much, as the target's logit minus the highest other logit; ``hits=False``: None, no argmax taken)."""
     logits = head(hidden).float()
     if softcap:  # Gemma-2 style soft-capping lives in the model's forward, which we bypass
         logits = torch.tanh(logits / softcap) * softcap
     ce = F.cross_entropy(logits, targets, reduction="none")
+    if not hits:
+        return ce, None
     hits = logits.detach().argmax(-1) == targets
     if not margins:
         return ce, hits
@@ -78,14 +83,15 @@ _compiled_token_losses: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def use_compiled_token_losses(model, fn) -> None:
     """Compute the training loss of ``model`` with ``fn`` (a compiled :func:`token_losses`:
-    training/compile.py), where the upcast, log-softmax, gather and argmax fuse into one pass over
-    the logits, forward and backward. Evaluation keeps the eager function."""
+    training/compile.py), where the upcast, log-softmax and gather fuse into one pass over the logits,
+    forward and backward. Evaluation keeps the eager function."""
     _compiled_token_losses[causal_lm(model)] = fn
 
 
 def _trained_token_losses(model, batch: Batch, precision: Precision, margins: bool):
     """(cross-entropy, argmax hit, margin or None) at each trained position, the positions' weights and
-    where they are (``keep``, over the predicted tokens ``input_ids[:, 1:]``)."""
+    where they are (``keep``, over the predicted tokens ``input_ids[:, 1:]``). Training steps get no hits
+    (None): nothing reads them there."""
     lm = causal_lm(model)
     decoder = getattr(lm, lm.base_model_prefix)
     head = lm.get_output_embeddings()
@@ -102,7 +108,7 @@ def _trained_token_losses(model, batch: Batch, precision: Precision, margins: bo
         # model, while SDPA takes its causal grouped-query path instead of a dense masked one.
         hidden = decoder(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).last_hidden_state
         if training:
-            ce, hits = _compiled_token_losses.get(lm, token_losses)(head, hidden[:, :-1][keep], targets, softcap)
+            ce, hits = _compiled_token_losses.get(lm, token_losses)(head, hidden[:, :-1][keep], targets, softcap, hits=False)
             margin = None
         elif margins:
             ce, hits, margin = token_losses(head, hidden[:, :-1][keep], targets, softcap, margins=True)
@@ -116,7 +122,7 @@ def weighted_loss(model, batch: Batch, precision: Precision) -> LossParts:
     return LossParts(
         loss_sum=(ce * w).sum(),
         weight_sum=float(w.sum()),
-        correct=int(hits.sum()),
+        correct=None if hits is None else int(hits.sum()),
         positions=int(keep.sum()),
         margins=margins,
     )

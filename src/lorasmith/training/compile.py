@@ -12,8 +12,8 @@ compilation nor depend on the compiler; nor does the first layer of a LoRA model
 (the frozen embedding's output) needs no gradient and would otherwise cost a graph of its own.
 The layers' graphs go through training/lora_fusion.py's pass (the LoRA A's of q/k/v and of
 gate/up, one matmul each) and rotate q and k in one pass each (models/rotary.py). The loss over
-the LM head is compiled too: upcast, log-softmax, gather and argmax fuse into single passes over
-the logits. If compiling fails (no C++ compiler, no Python
+the LM head is compiled too: upcast, log-softmax and gather fuse into single passes over the
+logits. If compiling fails (no C++ compiler, no Python
 headers), training goes on eagerly.
 """
 
