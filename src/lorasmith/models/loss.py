@@ -59,15 +59,15 @@ def lora_input_casts_off(model, precision: Precision):
 
 
 def token_losses(
-    head, hidden: torch.Tensor, targets: torch.Tensor, softcap: float | None, margins: bool = False, hits: bool = True
+    head, hidden: torch.Tensor, targets: torch.Tensor, softcap: float | None, margins: bool = False, argmax: bool = True
 ):
     """Cross-entropy of each trained position, and whether the argmax gets it right (``margins``: by how
-    much, as the target's logit minus the highest other logit; ``hits=False``: None, no argmax taken)."""
+    much, as the target's logit minus the highest other logit; ``argmax=False``: None, no argmax taken)."""
     logits = head(hidden).float()
     if softcap:  # Gemma-2 style soft-capping lives in the model's forward, which we bypass
         logits = torch.tanh(logits / softcap) * softcap
     ce = F.cross_entropy(logits, targets, reduction="none")
-    if not hits:
+    if not argmax:
         return ce, None
     hits = logits.detach().argmax(-1) == targets
     if not margins:
@@ -108,7 +108,7 @@ def _trained_token_losses(model, batch: Batch, precision: Precision, margins: bo
         # model, while SDPA takes its causal grouped-query path instead of a dense masked one.
         hidden = decoder(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).last_hidden_state
         if training:
-            ce, hits = _compiled_token_losses.get(lm, token_losses)(head, hidden[:, :-1][keep], targets, softcap, hits=False)
+            ce, hits = _compiled_token_losses.get(lm, token_losses)(head, hidden[:, :-1][keep], targets, softcap, argmax=False)
             margin = None
         elif margins:
             ce, hits, margin = token_losses(head, hidden[:, :-1][keep], targets, softcap, margins=True)

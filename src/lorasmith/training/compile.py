@@ -13,8 +13,7 @@ compilation nor depend on the compiler; nor does the first layer of a LoRA model
 The layers' graphs go through training/lora_fusion.py's pass (the LoRA A's of q/k/v and of
 gate/up, one matmul each) and rotate q and k in one pass each (models/rotary.py). The loss over
 the LM head is compiled too: upcast, log-softmax and gather fuse into single passes over the
-logits. If compiling fails (no C++ compiler, no Python
-headers), training goes on eagerly.
+logits. If compiling fails (no C++ compiler, no Python headers), training goes on eagerly.
 """
 
 from __future__ import annotations
