@@ -29,7 +29,8 @@ demo: setup
 test: setup
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
-	$(BIN)/python -m pytest -q
+	# Two workers, a test file each at a time (module fixtures built once): tests/conftest.py says why.
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 bench: setup
 	$(BIN)/pip install --quiet -c requirements/constraints.txt -e ".[bench]"

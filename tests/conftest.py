@@ -11,6 +11,15 @@ import pytest
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+# `make test` runs the suite on 2 pytest-xdist workers: half its time is single-threaded (imports, the
+# launches of `lorasmith` and torchrun subprocesses), which left the second core idle (15:44 serial, 11:31 on
+# two workers, 2-core Intel Xeon). The workers share the cores out rather than each spinning up a thread per
+# core: OpenMP threads that outnumber the cores busy-wait against each other. Set before torch loads, and
+# inherited by every subprocess a test starts.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
+
 
 @pytest.fixture(scope="session")
 def smol_dir() -> Path:
