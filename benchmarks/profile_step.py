@@ -4,9 +4,10 @@
     e.g. --length 100 lora.target_modules=q_proj,k_proj,v_proj
 
 --by-shape also prints the breakdown issue 29 reads: the base projections and LM head, LoRA's rank-r
-matmuls, attention's batched matmuls, and everything else (the compiled graphs' kernels, per-call
-costs, the eager first layer), each in ms and as a share of the step; --kernels lists the compiled
-kernels by name (inductor's kernel profiling: a separate compilation).
+matmuls, attention (its batched matmuls, or models/cpu_attention.py's kernel, softmax included), and
+everything else (the compiled graphs' kernels, per-call costs, the eager first layer), each in ms and as
+a share of the step; --kernels lists the compiled kernels by name (inductor's kernel profiling: a
+separate compilation).
 
 --steps N times N whole steps first, without the profiler (forward, backward, AdamW update), and prints
 the best and the median: the figure to compare trees by, run in turn.
@@ -78,7 +79,7 @@ def main() -> None:
     print(f"batch {tuple(batch.input_ids.shape)}, {batch.num_real_tokens} real tokens")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
     if args.by_shape:
-        mms = [e for e in prof.key_averages(group_by_input_shape=True) if e.key in ("aten::mm", "aten::bmm", "aten::addmm")]
+        mms = [e for e in prof.key_averages(group_by_input_shape=True) if e.key in ("aten::mm", "aten::addmm", *ATTENTION_OPS)]
         for e in sorted(mms, key=lambda e: -e.self_cpu_time_total)[:20]:
             print(f"{e.key:10} {e.count:5} calls {e.self_cpu_time_total / 1e3:8.1f} ms  {e.input_shapes}")
         linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
@@ -89,6 +90,10 @@ def main() -> None:
         print(f"compiled kernels: {sum(e.self_cpu_time_total for e in kernels) / 1e3:.1f} ms in {len(kernels)} kinds")
         for e in sorted(kernels, key=lambda e: -e.self_cpu_time_total)[:25]:
             print(f"{e.count:5} calls {e.self_cpu_time_total / 1e3:8.1f} ms  {e.key}")
+
+
+ATTENTION_OPS = ("aten::bmm", "lorasmith::causal_attention", "lorasmith::causal_attention_backward")
+"""Attention's own ops: the matmul path's batched matmuls, or models/cpu_attention.py's kernel (its softmax included)."""
 
 
 def time_steps(model, batch, precision, steps: int) -> None:
@@ -114,12 +119,12 @@ def print_breakdown(prof, mms, rank: int, widths: set[int]) -> None:
     three ranks (the fused A's of q/k/v and gate/up, training/lora_fusion.py) that are not one of the
     base projections' ``widths``, is LoRA's."""
     total = sum(e.self_cpu_time_total for e in prof.key_averages())
-    base, lora, attention = "base projections + LM head (mm)", f"LoRA rank-{rank} matmuls", "attention (bmm)"
+    base, lora, attention = "base projections + LM head (mm)", f"LoRA rank-{rank} matmuls", "attention (bmm or fused kernel)"
     parts = {base: 0.0, lora: 0.0, attention: 0.0}
     lora_dims = {rank, 2 * rank, 3 * rank} - widths
     for e in mms:
         dims = {d for shape in e.input_shapes for d in shape}
-        parts[attention if e.key == "aten::bmm" else lora if dims & lora_dims else base] += e.self_cpu_time_total
+        parts[attention if e.key in ATTENTION_OPS else lora if dims & lora_dims else base] += e.self_cpu_time_total
     parts["everything else (compiled kernels, per-call costs, eager ops)"] = total - sum(parts.values())
     print(f"breakdown of {total / 1e3:.0f} ms:")
     for name, t in parts.items():

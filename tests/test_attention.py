@@ -116,15 +116,15 @@ def test_lora_input_casts_off_changes_nothing_under_autocast(tiny_model_dir, bat
     assert layer.cast_input_dtype_enabled  # restored afterwards
 
 
-def test_causal_matmul_attention_matches_sdpa_with_grouped_heads():
+def test_bmm_causal_attention_matches_sdpa_with_grouped_heads():
     """The compiled short-row path: bf16 matmuls around an fp32 softmax, query heads grouped per key/value head."""
-    from lorasmith.models.attention import causal_matmul_attention
+    from lorasmith.models.attention import bmm_causal_attention
 
     torch.manual_seed(0)
     q = torch.randn(2, 6, 40, 16, dtype=torch.bfloat16, requires_grad=True)
     k, v = (torch.randn(2, 2, 40, 16, dtype=torch.bfloat16, requires_grad=True) for _ in "kv")
     grad = torch.randn(2, 40, 6, 16, dtype=torch.bfloat16)
-    out = causal_matmul_attention(q, k, v, scaling=0.25)
+    out = bmm_causal_attention(q, k, v, scaling=0.25)
     got = torch.autograd.grad(out, (q, k, v), grad)
     ref = torch.nn.functional.scaled_dot_product_attention(
         q.double(), k.double(), v.double(), is_causal=True, enable_gqa=True, scale=0.25
@@ -139,7 +139,7 @@ def test_matmul_attention_keeps_one_bf16_copy_of_its_probabilities_and_matches_f
     """What the backward pass holds per score is one bf16 probability (autograd's softmax would keep fp32 ones
     beside the bf16 copy the value matmul reads), and gradients from it stay as close to a float64 reference
     as the bf16 matmuls allow, eagerly and compiled, at a length past the former 128-token limit."""
-    from lorasmith.models.attention import causal_matmul_attention
+    from lorasmith.models.attention import bmm_causal_attention
 
     torch.manual_seed(0)
     batch, heads, kv_heads, length, dim = 2, 6, 2, 200, 16
@@ -152,12 +152,12 @@ def test_matmul_attention_keeps_one_bf16_copy_of_its_probabilities_and_matches_f
     want = (ref, *torch.autograd.grad(ref, (q, k, v), grad.double()))
 
     outs = []
-    kept = saved_for_backward(lambda: outs.append(causal_matmul_attention(q, k, v, scaling=0.25)))
+    kept = saved_for_backward(lambda: outs.append(bmm_causal_attention(q, k, v, scaling=0.25)))
     out = outs[0]
     scores = [(s.numel, s.dtype) for s in kept if s.numel >= batch * heads * length * length]
     assert scores == [(batch * heads * length * length, torch.bfloat16)]
 
-    compiled = torch.compile(causal_matmul_attention, dynamic=True)
+    compiled = torch.compile(bmm_causal_attention, dynamic=True)
     for got in (out, compiled(q, k, v, 0.25)):
         got = (got, *torch.autograd.grad(got, (q, k, v), grad))
         for a, b in zip(got, want):

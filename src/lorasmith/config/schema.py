@@ -36,6 +36,11 @@ class ModelConfig:
     """Attention kernel; auto picks flash_attention_2 on a supported GPU when installed; on a CPU under bf16,
     sdpa_fp32 (SDPA on fp32 inputs) unless plain sdpa measures clearly faster on this model's heads
     (cached per machine, `lorasmith doctor` shows the figures); else sdpa."""
+    cpu_attention_kernel: bool = True
+    """Under sdpa_fp32, compiled rows up to the measured length run lorasmith's causal attention kernel (C++,
+    built once per machine; models/cpu_attention.py) where the CPU has bf16 brgemm (AMX, AVX512-BF16): the
+    same arithmetic as the bmm path in one pass in cache (AMX Xeon: forward + backward of 8 x 112 tokens
+    1.7 ms against 2.9). false keeps the bmm path."""
     chat_template: str | None = None
     """A Jinja chat template file that replaces the tokenizer's own, or a shipped one by name: `chatml-tools`
     (ChatML with Hermes/Qwen2.5-style `<tool_call>` JSON, for tool-calling data on ChatML models)."""

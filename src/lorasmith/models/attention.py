@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from lorasmith.models import cpu_attention
+
 SDPA_FP32 = "sdpa_fp32"
 
 
@@ -61,6 +63,14 @@ class _CausalSoftmax(torch.autograd.Function):
 
 
 def causal_matmul_attention(query, key, value, scaling: float):
+    """sdpa_fp32's compiled path for short rows: models/cpu_attention.py's kernel where it is built (CPUs with
+    bf16 brgemm), else bmm_causal_attention. The same arithmetic either way; the kernel keeps it in cache."""
+    if cpu_attention.usable(query, key, value):
+        return cpu_attention.causal_attention(query, key, value, scaling)
+    return bmm_causal_attention(query, key, value, scaling)
+
+
+def bmm_causal_attention(query, key, value, scaling: float):
     """Causal grouped-query attention as two bf16 matmuls around an fp32 softmax.
 
     For torch.compile only: the compiler fuses the scaling, mask and softmax into one pass, and two
