@@ -79,7 +79,8 @@ def main() -> None:
     print(f"batch {tuple(batch.input_ids.shape)}, {batch.num_real_tokens} real tokens")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
     if args.by_shape:
-        mms = [e for e in prof.key_averages(group_by_input_shape=True) if e.key in ("aten::mm", "aten::addmm", *ATTENTION_OPS)]
+        by_shape = prof.key_averages(group_by_input_shape=True)
+        mms = [e for e in by_shape if e.key in ("aten::mm", "aten::addmm") or is_attention(e.key)]
         for e in sorted(mms, key=lambda e: -e.self_cpu_time_total)[:20]:
             print(f"{e.key:10} {e.count:5} calls {e.self_cpu_time_total / 1e3:8.1f} ms  {e.input_shapes}")
         linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
@@ -92,8 +93,10 @@ def main() -> None:
             print(f"{e.count:5} calls {e.self_cpu_time_total / 1e3:8.1f} ms  {e.key}")
 
 
-ATTENTION_OPS = ("aten::bmm", "lorasmith::causal_attention", "lorasmith::causal_attention_backward")
-"""Attention's own ops: the matmul path's batched matmuls, or models/cpu_attention.py's kernel (its softmax included)."""
+def is_attention(op: str) -> bool:
+    """Attention's own ops: the matmul path's batched matmuls, or models/cpu_attention.py's kernel (its softmax
+    included; its ops' names end in the kernel's version)."""
+    return op == "aten::bmm" or op.startswith("lorasmith::causal_attention")
 
 
 def time_steps(model, batch, precision, steps: int) -> None:
@@ -124,7 +127,7 @@ def print_breakdown(prof, mms, rank: int, widths: set[int]) -> None:
     lora_dims = {rank, 2 * rank, 3 * rank} - widths
     for e in mms:
         dims = {d for shape in e.input_shapes for d in shape}
-        parts[attention if e.key in ATTENTION_OPS else lora if dims & lora_dims else base] += e.self_cpu_time_total
+        parts[attention if is_attention(e.key) else lora if dims & lora_dims else base] += e.self_cpu_time_total
     parts["everything else (compiled kernels, per-call costs, eager ops)"] = total - sum(parts.values())
     print(f"breakdown of {total / 1e3:.0f} ms:")
     for name, t in parts.items():

@@ -62,7 +62,7 @@ def test_kernel_matches_float64_as_closely_as_the_bmm_path(heads, kv_heads, leng
 
 
 def test_kernel_keeps_one_bf16_copy_of_its_probabilities():
-    """What the backward pass holds beside query, key and value: the bf16 probabilities, one per score (rows
+    """What the backward pass holds beside query, key and value: the bf16 probabilities, one per score (positions
     padded to a pair, keys to 32)."""
     batch, heads, kv_heads, length, dim = 2, 6, 2, 100, 16
     q, k, v, _ = _inputs(batch, heads, kv_heads, length, dim)
@@ -88,10 +88,12 @@ def test_compiled_layers_call_the_kernel_with_dynamic_lengths():
 def test_custom_ops_pass_torch_library_checks():
     """Schema, fake (meta) shapes, autograd registration: what torch.compile relies on."""
     q, k, v, grad = _inputs(1, 4, 2, 24, 16, strided=True)
-    torch.library.opcheck(torch.ops.lorasmith.causal_attention.default, (q, k, v, 0.25))
+    forward = getattr(torch.ops.lorasmith, f"causal_attention_{cpu_attention.VERSION}").default
+    backward = getattr(torch.ops.lorasmith, f"causal_attention_backward_{cpu_attention.VERSION}").default
+    torch.library.opcheck(forward, (q, k, v, 0.25))
     q, k, v = q.detach(), k.detach(), v.detach()
-    _, probs = torch.ops.lorasmith.causal_attention(q, k, v, 0.25)
-    torch.library.opcheck(torch.ops.lorasmith.causal_attention_backward.default, (grad, q, k, v, probs, 0.25))
+    _, probs = forward(q, k, v, 0.25)
+    torch.library.opcheck(backward, (grad, q, k, v, probs, 0.25))
 
 
 def test_inputs_the_kernel_does_not_take_keep_the_bmm_path():

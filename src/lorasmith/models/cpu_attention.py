@@ -31,6 +31,9 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "kernels" / "causal_attention.cpp"
+VERSION = hashlib.sha1(SOURCE.read_bytes() + Path(__file__).read_bytes()).hexdigest()[:8]
+"""In the ops' names: inductor's graph cache keys a compiled graph by the ops it calls, not by their fake
+shapes, so a graph cached before the kernel's layouts changed would otherwise be handed the new kernel."""
 
 _kernel = None
 """The built extension once prepare() found it usable; None before, or where it is not."""
@@ -52,13 +55,23 @@ def _build():
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
     except ImportError:
         pass
-    tag = f"{cpu_name()}|torch {torch.__version__}|{sys.version_info[:2]}|{hashlib.sha1(SOURCE.read_bytes()).hexdigest()}"
+    tag = f"{cpu_name()}|torch {torch.__version__}|{sys.version_info[:2]}|{VERSION}"
     name = "lorasmith_attention_" + hashlib.sha1(tag.encode()).hexdigest()[:12]
     # ATen's vector types for AVX-512, as inductor compiles its CPU kernels here; -march=native since the build is
     # this machine's alone (the name carries the CPU model).
     flags = ["-O3", "-march=native", "-fopenmp", "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"]
     log.info("loading lorasmith's CPU attention kernel (built once per machine, ~30 s)")
     return load(name, [str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"])
+
+
+def _has_bf16_vector_units() -> bool:
+    """AVX-512 (the kernel's vector code) with AVX512-BF16 or AMX (oneDNN's bf16 brgemm), asked of torch's CPU
+    checks; where this torch lacks them, the build and oneDNN's own check decide."""
+    cpu = torch.cpu
+    try:
+        return cpu._is_avx512_supported() and (cpu._is_avx512_bf16_supported() or cpu._is_amx_tile_supported())
+    except AttributeError:
+        return torch.backends.cpu.get_cpu_capability() == "AVX512"
 
 
 def prepare() -> bool:
@@ -68,8 +81,8 @@ def prepare() -> bool:
     if _tried:
         return _kernel is not None
     _tried = True
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AVX512_BF16", "AMX"):
-        return False  # the kernel's vector code is AVX-512; CPUs without it have no bf16 brgemm either
+    if not _has_bf16_vector_units():
+        return False
     try:
         kernel = _build()
     except Exception as e:  # no compiler, no ninja, no headers: the matmul path is there
@@ -93,7 +106,7 @@ def usable(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
     )
 
 
-@torch.library.custom_op("lorasmith::causal_attention", mutates_args=())
+@torch.library.custom_op(f"lorasmith::causal_attention_{VERSION}", mutates_args=())
 def _forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
     out, probs = _kernel.forward(query, key, value, scaling)
     return out, probs
@@ -102,10 +115,12 @@ def _forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scalin
 @_forward.register_fake
 def _(query, key, value, scaling):
     batch, heads, length, dim = query.shape
-    return query.new_empty(batch, length, heads, dim), query.new_empty(batch, heads, _round_up(length, 2), _round_up(length, 32))
+    groups = heads // key.shape[1]
+    probs = query.new_empty(batch, key.shape[1], _round_up(length, 2) * groups, _round_up(length, 32))
+    return query.new_empty(batch, length, heads, dim), probs
 
 
-@torch.library.custom_op("lorasmith::causal_attention_backward", mutates_args=())
+@torch.library.custom_op(f"lorasmith::causal_attention_backward_{VERSION}", mutates_args=())
 def _backward(
     grad: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, probs: torch.Tensor, scaling: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -115,7 +130,8 @@ def _backward(
 
 @_backward.register_fake
 def _(grad, query, key, value, probs, scaling):
-    return query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape)
+    batch, heads, length, dim = query.shape
+    return query.new_empty(batch, length, heads, dim), key.new_empty(key.shape), value.new_empty(value.shape)
 
 
 def _setup_context(ctx, inputs, output):
@@ -129,7 +145,7 @@ def _setup_context(ctx, inputs, output):
 def _grad(ctx, grad_out, _grad_probs):
     query, key, value, probs = ctx.saved_tensors
     dq, dk, dv = _backward(grad_out, query, key, value, probs, ctx.scaling)
-    return dq, dk, dv, None
+    return dq.transpose(1, 2), dk, dv, None  # the query gradient comes as [B, L, H, D], the layout of q_proj's output
 
 
 _forward.register_autograd(_grad, setup_context=_setup_context)

@@ -2,10 +2,12 @@
 // forward and backward, each (row, key/value head) pair done in the core's cache. See models/cpu_attention.py
 // for why it exists and how it is built and checked.
 //
-// Layouts: query [B, H, L, D], key and value [B, KV, L, D] (any strides, head dimension contiguous);
-// out [B, L, H, D] (what the attention module transposes to anyway); probs [B, H, Lr, Lp] bf16, the causal
-// softmax kept for the backward pass, zero past each row's last key, Lr = L rounded up to 2 (oneDNN's VNNI
-// layout packs rows in pairs), Lp = L rounded up to 32.
+// Layouts: query [B, H, L, D], key and value [B, KV, L, D] (any strides, head dimension contiguous); out and
+// the query gradient [B, L, H, D] (what the attention module transposes to anyway); probs [B, KV, Lr * G, Lp]
+// bf16, the causal softmax kept for the backward pass, zero past each row's last key. Within a key/value head
+// the G query heads that share it are rows (position, head): one product covers them all, and a block of
+// positions needs the keys up to its last position only. Lr = L rounded up to 2 (oneDNN's VNNI layout packs
+// rows in pairs), Lp = L rounded up to 32.
 #include <torch/extension.h>
 #include <ATen/native/CPUBlas.h>
 #include <ATen/Parallel.h>
@@ -24,7 +26,7 @@ using BVec = at::vec::Vectorized<BFloat16>;
 namespace cpublas = at::native::cpublas;
 constexpr int64_t VL = Vec::size();
 constexpr int64_t NB = 64;  // oneDNN's B transform takes at most 64 columns at a time
-constexpr int64_t BM = 32;  // query rows per block: keys past a block's last row are skipped
+constexpr int64_t BP = 32;  // positions per block of rows: keys past a block's last position are skipped
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
@@ -69,48 +71,74 @@ void to_bf16(const float* src, BFloat16* dst, int64_t n) {
 
 float sum_of(Vec v) { return at::vec::vec_reduce_all<float>([](Vec a, Vec b) { return a + b; }, v); }
 
+// exp(x) for x <= 0 (scores minus their row's maximum): Cephes' polynomial on x - n ln 2, scaled by 2^n with
+// scalef; ~1 ulp, far below the bf16 rounding the probabilities get. Written out because ATen's exp_u20 and
+// the passes around it were half of the forward kernel's time.
+inline __m512 exp_nonpositive(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+inline __m512 bf16_to_float(const BFloat16* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+
+inline __mmask16 first(int64_t n) { return n >= 16 ? __mmask16(0xffff) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1); }
+
 // Row i of scores (fp32, Lp wide) -> its causal softmax over keys 0..i, written as bf16 with zeros after.
 void softmax_row(float* row, int64_t i, int64_t Lp, float scale, BFloat16* out) {
   const int64_t n = i + 1;
-  const float mx = at::vec::reduce_all<float>([](Vec a, Vec b) { return at::vec::maximum(a, b); }, row, n) * scale;
-  const Vec vs(scale), vm(mx);
-  Vec acc(0.f);
+  __m512 m = _mm512_set1_ps(-INFINITY);
+  for (int64_t j = 0; j < n; j += 16) m = _mm512_mask_max_ps(m, first(n - j), m, _mm512_loadu_ps(row + j));
+  const __m512 vs = _mm512_set1_ps(scale), vm = _mm512_set1_ps(_mm512_reduce_max_ps(m) * scale);
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n; j += 16) {
+    const __m512 e = _mm512_maskz_mov_ps(first(n - j), exp_nonpositive(_mm512_fmsub_ps(_mm512_loadu_ps(row + j), vs, vm)));
+    _mm512_storeu_ps(row + j, e);
+    acc = _mm512_add_ps(acc, e);
+  }
+  if (round_up(n, 16) < round_up(n, 32)) _mm512_storeu_ps(row + round_up(n, 16), _mm512_setzero_ps());
+  const Vec inv(1.0f / _mm512_reduce_add_ps(acc));
   int64_t j = 0;
-  for (; j + VL <= n; j += VL) {
-    Vec e = (Vec::loadu(row + j) * vs - vm).exp_u20();
-    e.store(row + j);
-    acc = acc + e;
-  }
-  if (j < n) {
-    Vec e = (Vec::loadu(row + j, n - j) * vs - vm).exp_u20();
-    e.store(row + j, n - j);
-    acc = acc + Vec::set(Vec(0.f), e, n - j);
-  }
-  const Vec inv(1.0f / sum_of(acc));
-  for (j = 0; j < Lp; j += 2 * VL) {
-    if (j >= n) {
-      BVec(BFloat16(0)).store(out + j);
-      continue;
-    }
-    Vec a = Vec::loadu(row + j) * inv, c = Vec::loadu(row + j + VL) * inv;
-    a = Vec::set(Vec(0.f), a, std::min<int64_t>(VL, n - j));
-    c = Vec::set(Vec(0.f), c, std::max<int64_t>(0, std::min<int64_t>(VL, n - j - VL)));
-    at::vec::convert_from_float<BFloat16>(a, c).store(out + j);
-  }
+  for (; j < n; j += 2 * VL)  // zero past key i: masked or zeroed above
+    at::vec::convert_from_float<BFloat16>(Vec::loadu(row + j) * inv, Vec::loadu(row + j + VL) * inv).store(out + j);
+  for (; j < Lp; j += 2 * VL) BVec(BFloat16(0)).store(out + j);
 }
 
 struct Dims {
-  int64_t B, H, KV, G, L, D, Lr, Lp;
+  int64_t B, H, KV, G, L, D, Lr, Lp, R;
 };
 
 Dims dims_of(const at::Tensor& q, const at::Tensor& k) {
   Dims d;
   d.B = q.size(0), d.H = q.size(1), d.L = q.size(2), d.D = q.size(3), d.KV = k.size(1);
-  d.G = d.H / d.KV, d.Lr = round_up(d.L, 2), d.Lp = round_up(d.L, 32);
+  d.G = d.H / d.KV, d.Lr = round_up(d.L, 2), d.Lp = round_up(d.L, 32), d.R = d.Lr * d.G;
   return d;
 }
 
 at::Tensor head_contiguous(const at::Tensor& t) { return t.stride(3) == 1 ? t : t.contiguous(); }
+
+// The G query heads of key/value head kh of row b as rows (position, head) [L * G, D].
+void gather_query(const at::Tensor& q, int64_t b, int64_t kh, const Dims& d, BFloat16* dst) {
+  const BFloat16* base = q.data_ptr<BFloat16>() + b * q.stride(0) + kh * d.G * q.stride(1);
+  if (q.stride(1) == d.D) {  // q_proj's own layout, [B, L, H, D]: the group's heads are one run per position
+    copy_rows(base, d.L, d.G * d.D, q.stride(2), dst);
+    return;
+  }
+  for (int64_t i = 0; i < d.L; ++i)
+    for (int64_t g = 0; g < d.G; ++g)
+      std::memcpy(dst + (i * d.G + g) * d.D, base + g * q.stride(1) + i * q.stride(2), d.D * sizeof(BFloat16));
+}
 
 }  // namespace
 
@@ -119,109 +147,101 @@ bool supported() { return cpublas::could_pack(at::kBFloat16); }
 std::vector<at::Tensor> forward(at::Tensor q, at::Tensor k, at::Tensor v, double scaling) {
   q = head_contiguous(q), k = head_contiguous(k), v = head_contiguous(v);
   const Dims d = dims_of(q, k);
-  const int64_t B = d.B, H = d.H, KV = d.KV, G = d.G, L = d.L, D = d.D, Lr = d.Lr, Lp = d.Lp;
+  const int64_t B = d.B, H = d.H, KV = d.KV, G = d.G, L = d.L, D = d.D, Lp = d.Lp, R = d.R;
   auto out = at::empty({B, L, H, D}, q.options());
-  auto probs = at::empty({B, H, Lr, Lp}, q.options());
-  const BFloat16 *qp = q.data_ptr<BFloat16>(), *kp = k.data_ptr<BFloat16>(), *vp = v.data_ptr<BFloat16>();
+  auto probs = at::empty({B, KV, R, Lp}, q.options());
+  const BFloat16 *kp = k.data_ptr<BFloat16>(), *vp = v.data_ptr<BFloat16>();
   BFloat16 *op = out.data_ptr<BFloat16>(), *pp = probs.data_ptr<BFloat16>();
   const float scale = scaling;
   at::parallel_for(0, B * KV, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<BFloat16> kt(D * Lp, BFloat16(0)), kt_packed(D * Lp), vpad(Lp * D, BFloat16(0)), v_packed(Lp * D);
-    std::vector<float> s(L * Lp), o(L * D);
+    std::vector<BFloat16> qg(L * G * D), kt(D * Lp, BFloat16(0)), kt_packed(D * Lp), vpad(Lp * D, BFloat16(0)), v_packed(Lp * D);
+    std::vector<float> s(BP * G * Lp), o(BP * G * D);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / KV, kh = t % KV;
+      gather_query(q, b, kh, d, qg.data());
       transpose(kp + b * k.stride(0) + kh * k.stride(1), L, D, k.stride(2), kt.data(), Lp);  // K^T [D, Lp]
       pack_b(kt.data(), kt_packed.data(), D, Lp, Lp);
       copy_rows(vp + b * v.stride(0) + kh * v.stride(1), L, D, v.stride(2), vpad.data());  // V [Lp, D]
       pack_b(vpad.data(), v_packed.data(), Lp, D, D);
-      for (int64_t g = 0; g < G; ++g) {
-        const int64_t h = kh * G + g;
-        BFloat16* ph = pp + (b * H + h) * Lr * Lp;
-        if (Lr > L) std::fill(ph + L * Lp, ph + Lr * Lp, BFloat16(0));
-        const BFloat16* qh = qp + b * q.stride(0) + h * q.stride(1);
-        for (int64_t r0 = 0; r0 < L; r0 += BM) {
-          const int64_t r1 = std::min(r0 + BM, L);
-          // S [r0:r1, keys 0..r1) = Q K^T, then the causal softmax; P [r0:r1] @ V over those keys only
-          gemm(qh + r0 * q.stride(2), r1 - r0, q.stride(2), kt_packed.data(), D, Lp, 0, D, 0, round_up(r1, 32), s.data() + r0 * Lp, Lp, false);
-          for (int64_t i = r0; i < r1; ++i) softmax_row(s.data() + i * Lp, i, Lp, scale, ph + i * Lp);
-          gemm(ph + r0 * Lp, r1 - r0, Lp, v_packed.data(), Lp, D, 0, round_up(r1, 2), 0, D, o.data() + r0 * D, D, false);
-        }
-        for (int64_t i = 0; i < L; ++i) to_bf16(o.data() + i * D, op + ((b * L + i) * H + h) * D, D);
+      BFloat16* pt = pp + t * R * Lp;
+      for (int64_t p0 = 0; p0 < L; p0 += BP) {
+        const int64_t p1 = std::min(p0 + BP, L), r0 = p0 * G, rows = (p1 - p0) * G;
+        // S = Q K^T over keys 0..p1, the causal softmax per row, then P V over the same keys
+        gemm(qg.data() + r0 * D, rows, D, kt_packed.data(), D, Lp, 0, D, 0, round_up(p1, 32), s.data(), Lp, false);
+        for (int64_t r = 0; r < rows; ++r) softmax_row(s.data() + r * Lp, p0 + r / G, Lp, scale, pt + (r0 + r) * Lp);
+        gemm(pt + r0 * Lp, rows, Lp, v_packed.data(), Lp, D, 0, round_up(p1, 2), 0, D, o.data(), D, false);
+        for (int64_t i = p0; i < p1; ++i) to_bf16(o.data() + (i - p0) * G * D, op + ((b * L + i) * H + kh * G) * D, G * D);
       }
+      std::fill(pt + L * G * Lp, pt + R * Lp, BFloat16(0));  // the padding position's rows
     }
     cpublas::brgemm_release(true);
   });
   return {out, probs};
 }
 
-// grad [B, L, H, D] -> dq [B, H, L, D], dk and dv [B, KV, L, D], all contiguous.
+// grad [B, L, H, D] -> query gradient [B, L, H, D], key and value gradients [B, KV, L, D], all contiguous.
 std::vector<at::Tensor> backward(at::Tensor grad, at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor probs, double scaling) {
   grad = grad.contiguous(), q = head_contiguous(q), k = head_contiguous(k), v = head_contiguous(v);
   const Dims d = dims_of(q, k);
-  const int64_t B = d.B, H = d.H, KV = d.KV, G = d.G, L = d.L, D = d.D, Lr = d.Lr, Lp = d.Lp;
-  TORCH_CHECK(probs.is_contiguous() && probs.size(2) == Lr && probs.size(3) == Lp, "probabilities of another shape");
-  auto dq = at::empty({B, H, L, D}, q.options()), dk = at::empty({B, KV, L, D}, k.options()), dv = at::empty({B, KV, L, D}, v.options());
-  const BFloat16 *qp = q.data_ptr<BFloat16>(), *kp = k.data_ptr<BFloat16>(), *vp = v.data_ptr<BFloat16>();
+  const int64_t B = d.B, H = d.H, KV = d.KV, G = d.G, L = d.L, D = d.D, Lp = d.Lp, R = d.R;
+  TORCH_CHECK(probs.is_contiguous() && probs.size(2) == R && probs.size(3) == Lp, "probabilities of another shape");
+  auto dq = at::empty({B, L, H, D}, q.options()), dk = at::empty({B, KV, L, D}, k.options()), dv = at::empty({B, KV, L, D}, v.options());
+  const BFloat16 *kp = k.data_ptr<BFloat16>(), *vp = v.data_ptr<BFloat16>();
   const BFloat16 *gp = grad.data_ptr<BFloat16>(), *pp = probs.data_ptr<BFloat16>();
   BFloat16 *dqp = dq.data_ptr<BFloat16>(), *dkp = dk.data_ptr<BFloat16>(), *dvp = dv.data_ptr<BFloat16>();
   const float scale = scaling;
-  const int64_t ld_grad = H * D;
   at::parallel_for(0, B * KV, 1, [&](int64_t t0, int64_t t1) {
-    // Columns and rows past L stay zero: they pad the products' shared dimensions.
+    // Rows past L * G and columns past L stay zero: they pad the products' shared dimensions.
     std::vector<BFloat16> vt(D * Lp, BFloat16(0)), vt_packed(D * Lp), kpad(Lp * D, BFloat16(0)), k_packed(Lp * D),
-        grad_t(D * Lr, BFloat16(0)), qt(D * Lr, BFloat16(0)), p_packed(Lr * Lp), ds(Lr * Lp, BFloat16(0)),
-        ds_packed(Lr * Lp), staged(D * Lp);
-    std::vector<float> dp(L * Lp), dqf(L * D), dkt(D * Lp), dvt(D * Lp);
+        gg(R * D, BFloat16(0)), qg(R * D, BFloat16(0)), ds((BP * G + 1) * Lp), gt(D * BP * G), qt(D * BP * G),
+        p_packed(BP * G * Lp), ds_packed(BP * G * Lp), staged(D * Lp);
+    std::vector<float> dp(BP * G * Lp), dqf(BP * G * D), dkt(D * Lp), dvt(D * Lp);
+    const Vec vs(scale);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / KV, kh = t % KV;
+      const BFloat16* pt = pp + t * R * Lp;
       transpose(vp + b * v.stride(0) + kh * v.stride(1), L, D, v.stride(2), vt.data(), Lp);  // V^T [D, Lp]
       pack_b(vt.data(), vt_packed.data(), D, Lp, Lp);
       copy_rows(kp + b * k.stride(0) + kh * k.stride(1), L, D, k.stride(2), kpad.data());  // K [Lp, D]
       pack_b(kpad.data(), k_packed.data(), Lp, D, D);
-      for (int64_t g = 0; g < G; ++g) {
-        const int64_t h = kh * G + g;
-        const BFloat16* ph = pp + (b * H + h) * Lr * Lp;
-        const BFloat16* gh = gp + b * L * ld_grad + h * D;  // this head's output gradient [L, D]
-        const BFloat16* qh = qp + b * q.stride(0) + h * q.stride(1);
-        // dV^T [D, Lp] += dO^T [D, Lr] @ P [Lr, Lp]: summed over the heads that share this value head.
-        transpose(gh, L, D, ld_grad, grad_t.data(), Lr);
-        pack_b(ph, p_packed.data(), Lr, Lp, Lp);
-        for (int64_t c0 = 0; c0 < Lp; c0 += NB)  // queries before key c0 see none of keys c0..
-          gemm(grad_t.data() + c0, D, Lr, p_packed.data(), Lr, Lp, c0, Lr - c0, c0, std::min(c0 + NB, Lp), dvt.data(), Lp, g > 0);
-        // dP [L, Lp] = dO @ V^T, then dS = P * (dP - rowsum(P * dP)) * scale
-        const Vec vs(scale);
-        for (int64_t r0 = 0; r0 < L; r0 += BM) {
-          const int64_t r1 = std::min(r0 + BM, L);
-          gemm(gh + r0 * ld_grad, r1 - r0, ld_grad, vt_packed.data(), D, Lp, 0, D, 0, round_up(r1, 32), dp.data() + r0 * Lp, Lp, false);
-          for (int64_t i = r0; i < r1; ++i) {
-            float* r = dp.data() + i * Lp;
-            const BFloat16* prow = ph + i * Lp;
-            BFloat16* drow = ds.data() + i * Lp;
-            const int64_t seen = std::min(Lp, round_up(i + 1, 2 * VL));  // P is zero past key i
-            Vec acc(0.f);
-            for (int64_t j = 0; j < seen; j += 2 * VL) {
-              auto p = at::vec::convert_to_float<BFloat16>(BVec::loadu(prow + j));
-              acc = acc + std::get<0>(p) * Vec::loadu(r + j) + std::get<1>(p) * Vec::loadu(r + j + VL);
-            }
-            const Vec dot(sum_of(acc));
-            int64_t j = 0;
-            for (; j < seen; j += 2 * VL) {
-              auto p = at::vec::convert_to_float<BFloat16>(BVec::loadu(prow + j));
-              Vec a = std::get<0>(p) * (Vec::loadu(r + j) - dot) * vs;
-              Vec c = std::get<1>(p) * (Vec::loadu(r + j + VL) - dot) * vs;
-              at::vec::convert_from_float<BFloat16>(a, c).store(drow + j);
-            }
-            for (; j < Lp; j += 2 * VL) BVec(BFloat16(0)).store(drow + j);
+      for (int64_t i = 0; i < L; ++i)  // this group's output gradient as rows (position, head)
+        std::memcpy(gg.data() + i * G * D, gp + ((b * L + i) * H + kh * G) * D, G * D * sizeof(BFloat16));
+      gather_query(q, b, kh, d, qg.data());
+      std::fill(dkt.begin(), dkt.end(), 0.f);
+      std::fill(dvt.begin(), dvt.end(), 0.f);
+      for (int64_t p0 = 0; p0 < L; p0 += BP) {
+        const int64_t p1 = std::min(p0 + BP, L), r0 = p0 * G, rows = (p1 - p0) * G, keys = round_up(p1, 32);
+        // dP = dO V^T over keys 0..p1, then dS = P * (dP - rowsum(P * dP)) * scale
+        gemm(gg.data() + r0 * D, rows, D, vt_packed.data(), D, Lp, 0, D, 0, keys, dp.data(), Lp, false);
+        for (int64_t r = 0; r < rows; ++r) {
+          const float* dpr = dp.data() + r * Lp;
+          const BFloat16* prow = pt + (r0 + r) * Lp;
+          BFloat16* drow = ds.data() + r * Lp;
+          const int64_t seen = std::min(Lp, round_up(p0 + r / G + 1, 2 * VL));  // P is zero past the row's key
+          __m512 acc = _mm512_setzero_ps();
+          for (int64_t j = 0; j < seen; j += VL) acc = _mm512_fmadd_ps(bf16_to_float(prow + j), _mm512_loadu_ps(dpr + j), acc);
+          const Vec dot(_mm512_reduce_add_ps(acc));
+          int64_t j = 0;
+          for (; j < seen; j += 2 * VL) {
+            Vec a = Vec(bf16_to_float(prow + j)) * (Vec::loadu(dpr + j) - dot) * vs;
+            Vec c = Vec(bf16_to_float(prow + j + VL)) * (Vec::loadu(dpr + j + VL) - dot) * vs;
+            at::vec::convert_from_float<BFloat16>(a, c).store(drow + j);
           }
-          // dQ [r0:r1] = dS [r0:r1, keys 0..r1) @ K
-          gemm(ds.data() + r0 * Lp, r1 - r0, Lp, k_packed.data(), Lp, D, 0, round_up(r1, 2), 0, D, dqf.data() + r0 * D, D, false);
+          for (; j < Lp; j += 2 * VL) BVec(BFloat16(0)).store(drow + j);
         }
-        to_bf16(dqf.data(), dqp + (b * H + h) * L * D, L * D);
-        // dK^T [D, Lp] += Q^T [D, Lr] @ dS [Lr, Lp]
-        transpose(qh, L, D, q.stride(2), qt.data(), Lr);
-        pack_b(ds.data(), ds_packed.data(), Lr, Lp, Lp);
-        for (int64_t c0 = 0; c0 < Lp; c0 += NB)
-          gemm(qt.data() + c0, D, Lr, ds_packed.data(), Lr, Lp, c0, Lr - c0, c0, std::min(c0 + NB, Lp), dkt.data(), Lp, g > 0);
+        // dQ = dS K over the same keys
+        gemm(ds.data(), rows, Lp, k_packed.data(), Lp, D, 0, round_up(p1, 2), 0, D, dqf.data(), D, false);
+        for (int64_t i = p0; i < p1; ++i) to_bf16(dqf.data() + (i - p0) * G * D, dqp + ((b * L + i) * H + kh * G) * D, G * D);
+        // dV^T [D, keys] += dO^T [D, rows] @ P [rows, keys] and dK^T += Q^T @ dS: the block's rows, all the group's
+        // heads in one product (rows rounded up to a pair: the padding position's rows are zero).
+        const int64_t pairs = round_up(rows, 2);
+        transpose(gg.data() + r0 * D, pairs, D, D, gt.data(), pairs);
+        pack_b(pt + r0 * Lp, p_packed.data(), pairs, keys, Lp);
+        gemm(gt.data(), D, pairs, p_packed.data(), pairs, keys, 0, pairs, 0, keys, dvt.data(), Lp, true);
+        transpose(qg.data() + r0 * D, pairs, D, D, qt.data(), pairs);
+        if (pairs > rows) std::fill(ds.data() + rows * Lp, ds.data() + pairs * Lp, BFloat16(0));
+        pack_b(ds.data(), ds_packed.data(), pairs, keys, Lp);
+        gemm(qt.data(), D, pairs, ds_packed.data(), pairs, keys, 0, pairs, 0, keys, dkt.data(), Lp, true);
       }
       // [D, L] fp32 sums -> [L, D] bf16
       for (int64_t i = 0; i < D; ++i) to_bf16(dkt.data() + i * Lp, staged.data() + i * Lp, Lp);
