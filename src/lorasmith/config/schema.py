@@ -38,9 +38,9 @@ class ModelConfig:
     (cached per machine, `lorasmith doctor` shows the figures); else sdpa."""
     cpu_attention_kernel: bool = True
     """Under sdpa_fp32, compiled rows up to the measured length run lorasmith's causal attention kernel (C++,
-    built once per machine; models/cpu_attention.py) where the CPU has bf16 brgemm (AMX, AVX512-BF16): the
-    same arithmetic as the bmm path, in cache (AMX Xeon, compiled forward + backward per layer: 8 x 112 tokens
-    2.8 ms against 4.6, 4 x 512 13.5 against 25.9). false keeps the bmm path."""
+    built once per machine; models/cpu_attention.py) on CPUs with AMX: the same arithmetic as the bmm path, in
+    cache, keeping a log-sum-exp per row rather than a probability per score (AMX Xeon, compiled forward +
+    backward per layer: 8 x 112 tokens 2.8 ms against 4.6, 4 x 512 13.5 against 25.9). false keeps the bmm path."""
     chat_template: str | None = None
     """A Jinja chat template file that replaces the tokenizer's own, or a shipped one by name: `chatml-tools`
     (ChatML with Hermes/Qwen2.5-style `<tool_call>` JSON, for tool-calling data on ChatML models)."""

@@ -63,8 +63,8 @@ class _CausalSoftmax(torch.autograd.Function):
 
 
 def causal_matmul_attention(query, key, value, scaling: float):
-    """sdpa_fp32's compiled path for short rows: models/cpu_attention.py's kernel where it is built (CPUs with
-    bf16 brgemm), else bmm_causal_attention. The same arithmetic either way; the kernel keeps it in cache."""
+    """sdpa_fp32's compiled path for short rows: models/cpu_attention.py's kernel where it is taken (CPUs with
+    AMX), else bmm_causal_attention. The same arithmetic either way; the kernel keeps it in cache."""
     if cpu_attention.usable(query, key, value):
         return cpu_attention.causal_attention(query, key, value, scaling)
     return bmm_causal_attention(query, key, value, scaling)

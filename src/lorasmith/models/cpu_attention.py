@@ -1,4 +1,4 @@
-"""Causal attention for short rows as one C++ kernel on CPUs with bf16 brgemm (AMX, AVX512-BF16).
+"""Causal attention for short rows as one C++ kernel on CPUs with AMX.
 
 Why a kernel of our own: on the Intel Xeon with AMX the compiled matmul path of models/attention.py runs two
 batched matmuls at a quarter of the projections' rate and writes every score to memory between them (the
@@ -6,15 +6,18 @@ scores, the softmax and its copies were ~14% of a training step, 8 x 112 tokens:
 in the step against 0.11 alone, 0.96 ms a softmax). PyTorch's CPU flash kernel is slower still in bf16, and
 FlexAttention has no CPU backward (torch 2.13). Here each (row, key/value head) pair runs its heads' scores,
 causal softmax and products in the core's cache, the products on oneDNN's brgemm micro-kernels (the ones
-PyTorch's own CPU flash kernel calls), the softmax in fp32. It keeps what the matmul path keeps for the
-backward pass: the bf16 probabilities, zero past each row's last key.
+PyTorch's own CPU flash kernel calls), the softmax in fp32. For the backward pass it keeps each row's
+log-sum-exp, as flash kernels do, and computes the probabilities again there: the bmm path keeps them all (2 MB
+a layer at 8 x 112 tokens, 19 MB at 4 x 512), which its backward pass reads back from memory.
 
 The kernel is built on first use with torch's C++ extension builder (a C++ compiler, as torch.compile needs
 on a CPU, and ninja) into torch's extensions folder (``$TORCH_EXTENSIONS_DIR``, else
 ``~/.cache/torch_extensions``), one build per CPU model, torch version and source, since it is compiled for
 this CPU's instructions (~30 s, once; torch's builder locks the folder, so a run's processes build it once).
-Where that fails, where the CPU's oneDNN has no bf16 brgemm, or with ``model.cpu_attention_kernel: false``,
-attention keeps the bmm path. Forward and backward are torch custom ops, so compiled layers call them as
+Taken on CPUs with AMX, where it was measured (docs/benchmarks.md, "Thirteenth round"). oneDNN's bf16 brgemm
+also runs on AVX512-BF16 alone (AMD Zen 4, Intel Cooper Lake), where neither path has been timed against the
+other, so there, where the build fails, or with ``model.cpu_attention_kernel: false``, attention keeps the bmm
+path. Forward and backward are torch custom ops, so compiled layers call them as
 opaque kernels and autograd reaches the backward one.
 """
 
@@ -36,8 +39,10 @@ VERSION = hashlib.sha1(SOURCE.read_bytes() + Path(__file__).read_bytes()).hexdig
 shapes, so a graph cached before the kernel's layouts changed would otherwise be handed the new kernel."""
 
 _kernel = None
-"""The built extension once prepare() found it usable; None before, or where it is not."""
-_tried = False
+"""The built extension once load() built it on a CPU with bf16 brgemm; None before, or where it is not."""
+_loaded = False
+taken = False
+"""Whether compiled attention takes the kernel (prepare() on a CPU with AMX)."""
 
 
 def _round_up(n, multiple: int):
@@ -64,41 +69,56 @@ def _build():
     return load(name, [str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"])
 
 
-def _has_bf16_vector_units() -> bool:
-    """AVX-512 (the kernel's vector code) with AVX512-BF16 or AMX (oneDNN's bf16 brgemm), asked of torch's CPU
-    checks; where this torch lacks them, the build and oneDNN's own check decide."""
+def _has_amx() -> bool:
+    """AVX-512 and AMX tiles (where the kernel was measured), asked of torch's CPU checks."""
+    cpu = torch.cpu
+    try:
+        return cpu._is_avx512_supported() and cpu._is_amx_tile_supported()
+    except AttributeError:  # a torch without these checks: not measured there either
+        return False
+
+
+def _has_bf16_brgemm() -> bool:
+    """AVX-512 (the kernel's vector code) with AVX512-BF16 or AMX (oneDNN's bf16 brgemm)."""
     cpu = torch.cpu
     try:
         return cpu._is_avx512_supported() and (cpu._is_avx512_bf16_supported() or cpu._is_amx_tile_supported())
     except AttributeError:
-        return torch.backends.cpu.get_cpu_capability() == "AVX512"
+        return False
 
 
-def prepare() -> bool:
-    """Build or load the kernel where this CPU can run it; True if attention will use it. Called before
-    compiling (never inside a traced function), once per process."""
-    global _kernel, _tried
-    if _tried:
+def load() -> bool:
+    """Build or load the kernel where this CPU can run it (once per process); True if it is loaded."""
+    global _kernel, _loaded
+    if _loaded:
         return _kernel is not None
-    _tried = True
-    if not _has_bf16_vector_units():
+    _loaded = True
+    if not _has_bf16_brgemm():
         return False
     try:
         kernel = _build()
     except Exception as e:  # no compiler, no ninja, no headers: the matmul path is there
         log.warning("lorasmith's CPU attention kernel could not be built; the bmm path stays: %s", str(e).strip()[:300])
         return False
-    if not kernel.supported():
-        return False
-    _kernel = kernel
-    log.info("attention: lorasmith's fused causal attention kernel (bf16 brgemm) for the compiled short rows")
-    return True
+    if kernel.supported():
+        _kernel = kernel
+    return _kernel is not None
+
+
+def prepare() -> bool:
+    """Have compiled attention take the kernel where it was measured faster (CPUs with AMX); True if it will.
+    Called before compiling (never inside a traced function)."""
+    global taken
+    if not taken and _has_amx() and load():
+        taken = True
+        log.info("attention: lorasmith's fused causal attention kernel (AMX) for the compiled short rows")
+    return taken
 
 
 def usable(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
-    """Whether these inputs can take the kernel: prepared, CPU, bf16, an even head size."""
+    """Whether these inputs take the kernel: prepared, CPU, bf16, an even head size."""
     return (
-        _kernel is not None
+        taken
         and query.device.type == "cpu"
         and query.dtype == key.dtype == value.dtype == torch.bfloat16
         and query.shape[-1] % 2 == 0
@@ -108,28 +128,27 @@ def usable(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
 
 @torch.library.custom_op(f"lorasmith::causal_attention_{VERSION}", mutates_args=())
 def _forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
-    out, probs = _kernel.forward(query, key, value, scaling)
-    return out, probs
+    out, lse = _kernel.forward(query, key, value, scaling)
+    return out, lse
 
 
 @_forward.register_fake
 def _(query, key, value, scaling):
     batch, heads, length, dim = query.shape
-    groups = heads // key.shape[1]
-    probs = query.new_empty(batch, key.shape[1], _round_up(length, 2) * groups, _round_up(length, 32))
-    return query.new_empty(batch, length, heads, dim), probs
+    lse = query.new_empty(batch, key.shape[1], _round_up(length, 2) * (heads // key.shape[1]), dtype=torch.float32)
+    return query.new_empty(batch, length, heads, dim), lse
 
 
 @torch.library.custom_op(f"lorasmith::causal_attention_backward_{VERSION}", mutates_args=())
 def _backward(
-    grad: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, probs: torch.Tensor, scaling: float
+    grad: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, lse: torch.Tensor, scaling: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    dq, dk, dv = _kernel.backward(grad, query, key, value, probs, scaling)
+    dq, dk, dv = _kernel.backward(grad, query, key, value, lse, scaling)
     return dq, dk, dv
 
 
 @_backward.register_fake
-def _(grad, query, key, value, probs, scaling):
+def _(grad, query, key, value, lse, scaling):
     batch, heads, length, dim = query.shape
     return query.new_empty(batch, length, heads, dim), key.new_empty(key.shape), value.new_empty(value.shape)
 
@@ -139,12 +158,12 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(query, key, value, output[1])
     ctx.scaling = scaling
     ctx.mark_non_differentiable(output[1])
-    ctx.set_materialize_grads(False)  # the probabilities' gradient is never used: no zeros for it
+    ctx.set_materialize_grads(False)  # the log-sum-exp's gradient is never used: no zeros for it
 
 
-def _grad(ctx, grad_out, _grad_probs):
-    query, key, value, probs = ctx.saved_tensors
-    dq, dk, dv = _backward(grad_out, query, key, value, probs, ctx.scaling)
+def _grad(ctx, grad_out, _grad_lse):
+    query, key, value, lse = ctx.saved_tensors
+    dq, dk, dv = _backward(grad_out, query, key, value, lse, ctx.scaling)
     return dq.transpose(1, 2), dk, dv, None  # the query gradient comes as [B, L, H, D], the layout of q_proj's output
 
 

@@ -1,10 +1,10 @@
-// Causal grouped-query attention for short rows on CPUs whose oneDNN has bf16 brgemm (AMX, AVX512-BF16),
+// Causal grouped-query attention for short rows on CPUs whose oneDNN has bf16 brgemm (AMX, or AVX512-BF16),
 // forward and backward, each (row, key/value head) pair done in the core's cache. See models/cpu_attention.py
 // for why it exists and how it is built and checked.
 //
 // Layouts: query [B, H, L, D], key and value [B, KV, L, D] (any strides, head dimension contiguous); out and
-// the query gradient [B, L, H, D] (what the attention module transposes to anyway); probs [B, KV, Lr * G, Lp]
-// bf16, the causal softmax kept for the backward pass, zero past each row's last key. Within a key/value head
+// the query gradient [B, L, H, D] (what the attention module transposes to anyway); lse [B, KV, Lr * G] fp32,
+// each row's log-sum-exp, all the backward pass keeps to recompute the probabilities. Within a key/value head
 // the G query heads that share it are rows (position, head): one product covers them all, and a block of
 // positions needs the keys up to its last position only. Lr = L rounded up to 2 (oneDNN's VNNI layout packs
 // rows in pairs), Lp = L rounded up to 32.
@@ -95,12 +95,14 @@ inline __m512 bf16_to_float(const BFloat16* p) {
 
 inline __mmask16 first(int64_t n) { return n >= 16 ? __mmask16(0xffff) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1); }
 
-// Row i of scores (fp32, Lp wide) -> its causal softmax over keys 0..i, written as bf16 with zeros after.
-void softmax_row(float* row, int64_t i, int64_t Lp, float scale, BFloat16* out) {
+// Row i of scores (fp32, Lp wide) -> its causal softmax over keys 0..i, written as bf16 with zeros after;
+// returns the row's log-sum-exp (of the scaled scores).
+float softmax_row(float* row, int64_t i, int64_t Lp, float scale, BFloat16* out) {
   const int64_t n = i + 1;
   __m512 m = _mm512_set1_ps(-INFINITY);
   for (int64_t j = 0; j < n; j += 16) m = _mm512_mask_max_ps(m, first(n - j), m, _mm512_loadu_ps(row + j));
-  const __m512 vs = _mm512_set1_ps(scale), vm = _mm512_set1_ps(_mm512_reduce_max_ps(m) * scale);
+  const float mx = _mm512_reduce_max_ps(m) * scale;
+  const __m512 vs = _mm512_set1_ps(scale), vm = _mm512_set1_ps(mx);
   __m512 acc = _mm512_setzero_ps();
   for (int64_t j = 0; j < n; j += 16) {
     const __m512 e = _mm512_maskz_mov_ps(first(n - j), exp_nonpositive(_mm512_fmsub_ps(_mm512_loadu_ps(row + j), vs, vm)));
@@ -108,10 +110,27 @@ void softmax_row(float* row, int64_t i, int64_t Lp, float scale, BFloat16* out) 
     acc = _mm512_add_ps(acc, e);
   }
   if (round_up(n, 16) < round_up(n, 32)) _mm512_storeu_ps(row + round_up(n, 16), _mm512_setzero_ps());
-  const Vec inv(1.0f / _mm512_reduce_add_ps(acc));
+  const float sum = _mm512_reduce_add_ps(acc);
+  const Vec inv(1.0f / sum);
   int64_t j = 0;
   for (; j < n; j += 2 * VL)  // zero past key i: masked or zeroed above
     at::vec::convert_from_float<BFloat16>(Vec::loadu(row + j) * inv, Vec::loadu(row + j + VL) * inv).store(out + j);
+  for (; j < Lp; j += 2 * VL) BVec(BFloat16(0)).store(out + j);
+  return mx + std::log(sum);
+}
+
+// The backward pass's probabilities, from the scores again and the forward's log-sum-exp: exp(s * scale - lse)
+// over keys 0..i, bf16, zeros after (the same values the forward's normalisation gave, to fp32 rounding).
+void probs_row(const float* row, int64_t i, int64_t Lp, float scale, float lse, BFloat16* out) {
+  const int64_t n = i + 1;
+  const __m512 vs = _mm512_set1_ps(scale), vl = _mm512_set1_ps(lse);
+  int64_t j = 0;
+  for (; j < n; j += 2 * VL) {
+    const __m512 a = _mm512_maskz_mov_ps(first(n - j), exp_nonpositive(_mm512_fmsub_ps(_mm512_loadu_ps(row + j), vs, vl)));
+    const __m512 c = n - j > VL ? _mm512_maskz_mov_ps(first(n - j - VL), exp_nonpositive(_mm512_fmsub_ps(_mm512_loadu_ps(row + j + VL), vs, vl)))
+                                : _mm512_setzero_ps();
+    at::vec::convert_from_float<BFloat16>(Vec(a), Vec(c)).store(out + j);
+  }
   for (; j < Lp; j += 2 * VL) BVec(BFloat16(0)).store(out + j);
 }
 
@@ -149,12 +168,14 @@ std::vector<at::Tensor> forward(at::Tensor q, at::Tensor k, at::Tensor v, double
   const Dims d = dims_of(q, k);
   const int64_t B = d.B, H = d.H, KV = d.KV, G = d.G, L = d.L, D = d.D, Lp = d.Lp, R = d.R;
   auto out = at::empty({B, L, H, D}, q.options());
-  auto probs = at::empty({B, KV, R, Lp}, q.options());
+  auto lse = at::zeros({B, KV, R}, q.options().dtype(at::kFloat));  // the padding position's rows stay 0
   const BFloat16 *kp = k.data_ptr<BFloat16>(), *vp = v.data_ptr<BFloat16>();
-  BFloat16 *op = out.data_ptr<BFloat16>(), *pp = probs.data_ptr<BFloat16>();
+  BFloat16* op = out.data_ptr<BFloat16>();
+  float* lp = lse.data_ptr<float>();
   const float scale = scaling;
   at::parallel_for(0, B * KV, 1, [&](int64_t t0, int64_t t1) {
     std::vector<BFloat16> qg(L * G * D), kt(D * Lp, BFloat16(0)), kt_packed(D * Lp), vpad(Lp * D, BFloat16(0)), v_packed(Lp * D);
+    std::vector<BFloat16> pb(BP * G * Lp);
     std::vector<float> s(BP * G * Lp), o(BP * G * D);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / KV, kh = t % KV;
@@ -163,35 +184,35 @@ std::vector<at::Tensor> forward(at::Tensor q, at::Tensor k, at::Tensor v, double
       pack_b(kt.data(), kt_packed.data(), D, Lp, Lp);
       copy_rows(vp + b * v.stride(0) + kh * v.stride(1), L, D, v.stride(2), vpad.data());  // V [Lp, D]
       pack_b(vpad.data(), v_packed.data(), Lp, D, D);
-      BFloat16* pt = pp + t * R * Lp;
       for (int64_t p0 = 0; p0 < L; p0 += BP) {
         const int64_t p1 = std::min(p0 + BP, L), r0 = p0 * G, rows = (p1 - p0) * G;
         // S = Q K^T over keys 0..p1, the causal softmax per row, then P V over the same keys
         gemm(qg.data() + r0 * D, rows, D, kt_packed.data(), D, Lp, 0, D, 0, round_up(p1, 32), s.data(), Lp, false);
-        for (int64_t r = 0; r < rows; ++r) softmax_row(s.data() + r * Lp, p0 + r / G, Lp, scale, pt + (r0 + r) * Lp);
-        gemm(pt + r0 * Lp, rows, Lp, v_packed.data(), Lp, D, 0, round_up(p1, 2), 0, D, o.data(), D, false);
+        for (int64_t r = 0; r < rows; ++r) lp[t * R + r0 + r] = softmax_row(s.data() + r * Lp, p0 + r / G, Lp, scale, pb.data() + r * Lp);
+        gemm(pb.data(), rows, Lp, v_packed.data(), Lp, D, 0, round_up(p1, 2), 0, D, o.data(), D, false);
         for (int64_t i = p0; i < p1; ++i) to_bf16(o.data() + (i - p0) * G * D, op + ((b * L + i) * H + kh * G) * D, G * D);
       }
-      std::fill(pt + L * G * Lp, pt + R * Lp, BFloat16(0));  // the padding position's rows
     }
     cpublas::brgemm_release(true);
   });
-  return {out, probs};
+  return {out, lse};
 }
 
 // grad [B, L, H, D] -> query gradient [B, L, H, D], key and value gradients [B, KV, L, D], all contiguous.
-std::vector<at::Tensor> backward(at::Tensor grad, at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor probs, double scaling) {
+std::vector<at::Tensor> backward(at::Tensor grad, at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor lse, double scaling) {
   grad = grad.contiguous(), q = head_contiguous(q), k = head_contiguous(k), v = head_contiguous(v);
   const Dims d = dims_of(q, k);
   const int64_t B = d.B, H = d.H, KV = d.KV, G = d.G, L = d.L, D = d.D, Lp = d.Lp, R = d.R;
-  TORCH_CHECK(probs.is_contiguous() && probs.size(2) == R && probs.size(3) == Lp, "probabilities of another shape");
+  TORCH_CHECK(lse.is_contiguous() && lse.scalar_type() == at::kFloat && lse.size(2) == R, "log-sum-exps of another shape");
   auto dq = at::empty({B, L, H, D}, q.options()), dk = at::empty({B, KV, L, D}, k.options()), dv = at::empty({B, KV, L, D}, v.options());
   const BFloat16 *kp = k.data_ptr<BFloat16>(), *vp = v.data_ptr<BFloat16>();
-  const BFloat16 *gp = grad.data_ptr<BFloat16>(), *pp = probs.data_ptr<BFloat16>();
+  const BFloat16* gp = grad.data_ptr<BFloat16>();
+  const float* lp = lse.data_ptr<float>();
   BFloat16 *dqp = dq.data_ptr<BFloat16>(), *dkp = dk.data_ptr<BFloat16>(), *dvp = dv.data_ptr<BFloat16>();
   const float scale = scaling;
   at::parallel_for(0, B * KV, 1, [&](int64_t t0, int64_t t1) {
     // Rows past L * G and columns past L stay zero: they pad the products' shared dimensions.
+    std::vector<BFloat16> kt(D * Lp, BFloat16(0)), kt_packed(D * Lp), pb((BP * G + 1) * Lp);
     std::vector<BFloat16> vt(D * Lp, BFloat16(0)), vt_packed(D * Lp), kpad(Lp * D, BFloat16(0)), k_packed(Lp * D),
         gg(R * D, BFloat16(0)), qg(R * D, BFloat16(0)), ds((BP * G + 1) * Lp), gt(D * BP * G), qt(D * BP * G),
         p_packed(BP * G * Lp), ds_packed(BP * G * Lp), staged(D * Lp);
@@ -199,7 +220,8 @@ std::vector<at::Tensor> backward(at::Tensor grad, at::Tensor q, at::Tensor k, at
     const Vec vs(scale);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / KV, kh = t % KV;
-      const BFloat16* pt = pp + t * R * Lp;
+      transpose(kp + b * k.stride(0) + kh * k.stride(1), L, D, k.stride(2), kt.data(), Lp);  // K^T [D, Lp]
+      pack_b(kt.data(), kt_packed.data(), D, Lp, Lp);
       transpose(vp + b * v.stride(0) + kh * v.stride(1), L, D, v.stride(2), vt.data(), Lp);  // V^T [D, Lp]
       pack_b(vt.data(), vt_packed.data(), D, Lp, Lp);
       copy_rows(kp + b * k.stride(0) + kh * k.stride(1), L, D, k.stride(2), kpad.data());  // K [Lp, D]
@@ -211,11 +233,16 @@ std::vector<at::Tensor> backward(at::Tensor grad, at::Tensor q, at::Tensor k, at
       std::fill(dvt.begin(), dvt.end(), 0.f);
       for (int64_t p0 = 0; p0 < L; p0 += BP) {
         const int64_t p1 = std::min(p0 + BP, L), r0 = p0 * G, rows = (p1 - p0) * G, keys = round_up(p1, 32);
-        // dP = dO V^T over keys 0..p1, then dS = P * (dP - rowsum(P * dP)) * scale
+        // P again: S = Q K^T over keys 0..p1, exp(S * scale - lse); rows rounded up to a pair are zero
+        gemm(qg.data() + r0 * D, rows, D, kt_packed.data(), D, Lp, 0, D, 0, keys, dp.data(), Lp, false);
+        for (int64_t r = 0; r < rows; ++r) probs_row(dp.data() + r * Lp, p0 + r / G, Lp, scale, lp[t * R + r0 + r], pb.data() + r * Lp);
+        const int64_t pairs = round_up(rows, 2);
+        if (pairs > rows) std::fill(pb.data() + rows * Lp, pb.data() + pairs * Lp, BFloat16(0));
+        // dP = dO V^T over the same keys, then dS = P * (dP - rowsum(P * dP)) * scale
         gemm(gg.data() + r0 * D, rows, D, vt_packed.data(), D, Lp, 0, D, 0, keys, dp.data(), Lp, false);
         for (int64_t r = 0; r < rows; ++r) {
           const float* dpr = dp.data() + r * Lp;
-          const BFloat16* prow = pt + (r0 + r) * Lp;
+          const BFloat16* prow = pb.data() + r * Lp;
           BFloat16* drow = ds.data() + r * Lp;
           const int64_t seen = std::min(Lp, round_up(p0 + r / G + 1, 2 * VL));  // P is zero past the row's key
           __m512 acc = _mm512_setzero_ps();
@@ -234,9 +261,8 @@ std::vector<at::Tensor> backward(at::Tensor grad, at::Tensor q, at::Tensor k, at
         for (int64_t i = p0; i < p1; ++i) to_bf16(dqf.data() + (i - p0) * G * D, dqp + ((b * L + i) * H + kh * G) * D, G * D);
         // dV^T [D, keys] += dO^T [D, rows] @ P [rows, keys] and dK^T += Q^T @ dS: the block's rows, all the group's
         // heads in one product (rows rounded up to a pair: the padding position's rows are zero).
-        const int64_t pairs = round_up(rows, 2);
         transpose(gg.data() + r0 * D, pairs, D, D, gt.data(), pairs);
-        pack_b(pt + r0 * Lp, p_packed.data(), pairs, keys, Lp);
+        pack_b(pb.data(), p_packed.data(), pairs, keys, Lp);
         gemm(gt.data(), D, pairs, p_packed.data(), pairs, keys, 0, pairs, 0, keys, dvt.data(), Lp, true);
         transpose(qg.data() + r0 * D, pairs, D, D, qt.data(), pairs);
         if (pairs > rows) std::fill(ds.data() + rows * Lp, ds.data() + pairs * Lp, BFloat16(0));
