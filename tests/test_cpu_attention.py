@@ -102,6 +102,15 @@ def test_custom_ops_pass_torch_library_checks():
     torch.library.opcheck(backward, (grad, q, k, v, lse, 0.25))
 
 
+def test_model_cpu_attention_kernel_false_keeps_the_bmm_path_in_this_process(monkeypatch):
+    """A model compiled with the kernel, then one with model.cpu_attention_kernel: false, in one process."""
+    monkeypatch.setattr(cpu_attention, "taken", cpu_attention.taken)  # restored afterwards
+    q, k, v, _ = _inputs(1, 4, 2, 8, 16)
+    if cpu_attention.prepare():  # where this CPU has AMX
+        assert cpu_attention.usable(q, k, v)
+    assert not cpu_attention.prepare(False) and not cpu_attention.usable(q, k, v)
+
+
 def test_inputs_the_kernel_does_not_take_keep_the_bmm_path(taken):
     q, k, v, _ = _inputs(1, 4, 2, 8, 16)
     assert cpu_attention.usable(q, k, v)

@@ -105,11 +105,14 @@ def load() -> bool:
     return _kernel is not None
 
 
-def prepare() -> bool:
-    """Have compiled attention take the kernel where it was measured faster (CPUs with AMX); True if it will.
-    Called before compiling (never inside a traced function)."""
+def prepare(enabled: bool = True) -> bool:
+    """Have compiled attention take the kernel where it was measured faster (CPUs with AMX), or not (``enabled``
+    False: model.cpu_attention_kernel); True if it will. Called before compiling (never inside a traced
+    function), for each model compiled in this process."""
     global taken
-    if not taken and _has_amx() and load():
+    if not enabled:
+        taken = False
+    elif not taken and _has_amx() and load():
         taken = True
         log.info("attention: lorasmith's fused causal attention kernel (AMX) for the compiled short rows")
     return taken

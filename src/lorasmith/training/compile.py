@@ -73,8 +73,7 @@ def matmul_attention_rows(model_cfg, attention: str, precision, device: torch.de
     bf16 autocast for this model's heads (models/probe.py, cached per machine)."""
     if attention != SDPA_FP32 or device.type != "cpu" or precision.autocast_dtype is None:
         return SHORT_ROWS  # that path is not taken
-    if model_cfg.cpu_attention_kernel:
-        cpu_attention.prepare()  # before the probe, which times the path as training will run it
+    cpu_attention.prepare(model_cfg.cpu_attention_kernel)  # before the probe, which times the path training runs
     rows = probe_matmul_rows(Shapes.of(load_config(model_cfg)))
     log.info("attention: rows up to %d tokens take the compiled matmul path, longer ones SDPA (measured)", rows)
     return rows
