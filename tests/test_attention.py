@@ -35,6 +35,12 @@ def _loss_and_grads(model, batch, precision):
     return float(parts.loss_sum.detach()) / parts.weight_sum, grads
 
 
+def spelled_numbers(tokenizer, pairs):
+    """A right-padded batch of "Spell N in words." conversations, one per (N, words) pair."""
+    rows = [[{"role": "user", "content": f"Spell {n} in words."}, {"role": "assistant", "content": w}] for n, w in pairs]
+    return collate([encode(tokenizer, r, max_length=256) for r in rows], tokenizer.pad_token_id)
+
+
 def assert_close_to_reference(loss, grads, reference, ref_grads):
     """A bf16 compiled step against the eager one: the same loss within 1%, each gradient's direction within 0.99."""
     assert loss == pytest.approx(reference, rel=1e-2)
@@ -168,11 +174,7 @@ def test_compiled_bf16_training_takes_the_matmul_attention_and_stays_close(tiny_
     import lorasmith.models.attention as attention
     from lorasmith.training.compile import compile_decoder_layers
 
-    rows = [
-        [{"role": "user", "content": f"Spell {n} in words."}, {"role": "assistant", "content": w}]
-        for n, w in ((3, "three"), (11, "eleven"), (40, "forty"), (1000, "one thousand"))
-    ]
-    batch = collate([encode(tokenizer, r, max_length=256) for r in rows], tokenizer.pad_token_id)
+    batch = spelled_numbers(tokenizer, ((3, "three"), (11, "eleven"), (40, "forty"), (1000, "one thousand")))
 
     # As training holds it under bf16: base weights in bf16 (so are q, k and v), LoRA in fp32.
     reference, ref_grads = _loss_and_grads(tiny_lora(tiny_model_dir, SDPA_FP32, torch.bfloat16).train(), batch, BF16)
@@ -196,8 +198,7 @@ def test_rows_past_the_measured_limit_take_sdpa(tiny_model_dir, tokenizer, monke
     import lorasmith.models.attention as attention
     from lorasmith.training.compile import compile_decoder_layers
 
-    rows = [[{"role": "user", "content": "Spell 12 in words."}, {"role": "assistant", "content": "twelve"}]] * 2
-    batch = collate([encode(tokenizer, r, max_length=256) for r in rows], tokenizer.pad_token_id)
+    batch = spelled_numbers(tokenizer, [(12, "twelve")] * 2)
     reference, _ = _loss_and_grads(tiny_lora(tiny_model_dir, SDPA_FP32, torch.bfloat16).train(), batch, BF16)
     calls = []
     original = attention.causal_matmul_attention

@@ -124,18 +124,12 @@ def test_compiled_bf16_training_with_the_kernel_stays_close_to_eager(tiny_model_
     """The compiled layers of a bf16 LoRA model take the kernel, and loss and gradients stay those of the eager
     step (the same bound as the bmm path's test in test_attention.py)."""
     from tests.conftest import tiny_lora
-    from tests.test_attention import BF16, _loss_and_grads, assert_close_to_reference
+    from tests.test_attention import BF16, _loss_and_grads, assert_close_to_reference, spelled_numbers
 
-    from lorasmith.data.batching import collate
-    from lorasmith.data.masking import encode
     from lorasmith.models.attention import SDPA_FP32
     from lorasmith.training.compile import compile_decoder_layers
 
-    rows = [
-        [{"role": "user", "content": f"Spell {n} in words."}, {"role": "assistant", "content": w}]
-        for n, w in ((7, "seven"), (12, "twelve"), (90, "ninety"), (300, "three hundred"))
-    ]
-    batch = collate([encode(tokenizer, r, max_length=256) for r in rows], tokenizer.pad_token_id)
+    batch = spelled_numbers(tokenizer, ((7, "seven"), (12, "twelve"), (90, "ninety"), (300, "three hundred")))
     reference, ref_grads = _loss_and_grads(tiny_lora(tiny_model_dir, SDPA_FP32, torch.bfloat16).train(), batch, BF16)
     calls = []
     original = cpu_attention.causal_attention
