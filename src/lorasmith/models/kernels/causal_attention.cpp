@@ -147,6 +147,19 @@ Dims dims_of(const at::Tensor& q, const at::Tensor& k) {
 
 at::Tensor head_contiguous(const at::Tensor& t) { return t.stride(3) == 1 ? t : t.contiguous(); }
 
+// Key/value head h of row b, [L, D], as a packed B operand: as it is ([Lp, D]) or transposed ([D, Lp]). The rows or
+// columns past L of ``staging`` are zero and stay so: they pad the products' shared dimension.
+void pack_head(const at::Tensor& t, int64_t b, int64_t h, const Dims& d, bool transposed, BFloat16* staging, BFloat16* out) {
+  const BFloat16* src = t.data_ptr<BFloat16>() + b * t.stride(0) + h * t.stride(1);
+  if (transposed) {
+    transpose(src, d.L, d.D, t.stride(2), staging, d.Lp);
+    pack_b(staging, out, d.D, d.Lp, d.Lp);
+  } else {
+    copy_rows(src, d.L, d.D, t.stride(2), staging);
+    pack_b(staging, out, d.Lp, d.D, d.D);
+  }
+}
+
 // The G query heads of key/value head kh of row b as rows (position, head) [L * G, D].
 void gather_query(const at::Tensor& q, int64_t b, int64_t kh, const Dims& d, BFloat16* dst) {
   const BFloat16* base = q.data_ptr<BFloat16>() + b * q.stride(0) + kh * d.G * q.stride(1);
@@ -169,7 +182,6 @@ std::vector<at::Tensor> forward(at::Tensor q, at::Tensor k, at::Tensor v, double
   const int64_t B = d.B, H = d.H, KV = d.KV, G = d.G, L = d.L, D = d.D, Lp = d.Lp, R = d.R;
   auto out = at::empty({B, L, H, D}, q.options());
   auto lse = at::zeros({B, KV, R}, q.options().dtype(at::kFloat));  // the padding position's rows stay 0
-  const BFloat16 *kp = k.data_ptr<BFloat16>(), *vp = v.data_ptr<BFloat16>();
   BFloat16* op = out.data_ptr<BFloat16>();
   float* lp = lse.data_ptr<float>();
   const float scale = scaling;
@@ -180,10 +192,8 @@ std::vector<at::Tensor> forward(at::Tensor q, at::Tensor k, at::Tensor v, double
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / KV, kh = t % KV;
       gather_query(q, b, kh, d, qg.data());
-      transpose(kp + b * k.stride(0) + kh * k.stride(1), L, D, k.stride(2), kt.data(), Lp);  // K^T [D, Lp]
-      pack_b(kt.data(), kt_packed.data(), D, Lp, Lp);
-      copy_rows(vp + b * v.stride(0) + kh * v.stride(1), L, D, v.stride(2), vpad.data());  // V [Lp, D]
-      pack_b(vpad.data(), v_packed.data(), Lp, D, D);
+      pack_head(k, b, kh, d, true, kt.data(), kt_packed.data());  // K^T [D, Lp]
+      pack_head(v, b, kh, d, false, vpad.data(), v_packed.data());  // V [Lp, D]
       for (int64_t p0 = 0; p0 < L; p0 += BP) {
         const int64_t p1 = std::min(p0 + BP, L), r0 = p0 * G, rows = (p1 - p0) * G;
         // S = Q K^T over keys 0..p1, the causal softmax per row, then P V over the same keys
@@ -205,7 +215,6 @@ std::vector<at::Tensor> backward(at::Tensor grad, at::Tensor q, at::Tensor k, at
   const int64_t B = d.B, H = d.H, KV = d.KV, G = d.G, L = d.L, D = d.D, Lp = d.Lp, R = d.R;
   TORCH_CHECK(lse.is_contiguous() && lse.scalar_type() == at::kFloat && lse.size(2) == R, "log-sum-exps of another shape");
   auto dq = at::empty({B, L, H, D}, q.options()), dk = at::empty({B, KV, L, D}, k.options()), dv = at::empty({B, KV, L, D}, v.options());
-  const BFloat16 *kp = k.data_ptr<BFloat16>(), *vp = v.data_ptr<BFloat16>();
   const BFloat16* gp = grad.data_ptr<BFloat16>();
   const float* lp = lse.data_ptr<float>();
   BFloat16 *dqp = dq.data_ptr<BFloat16>(), *dkp = dk.data_ptr<BFloat16>(), *dvp = dv.data_ptr<BFloat16>();
@@ -220,12 +229,9 @@ std::vector<at::Tensor> backward(at::Tensor grad, at::Tensor q, at::Tensor k, at
     const Vec vs(scale);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / KV, kh = t % KV;
-      transpose(kp + b * k.stride(0) + kh * k.stride(1), L, D, k.stride(2), kt.data(), Lp);  // K^T [D, Lp]
-      pack_b(kt.data(), kt_packed.data(), D, Lp, Lp);
-      transpose(vp + b * v.stride(0) + kh * v.stride(1), L, D, v.stride(2), vt.data(), Lp);  // V^T [D, Lp]
-      pack_b(vt.data(), vt_packed.data(), D, Lp, Lp);
-      copy_rows(kp + b * k.stride(0) + kh * k.stride(1), L, D, k.stride(2), kpad.data());  // K [Lp, D]
-      pack_b(kpad.data(), k_packed.data(), Lp, D, D);
+      pack_head(k, b, kh, d, true, kt.data(), kt_packed.data());  // K^T [D, Lp]
+      pack_head(v, b, kh, d, true, vt.data(), vt_packed.data());  // V^T [D, Lp]
+      pack_head(k, b, kh, d, false, kpad.data(), k_packed.data());  // K [Lp, D]
       for (int64_t i = 0; i < L; ++i)  // this group's output gradient as rows (position, head)
         std::memcpy(gg.data() + i * G * D, gp + ((b * L + i) * H + kh * G) * D, G * D * sizeof(BFloat16));
       gather_query(q, b, kh, d, qg.data());
