@@ -5,9 +5,9 @@
 
 --by-shape also prints the breakdown issue 29 reads: the base projections and LM head, LoRA's rank-r
 matmuls, attention (its batched matmuls, or models/cpu_attention.py's kernel, softmax included), and
-everything else (the compiled graphs' kernels, per-call costs, the eager first layer), each in ms and as
-a share of the step; --kernels lists the compiled kernels by name (inductor's kernel profiling: a
-separate compilation).
+everything else (the compiled graphs' kernels, per-call costs, eager ops), each in ms and as
+a share of the step; --kernels lists the compiled kernels by name. Both compile with inductor's kernel
+profiling (a separate compilation), which records each kernel and each matmul the C++ wrapper calls.
 
 --steps N times N whole steps first, without the profiler (forward, backward, AdamW update), and prints
 the best and the median: the figure to compare trees by, run in turn.
@@ -48,10 +48,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=0, help="time this many whole steps (no profiler) first")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
-    if args.kernels:
+    if args.kernels or args.by_shape:
         import torch._inductor.config as inductor_config
 
-        inductor_config.cpp.enable_kernel_profile = True  # part of the cache key: a separate compiled graph
+        # Part of the cache key: a separate compiled graph. --by-shape needs it too: the C++ wrapper calls the
+        # products it does not route through training/row_split.py (LoRA's rank-r ones) without an aten::mm
+        # event; with kernel profiling each is an aoti_torch_cpu_mm_out event (no shapes).
+        inductor_config.cpp.enable_kernel_profile = True
     with tempfile.TemporaryDirectory() as tmp:
         train, val = synthetic.write(Path(tmp))
         cfg = config.load(None, [f"data.train={train}", f"data.val={val}", "data.max_length=512", *args.overrides])
@@ -80,7 +83,7 @@ def main() -> None:
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
     if args.by_shape:
         by_shape = prof.key_averages(group_by_input_shape=True)
-        mms = [e for e in by_shape if e.key in ("aten::mm", "aten::addmm") or is_attention(e.key)]
+        mms = [e for e in by_shape if e.key in MATMULS or is_attention(e.key) or is_direct_matmul(e.key)]
         for e in sorted(mms, key=lambda e: -e.self_cpu_time_total)[:20]:
             print(f"{e.key:10} {e.count:5} calls {e.self_cpu_time_total / 1e3:8.1f} ms  {e.input_shapes}")
         linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
@@ -91,6 +94,16 @@ def main() -> None:
         print(f"compiled kernels: {sum(e.self_cpu_time_total for e in kernels) / 1e3:.1f} ms in {len(kernels)} kinds")
         for e in sorted(kernels, key=lambda e: -e.self_cpu_time_total)[:25]:
             print(f"{e.count:5} calls {e.self_cpu_time_total / 1e3:8.1f} ms  {e.key}")
+
+
+MATMULS = ("aten::mm", "aten::addmm")
+
+
+def is_direct_matmul(op: str) -> bool:
+    """A matmul inductor's C++ wrapper calls itself (recorded without shapes): in the compiled layers, those not
+    routed through training/row_split.py, which at these shapes are LoRA's rank-r products only (every base
+    projection and the LM head have at least row_split.MIN_ROWS rows and MIN_WIDTH columns)."""
+    return op.startswith("aoti_torch_cpu_") and op.endswith("mm_out")
 
 
 def is_attention(op: str) -> bool:
@@ -127,7 +140,8 @@ def print_breakdown(prof, mms, rank: int, widths: set[int]) -> None:
     lora_dims = {rank, 2 * rank, 3 * rank} - widths
     for e in mms:
         dims = {d for shape in e.input_shapes for d in shape}
-        parts[attention if is_attention(e.key) else lora if dims & lora_dims else base] += e.self_cpu_time_total
+        lora_product = dims & lora_dims or is_direct_matmul(e.key)
+        parts[attention if is_attention(e.key) else lora if lora_product else base] += e.self_cpu_time_total
     parts["everything else (compiled kernels, per-call costs, eager ops)"] = total - sum(parts.values())
     print(f"breakdown of {total / 1e3:.0f} ms:")
     for name, t in parts.items():

@@ -232,6 +232,41 @@ def test_a_compiler_failure_falls_back_to_eager(tiny_model_dir, monkeypatch, cap
     assert "training on eagerly" in caplog.text
 
 
+def test_every_lora_layer_trains_through_the_compiled_graph_the_first_too(tiny_model_dir, monkeypatch):
+    """The first layer's input (the frozen embedding's output) needs no gradient: it is given one that asks
+    for it, so that layer runs the compiled graph like the others, with the eager gradients; evaluation and
+    layers with nothing to train stay eager."""
+    from tests.conftest import tiny_lora
+
+    import lorasmith.training.compile as compile_mod
+
+    ran = []
+    original = compile_mod._Fallback.__call__
+    monkeypatch.setattr(compile_mod._Fallback, "__call__", lambda self, *a, **k: ran.append(self) or original(self, *a, **k))
+    ids = torch.tensor([[1, 5, 9, 14, 2, 7]])
+
+    def grads(model):
+        compile_mod.causal_lm(model)(input_ids=ids).logits.float().pow(2).mean().backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    want = grads(tiny_lora(tiny_model_dir).train())
+    model = tiny_lora(tiny_model_dir).train()
+    layers = compile_mod.compile_decoder_layers(model)
+    got = grads(model)
+    assert len(set(ran)) == layers == 2  # each layer's forward went through its compiled function
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6)
+    ran.clear()
+    with torch.no_grad():
+        compile_mod.causal_lm(model.eval())(input_ids=ids)
+        compile_mod.causal_lm(model.train())(input_ids=ids)
+    frozen = tiny_lora(tiny_model_dir).train().requires_grad_(False)  # nothing to train when compiled
+    compile_mod.compile_decoder_layers(frozen)
+    compile_mod.causal_lm(frozen)(input_ids=ids)
+    assert not ran
+
+
 def test_compiled_packed_rows_still_do_not_attend_across_samples(tiny_model_dir, encoded, tokenizer):
     """The packing mask is built outside the compiled layers: compiled, a packed row's loss and
     gradients still equal those of its samples padded side by side."""
