@@ -267,6 +267,29 @@ def test_every_lora_layer_trains_through_the_compiled_graph_the_first_too(tiny_m
     assert not ran
 
 
+def test_compiled_layers_under_gradient_checkpointing_give_eager_gradients(tiny_model_dir):
+    """train.gradient_checkpointing with compiled layers (the first one's input asking for a gradient inside
+    the checkpointed region): the same gradients as eager layers without checkpointing."""
+    from tests.conftest import tiny_lora
+
+    import lorasmith.training.compile as compile_mod
+
+    ids = torch.tensor([[1, 5, 9, 14, 2, 7], [3, 8, 4, 4, 11, 6]])
+
+    def grads(model):
+        compile_mod.causal_lm(model)(input_ids=ids).logits.float().pow(2).mean().backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    want = grads(tiny_lora(tiny_model_dir).train())
+    model = tiny_lora(tiny_model_dir).train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # as trainee.py
+    compile_mod.compile_decoder_layers(model)
+    got = grads(model)
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6)
+
+
 def test_compiled_packed_rows_still_do_not_attend_across_samples(tiny_model_dir, encoded, tokenizer):
     """The packing mask is built outside the compiled layers: compiled, a packed row's loss and
     gradients still equal those of its samples padded side by side."""
