@@ -232,6 +232,14 @@ def test_a_compiler_failure_falls_back_to_eager(tiny_model_dir, monkeypatch, cap
     assert "training on eagerly" in caplog.text
 
 
+def _logit_grads(model, ids) -> dict:
+    """The trainable parameters' gradients of a simple function of the logits (mean of their squares)."""
+    from lorasmith.models.loss import causal_lm
+
+    causal_lm(model)(input_ids=ids).logits.float().pow(2).mean().backward()
+    return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
 def test_every_lora_layer_trains_through_the_compiled_graph_the_first_too(tiny_model_dir, monkeypatch):
     """The first layer's input (the frozen embedding's output) needs no gradient: it is given one that asks
     for it, so that layer runs the compiled graph like the others, with the eager gradients; evaluation and
@@ -245,14 +253,10 @@ def test_every_lora_layer_trains_through_the_compiled_graph_the_first_too(tiny_m
     monkeypatch.setattr(compile_mod._Fallback, "__call__", lambda self, *a, **k: ran.append(self) or original(self, *a, **k))
     ids = torch.tensor([[1, 5, 9, 14, 2, 7]])
 
-    def grads(model):
-        compile_mod.causal_lm(model)(input_ids=ids).logits.float().pow(2).mean().backward()
-        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
-
-    want = grads(tiny_lora(tiny_model_dir).train())
+    want = _logit_grads(tiny_lora(tiny_model_dir).train(), ids)
     model = tiny_lora(tiny_model_dir).train()
     layers = compile_mod.compile_decoder_layers(model)
-    got = grads(model)
+    got = _logit_grads(model, ids)
     assert len(set(ran)) == layers == 2  # each layer's forward went through its compiled function
     assert got.keys() == want.keys()
     for name in want:
@@ -276,15 +280,11 @@ def test_compiled_layers_under_gradient_checkpointing_give_eager_gradients(tiny_
 
     ids = torch.tensor([[1, 5, 9, 14, 2, 7], [3, 8, 4, 4, 11, 6]])
 
-    def grads(model):
-        compile_mod.causal_lm(model)(input_ids=ids).logits.float().pow(2).mean().backward()
-        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
-
-    want = grads(tiny_lora(tiny_model_dir).train())
+    want = _logit_grads(tiny_lora(tiny_model_dir).train(), ids)
     model = tiny_lora(tiny_model_dir).train()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # as trainee.py
     compile_mod.compile_decoder_layers(model)
-    got = grads(model)
+    got = _logit_grads(model, ids)
     assert got.keys() == want.keys()
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6)

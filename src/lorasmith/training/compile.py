@@ -125,7 +125,7 @@ def wrapper_options(model) -> dict:
     """Inductor's C++ wrapper for the compiled graphs of a model on the CPU. Its default wrapper is Python: a
     layer's graph calls its kernels, LoRA's matmuls and the custom ops one Python line at a time and allocates
     each buffer from Python, in each direction of each layer; the C++ wrapper makes these C++ calls. Measured on
-    the AMX Xeon (docs/benchmarks.md, fourteenth round): whole steps 1-4% faster, the more LoRA matmuls the
+    the AMX Xeon (docs/benchmarks.md, fourteenth round): whole steps 2-3% faster, the more LoRA matmuls the
     more, and a first compilation no longer."""
     device = next(model.parameters()).device
     return {"cpp_wrapper": True} if device.type == "cpu" else {}
