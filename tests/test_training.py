@@ -232,6 +232,40 @@ def test_a_compiler_failure_falls_back_to_eager(tiny_model_dir, monkeypatch, cap
     assert "training on eagerly" in caplog.text
 
 
+def test_a_cpp_wrapper_failure_compiles_with_the_python_wrapper(tiny_model_dir, monkeypatch, caplog):
+    """Inductor's C++ wrapper failing to build: every compiled function of the model is compiled again with the
+    Python wrapper (one failure is enough), and training stays compiled."""
+    from tests.conftest import tiny_lora
+
+    import lorasmith.training.compile as compile_mod
+
+    attempts = []
+
+    def compile_without_cpp_wrapper(fn, **kwargs):
+        wrapper = "C++" if kwargs.get("options", {}).get("cpp_wrapper") else "Python"
+
+        def run(*args, **kw):
+            attempts.append(wrapper)
+            if wrapper == "C++":
+                raise torch._dynamo.exc.TorchDynamoException("C++ compile error: wrapper.cpp: error")
+            return fn(*args, **kw)
+
+        return run
+
+    ids = torch.tensor([[1, 5, 9, 14, 2, 7]])
+    want = _logit_grads(tiny_lora(tiny_model_dir).train(), ids)
+    model = tiny_lora(tiny_model_dir).train()
+    monkeypatch.setattr(compile_mod, "wrapper_options", lambda model: {"cpp_wrapper": True})
+    monkeypatch.setattr(torch, "compile", compile_without_cpp_wrapper)
+    compile_mod.compile_decoder_layers(model)
+    with caplog.at_level("WARNING", logger="lorasmith"):
+        got = _logit_grads(model, ids)
+    assert attempts == ["C++", "Python", "Python"]  # the second layer never tries the C++ wrapper
+    assert "compiling with its Python wrapper" in caplog.text and "training on eagerly" not in caplog.text
+    for name in want:
+        torch.testing.assert_close(got[name], want[name])
+
+
 def _logit_grads(model, ids) -> dict:
     """The trainable parameters' gradients of a simple function of the logits (mean of their squares)."""
     from lorasmith.models.loss import causal_lm

@@ -84,16 +84,29 @@ def _is_compiler_failure(err: BaseException) -> bool:
     return isinstance(err, torch._dynamo.exc.TorchDynamoException)
 
 
-class _Fallback:
-    """Runs the compiled function, or the eager one once any compilation of the model has failed."""
+class _Shared:
+    """What one model's compiled functions learn together: that compiling failed (they all run eagerly), or that
+    inductor's C++ wrapper failed (they all compile with its Python wrapper instead)."""
 
-    def __init__(self, eager, failed: list[bool], options: dict | None = None):
-        self.eager, self.failed = eager, failed
-        self.compiled = torch.compile(eager, dynamic=True, options=options)
+    def __init__(self):
+        self.failed = False
+        self.python_wrapper = False
+
+
+class _Fallback:
+    """Runs the compiled function; with the Python wrapper once the C++ wrapper has failed to compile, or the eager
+    function once any compilation of the model has failed."""
+
+    def __init__(self, eager, shared: _Shared, options: dict | None = None):
+        self.eager, self.shared, self.options = eager, shared, dict(options or {})
+        self.compiled = torch.compile(eager, dynamic=True, options=self.options)
 
     def __call__(self, *args, **kwargs):
-        if self.failed:
+        if self.shared.failed:
             return self.eager(*args, **kwargs)
+        if self.shared.python_wrapper and self.options.get("cpp_wrapper"):
+            del self.options["cpp_wrapper"]
+            self.compiled = torch.compile(self.eager, dynamic=True, options=self.options)
         try:
             # Python floats (LoRA's scaling, the norms' epsilon) as constants, not symbolic inputs: traced
             # symbolically they were specialised afterwards, which restarted every first compilation and
@@ -103,8 +116,13 @@ class _Fallback:
         except Exception as e:
             if not _is_compiler_failure(e):
                 raise
-            self.failed.append(True)
-            log.warning("torch.compile failed, training on eagerly: %s", str(e).strip().splitlines()[0][:300])
+            why = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+            if self.options.get("cpp_wrapper"):  # a toolchain that builds kernels may still fail on the wrapper
+                self.shared.python_wrapper = True
+                log.warning("inductor's C++ wrapper failed to compile, compiling with its Python wrapper: %s", why)
+                return self(*args, **kwargs)
+            self.shared.failed = True
+            log.warning("torch.compile failed, training on eagerly: %s", why)
             return self.eager(*args, **kwargs)
 
 
@@ -139,7 +157,7 @@ def compile_decoder_layers(model, matmul_rows: int = SHORT_ROWS) -> int:
     from lorasmith.training.lora_fusion import LORA_FUSION  # imports inductor: only when compiling
     from lorasmith.training.row_split import ROW_SPLIT
 
-    failed: list[bool] = []  # shared: one failure turns compiling off for the whole model
+    shared = _Shared()  # one failure turns compiling off (or the C++ wrapper) for the whole model
     rotary.install(model)  # the rotation of q and k in one pass (models/rotary.py)
     # One matmul for the LoRA A's of q/k/v and of gate/up, LoRA's scaling on the rank-r side
     # (training/lora_fusion.py); the projections in row blocks where this CPU's GEMM would leave a thread
@@ -153,7 +171,7 @@ def compile_decoder_layers(model, matmul_rows: int = SHORT_ROWS) -> int:
             if hasattr(module, "is_causal"):  # transformers' attention modules: what the kernel is called with
                 setattr(module, MATMUL_ROWS_ATTR, matmul_rows)
         eager = layer.forward
-        compiled = _Fallback(eager, failed, options=options)
+        compiled = _Fallback(eager, shared, options=options)
         trainable = any(p.requires_grad for p in layer.parameters())
 
         def forward(hidden_states, *args, _layer=layer, _eager=eager, _compiled=compiled, _trainable=trainable, **kwargs):
@@ -171,6 +189,6 @@ def compile_decoder_layers(model, matmul_rows: int = SHORT_ROWS) -> int:
         layer.forward = forward
     # weighted_loss takes it for training steps only, like the layers.
     loss_options = {"post_grad_custom_post_pass": ROW_SPLIT, **wrapper_options(model)}
-    use_compiled_token_losses(model, _Fallback(token_losses, failed, options=loss_options))
+    use_compiled_token_losses(model, _Fallback(token_losses, shared, options=loss_options))
     log.info("compiling %d decoder layers and the loss for training (the first steps take longer)", len(layers))
     return len(layers)
