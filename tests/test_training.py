@@ -274,6 +274,13 @@ def _logit_grads(model, ids) -> dict:
     return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
 
 
+def assert_same_grads(got: dict, want: dict) -> None:
+    """The same parameters, each gradient within fp32 summation-order differences."""
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6)
+
+
 def test_every_lora_layer_trains_through_the_compiled_graph_the_first_too(tiny_model_dir, monkeypatch):
     """The first layer's input (the frozen embedding's output) needs no gradient: it is given one that asks
     for it, so that layer runs the compiled graph like the others, with the eager gradients; evaluation and
@@ -292,9 +299,7 @@ def test_every_lora_layer_trains_through_the_compiled_graph_the_first_too(tiny_m
     layers = compile_mod.compile_decoder_layers(model)
     got = _logit_grads(model, ids)
     assert len(set(ran)) == layers == 2  # each layer's forward went through its compiled function
-    assert got.keys() == want.keys()
-    for name in want:
-        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6)
+    assert_same_grads(got, want)
     ran.clear()
     with torch.no_grad():
         compile_mod.causal_lm(model.eval())(input_ids=ids)
@@ -319,9 +324,7 @@ def test_compiled_layers_under_gradient_checkpointing_give_eager_gradients(tiny_
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # as trainee.py
     compile_mod.compile_decoder_layers(model)
     got = _logit_grads(model, ids)
-    assert got.keys() == want.keys()
-    for name in want:
-        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6)
+    assert_same_grads(got, want)
 
 
 def test_compiled_packed_rows_still_do_not_attend_across_samples(tiny_model_dir, encoded, tokenizer):

@@ -164,7 +164,8 @@ def compile_decoder_layers(model, matmul_rows: int = SHORT_ROWS) -> int:
     # idle (training/row_split.py). One options dict for
     # all layers: dynamo keeps one compiled graph per backend, and backends are equal when their options
     # are; a pass object per layer made 29 backends, 29 graphs and a cache lookup walking them (+15%).
-    options = {"pre_grad_custom_pass": LORA_FUSION, "post_grad_custom_post_pass": ROW_SPLIT, **wrapper_options(model)}
+    wrapper = wrapper_options(model)
+    options = {"pre_grad_custom_pass": LORA_FUSION, "post_grad_custom_post_pass": ROW_SPLIT, **wrapper}
     layers = decoder_layers(model)
     for layer in layers:
         for module in layer.modules():
@@ -188,7 +189,7 @@ def compile_decoder_layers(model, matmul_rows: int = SHORT_ROWS) -> int:
 
         layer.forward = forward
     # weighted_loss takes it for training steps only, like the layers.
-    loss_options = {"post_grad_custom_post_pass": ROW_SPLIT, **wrapper_options(model)}
+    loss_options = {"post_grad_custom_post_pass": ROW_SPLIT, **wrapper}
     use_compiled_token_losses(model, _Fallback(token_losses, shared, options=loss_options))
     log.info("compiling %d decoder layers and the loss for training (the first steps take longer)", len(layers))
     return len(layers)
