@@ -12,6 +12,9 @@ profiling (a separate compilation), which records each kernel and each matmul th
 --steps N times N whole steps first, without the profiler (forward, backward, AdamW update), and prints
 the best and the median: the figure to compare trees by, run in turn.
 
+Runs with the malloc training runs with: where tcmalloc is installed it starts again with it preloaded, as
+`lorasmith train` does (LORASMITH_MALLOC=system: the C library's; training/host_memory.py).
+
 Builds a micro-batch of the 8 (--rows) shortest conversations of the bench's generated data that have at
 least N tokens (default 100, the bench's typical step), padded as training pads it, runs 3 warm-up steps (compiling, unless
 --eager or train.compile=false), then one step under torch.profiler, and prints the ops by self CPU time.
@@ -20,6 +23,7 @@ least N tokens (default 100, the bench's typical step), padded as training pads 
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 from pathlib import Path
 
@@ -33,8 +37,8 @@ from lorasmith.data.dataset import read_split, tokenize
 from lorasmith.models.adapter import add_lora, base_weights_dtype
 from lorasmith.models.hardware import choose_attention, choose_precision
 from lorasmith.models.loading import load_model, load_tokenizer
+from lorasmith.training import host_memory
 from lorasmith.training.compile import compile_decoder_layers, matmul_attention_rows, should_compile
-from lorasmith.training.host_memory import keep_freed_memory
 from lorasmith.training.step import accumulate_gradients
 
 
@@ -48,6 +52,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=0, help="time this many whole steps (no profiler) first")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
+    host_memory.restart_with_tcmalloc(sys.orig_argv)  # as `lorasmith train` runs its steps
+    host_memory.settle_restart()
     if args.kernels or args.by_shape:
         import torch._inductor.config as inductor_config
 
@@ -70,7 +76,7 @@ def main() -> None:
         compile_decoder_layers(model, matmul_rows=matmul_attention_rows(cfg.model, attention, precision, cpu))
     rows = sorted((e for e in data.encoded if len(e.input_ids) >= args.length), key=lambda e: len(e.input_ids))[: args.rows]
     batch = collate(rows, tok.pad_token_id, cfg.train.pad_to_multiple_of)  # padded as training pads it
-    keep_freed_memory()  # as the training loop does: steps reuse the last one's pages
+    host_memory.keep_freed_memory()  # as the training loop does (where glibc allocates): steps reuse the last one's pages
     for _ in range(3):
         accumulate_gradients(model, [batch], precision)
         model.zero_grad(set_to_none=True)
@@ -79,6 +85,7 @@ def main() -> None:
     with profile(activities=[ProfilerActivity.CPU], record_shapes=args.by_shape) as prof:
         accumulate_gradients(model, [batch], precision)
     print(f"precision {precision.name}, base {dtype}, attention {attention}, {'compiled' if compiled else 'eager'} ({why})")
+    print(f"malloc: {host_memory.describe_allocator()}")
     print(f"batch {tuple(batch.input_ids.shape)}, {batch.num_real_tokens} real tokens")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
     if args.by_shape:

@@ -263,3 +263,16 @@ def test_help_of_every_command_exits_0(capsys):
             main([*path, "--help"])
         assert stop.value.code == 0, path
         assert "usage: lorasmith" in capsys.readouterr().out, path
+
+
+def test_train_and_bench_restart_with_tcmalloc_from_their_own_command_line_only(tmp_path, monkeypatch):
+    from lorasmith.training import host_memory
+
+    restarts = []
+    monkeypatch.setattr(host_memory, "restart_with_tcmalloc", restarts.append)
+    missing = str(tmp_path / "missing.yaml")
+    monkeypatch.setattr(sys, "argv", ["lorasmith", "train", missing])
+    assert main() == 2 and restarts == [sys.orig_argv]
+    assert main(["train", missing]) == 2 and len(restarts) == 1  # called from Python: nothing to restart
+    monkeypatch.setattr(sys, "argv", ["lorasmith", "config"])
+    assert main() == 0 and len(restarts) == 1  # a command that runs no training steps

@@ -57,3 +57,73 @@ def test_glibcs_default_maps_the_block_on_its_own():
 def test_a_users_own_malloc_tuning_is_left_alone():
     set_, mapped, _ = _malloc_counters(keep=True, MALLOC_TRIM_THRESHOLD_="131072")
     assert set_ == 0 and mapped == 1
+
+
+# tcmalloc preloaded by restarting the command (training/host_memory.py): the real exec in a fresh process.
+RESTART = """
+import os, subprocess, sys
+from lorasmith.training import host_memory
+
+if len(sys.argv) > 1:  # a library that cannot be loaded: the restart happens once and goes on without it
+    host_memory.find_tcmalloc = lambda: sys.argv[1]
+print("start", os.getpid(), flush=True)
+host_memory.restart_with_tcmalloc(sys.orig_argv)
+host_memory.settle_restart()
+probe = [sys.executable, "-c", "from lorasmith.training.host_memory import preloaded_allocator; print(preloaded_allocator())"]
+child = subprocess.run(probe, capture_output=True, text=True, check=True).stdout.strip()
+same = subprocess.run(probe, env=host_memory.same_allocator(dict(os.environ)), capture_output=True, text=True).stdout.strip()
+print("after", os.getpid(), host_memory.preloaded_allocator(), os.environ.get("LD_PRELOAD", ""),
+      os.environ.get(host_memory.MARK), child, same, host_memory.keep_freed_memory(), sep="|")
+"""
+
+
+def _restart(*args, **env) -> tuple[list[str], list[str], str]:
+    environ = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "LORASMITH_MALLOC")}
+    proc = subprocess.run(
+        [sys.executable, "-c", RESTART, *args], capture_output=True, text=True, env={**environ, **env}, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    starts = [line for line in lines if line.startswith("start")]
+    return starts, lines[-1].split("|"), proc.stderr
+
+
+def test_plan_restarts_once_and_leaves_a_users_choice_alone(monkeypatch):
+    from lorasmith.training.host_memory import MARK, restart_plan
+
+    monkeypatch.setattr("lorasmith.training.host_memory._glibc_linux", lambda: True)
+    lib = "libtcmalloc_minimal.so.4"
+    assert restart_plan({}, 7, lib) == lib
+    assert restart_plan({}, 7, None) is None  # nothing installed
+    assert restart_plan({"LORASMITH_MALLOC": "system"}, 7, lib) is None
+    assert restart_plan({MARK: f"7 {lib}"}, 7, lib) is None  # this process is the restart
+    assert restart_plan({MARK: f"8 {lib}"}, 7, lib) == lib  # a process it started (torchrun's workers) may restart
+    assert restart_plan({"LD_PRELOAD": "/opt/libjemalloc.so.2"}, 7, lib) is None
+    assert restart_plan({"MALLOC_MMAP_THRESHOLD_": "65536"}, 7, lib) is None
+    assert restart_plan({"LD_PRELOAD": "/opt/libfaketime.so"}, 7, lib) == lib  # other preloads stay, after it
+
+
+@pytest.mark.skipif(
+    __import__("lorasmith.training.host_memory", fromlist=["x"]).find_tcmalloc() is None,
+    reason="tcmalloc is not installed here (.ci/run installs libtcmalloc-minimal4)",
+)
+def test_the_restart_runs_with_tcmalloc_and_its_children_without():
+    starts, (_, pid, lib, preload, mark, child, same, kept), stderr = _restart()
+    assert len(starts) == 2 and {s.split()[1] for s in starts} == {pid}, starts  # one exec, same process
+    assert "tcmalloc" in lib and os.path.isfile(lib), stderr
+    assert preload == "" and mark == "None"  # taken back out of the environment
+    assert child == "None"  # what this process starts runs with the C library's malloc...
+    assert same == lib  # ...unless handed this allocator on purpose (the bench's configurations)
+    assert kept == "False"  # glibc's thresholds are not set where glibc does not allocate
+
+
+def test_a_library_that_does_not_load_restarts_once_and_goes_on():
+    starts, (_, pid, lib, preload, mark, child, same, kept), stderr = _restart("/nonexistent/libtcmalloc_minimal.so.4")
+    assert len(starts) == 2 and {s.split()[1] for s in starts} == {pid}, starts
+    assert "cannot be preloaded" in stderr and "going on with the C library's malloc" in stderr
+    assert lib == "None" and preload == "" and mark == "None" and child == same == "None" and kept == "True"
+
+
+def test_turned_off_it_does_not_restart():
+    starts, (_, _, lib, *_), _ = _restart(LORASMITH_MALLOC="system")
+    assert len(starts) == 1 and lib == "None"

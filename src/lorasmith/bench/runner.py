@@ -29,6 +29,7 @@ from lorasmith import atomic
 from lorasmith.bench import synthetic
 from lorasmith.errors import LorasmithError
 from lorasmith.models.probe import cpu_name, matmul_peak
+from lorasmith.training.host_memory import describe_allocator, same_allocator
 
 CONFIGS = {
     "seed": "seed recipe: HF Trainer + peft, pad to 512, LoRA q/k/v, 2 x 4, fp32",
@@ -108,7 +109,7 @@ def to_markdown(result: dict) -> str:
     lines = [
         f"Command: `{result['command']}`  ",
         f"Machine: {result['machine']}; torch {result['torch']}; matmul peak {peaks['bf16']:.0f} GFLOP/s bf16, "
-        f"{peaks['fp32']:.0f} fp32 (measured).  ",
+        f"{peaks['fp32']:.0f} fp32 (measured); malloc: {result.get('malloc', 'not recorded')}, in every configuration.  ",
         f"Data: {result['data']}; {result['steps']} optimizer steps per configuration, the first {result['warmup']} not timed.",
         "",
         "| configuration | precision | real tok/s | vs seed | s/step | peak RSS MiB | eval loss | GFLOP/s "
@@ -171,7 +172,8 @@ def run_bench(model: str, configs: list[str], steps: int, warmup: int, repeats: 
     peaks = {"bf16": matmul_peak(torch.bfloat16), "fp32": matmul_peak(torch.float32)}
     print(f"matmul peak: {peaks['bf16']:.0f} GFLOP/s bf16, {peaks['fp32']:.0f} GFLOP/s fp32", file=sys.stderr)
     runs: dict[str, list[dict]] = {c: [] for c in configs}
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    # Every configuration runs with this process's malloc (tcmalloc where `lorasmith bench` preloaded it).
+    env = same_allocator({**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     for r in range(repeats):
         for name in configs if r % 2 == 0 else list(reversed(configs)):
             target = out / f"{name}-{r}.json"
@@ -195,6 +197,7 @@ def run_bench(model: str, configs: list[str], steps: int, warmup: int, repeats: 
     result = {
         "command": "lorasmith bench " + " ".join(sys.argv[2:]),
         "machine": f"{cpu_name()}, {os.cpu_count()} cores",
+        "malloc": describe_allocator(),
         "torch": torch.__version__,
         "matmul_peak_gflops": peaks,
         "data": f"{train.parent} (512 train / 32 val generated conversations, lengths median ~124, p90 ~301, max 506 tokens)",

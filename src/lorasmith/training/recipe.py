@@ -44,7 +44,7 @@ from lorasmith.runs.trackers import check_installed, make_sinks
 from lorasmith.training.advice import advise
 from lorasmith.training.checkpoint import seed_everything
 from lorasmith.training.guards import first_batch_loss, preflight_loss, warn_degenerate
-from lorasmith.training.host_memory import keep_freed_memory
+from lorasmith.training.host_memory import prepare_steps
 from lorasmith.training.loop import TrainLoop
 from lorasmith.training.parallel import Parallel
 from lorasmith.training.phases import Data, Optimization, build_optimization, choose_hardware, load_data
@@ -247,7 +247,7 @@ class LoraFinetune:
     def train_loop(self) -> None:
         periodic = self._periodic_eval if self.data.val.encoded else None
         loop = TrainLoop(self.cfg, self.opt, self.parallel, self.run, self.metrics, periodic, self.resume_command)
-        keep_freed_memory()  # each step reuses the last one's pages (training/host_memory.py)
+        prepare_steps(self.hw.device)  # malloc's settings for the steps (training/host_memory.py)
         loop.run_steps()
 
     def save_and_compare(self) -> None:
