@@ -127,11 +127,11 @@ def run(args) -> int:
         *(_row_blocks(found["matmul_row_blocks"]) if "matmul_row_blocks" in found else []),
         "malloc:     "
         + (
-            f"tcmalloc {found['tcmalloc']}: train and bench start again with it preloaded "
+            f"tcmalloc {found['tcmalloc']}: train, bench, eval, chat and serve start again with it preloaded "
             f"({SETTING}={found['malloc_setting']}; system turns it off)"
             if found["tcmalloc"]
             else "the C library's; with tcmalloc installed (apt install libtcmalloc-minimal4, conda install "
-            "gperftools) train and bench preload it: CPU steps 7-11% faster on the AMX Xeon"
+            "gperftools) train, bench, eval, chat and serve preload it: CPU steps 7-11% faster on the AMX Xeon"
         ),
         f"qlora:      bitsandbytes {'installed' if found['bitsandbytes'] else 'not installed'}",
         "gguf:       llama-cpp-python "

@@ -9,15 +9,16 @@ tcmalloc preloaded (``LD_PRELOAD``), which a running process cannot do to itself
 ``mallopt`` gives the same effect here: blocks below 32 MiB come from the heap, and the heap is not
 trimmed, so a step reuses the last one's pages (faults a step: a handful).
 
-Where tcmalloc is installed, `lorasmith train` and `lorasmith bench` start again with it preloaded
-(``restart_with_tcmalloc``): the one way a process can change its allocator is to be started with it.
-On the AMX Xeon the step spent ~6% of the main thread's time in glibc's malloc and free of multi-MiB
-blocks (bin searches, consolidation; perf), while the second thread waited: with tcmalloc, whole steps
-are 7-11% faster and the bench's row ~14% (docs/benchmarks.md, fifteenth round), at a lower peak RSS.
-tcmalloc is also what PyTorch's CPU launcher (``torch.backends.xeon.run_cpu``) preloads first; the launcher
-itself runs a script as a child process, binds cores and sets OpenMP's variables, which a CLI's own process
-neither needs nor should inherit, so only its allocator choice is taken. jemalloc, with the launcher's
-settings, measured slower than glibc here, so it is not preloaded.
+Where tcmalloc is installed, the commands that run the model (`train`, `bench`, `eval`, `chat`, `serve`:
+cli.py) start again with it preloaded (``restart_with_tcmalloc``): the one way a process can change its
+allocator is to be started with it. On the AMX Xeon the step spent ~6% of the main thread's time in glibc's
+malloc and free of multi-MiB blocks (bin searches, consolidation; perf), while the second thread waited:
+with tcmalloc, whole steps are 7-11% faster and the bench's row ~14% (docs/benchmarks.md, fifteenth round),
+at a lower peak RSS; batched greedy generation ran 8-10% faster. tcmalloc is also what PyTorch's CPU launcher
+(``torch.backends.xeon.run_cpu``) preloads first; the launcher itself runs a script as a child process,
+binds cores and sets OpenMP's variables, which a CLI's own process neither needs nor should inherit, so
+only its allocator choice is taken. jemalloc, with the launcher's settings, measured slower than glibc here,
+so it is not preloaded.
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ TRIM_THRESHOLD = (1 << 31) - 1
 
 
 SETTING = "LORASMITH_MALLOC"
-"""``auto`` (the default): train and bench preload tcmalloc where it is installed; ``system``: they never do."""
+"""``auto`` (the default): the commands that run the model preload tcmalloc where it is installed; ``system``: they
+never do."""
 MARK = "LORASMITH_RESTARTED_WITH"
 """Set for the restarted process only: its pid (an exec keeps it) and the library, so it neither restarts again
 nor passes the preload on to the processes it starts."""
