@@ -2,10 +2,18 @@
 LoRA's scaling moved onto A's output: same training, fewer matmuls and smaller tensors, and nothing
 fused where LoRA dropout gives each layer its own input."""
 
+import pytest
 import torch
 from tests.conftest import tiny_lora
 
-from lorasmith.training.lora_fusion import fuse_shared_input_linears, scale_before_lora_b
+from lorasmith.training import row_split
+from lorasmith.training.lora_fusion import (
+    LoraPostGrad,
+    fuse_shared_input_linears,
+    lora_sum_mm,
+    scale_before_lora_b,
+    sum_lora_into_base,
+)
 
 
 def _loss_and_grads(model, ids, fused: list[int] | None = None, scaled: list[int] | None = None):
@@ -115,3 +123,86 @@ def test_a_linear_whose_output_is_changed_in_place_is_not_fused():
 
     assert fused(in_place=False) == 1
     assert fused(in_place=True) == 0
+
+
+# After autograd: LoRA's output added into its base projection's by the GEMM (lorasmith::lora_sum_mm).
+
+
+@pytest.fixture
+def three_blocks(tmp_path, monkeypatch):
+    """Every product of row_split's size cut into 3 row blocks, as a machine that measured so would."""
+    monkeypatch.setenv("LORASMITH_CACHE", str(tmp_path))
+    plans = row_split.Plans()
+    plans.measure = lambda a, b: 3
+    monkeypatch.setattr(row_split, "PLANS", plans)
+
+
+def _bf16(*shape, seed):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16)
+
+
+def test_the_summed_product_is_both_products_added(three_blocks):
+    a, w, h, b = _bf16(320, 192, seed=0), _bf16(256, 192, seed=1).t(), _bf16(320, 16, seed=2), _bf16(256, 16, seed=3).t()
+    got = lora_sum_mm(a, w, h, b)
+    assert torch.equal(got, row_split.mm_in_blocks(a, w, 3).addmm_(h, b))  # the base in its blocks, then the add
+    want = a.double() @ w.double() + h.double() @ b.double()
+    torch.testing.assert_close(got.double(), want, rtol=2**-7, atol=0.05)  # one bf16 rounding of the sum
+
+
+class _LoraLinear(torch.nn.Module):
+    """A frozen projection and a LoRA on it, in bf16 as a compiled layer's products are under autocast."""
+
+    def __init__(self, bias: bool = False):
+        super().__init__()
+        self.w = torch.nn.Parameter(_bf16(256, 192, seed=4), requires_grad=False)
+        self.bias = torch.nn.Parameter(_bf16(256, seed=8), requires_grad=False) if bias else None
+        self.a = torch.nn.Parameter(_bf16(16, 192, seed=5) / 8)
+        self.b = torch.nn.Parameter(_bf16(256, 16, seed=6) / 8)
+
+    def forward(self, x, also_read_lora: bool = False):
+        lora = (x @ self.a.t()) @ self.b.t()
+        base = torch.nn.functional.linear(x, self.w, self.bias)
+        out = ((base + lora + 0.5).float().square().sum(),)  # and an add of a number, left alone
+        return out + ((lora.float().sum(),) if also_read_lora else ())
+
+
+class _Counting(LoraPostGrad):
+    def __init__(self):
+        self.replaced = []
+
+    def __call__(self, graph):
+        self.replaced.append(sum_lora_into_base(graph))
+        row_split.ROW_SPLIT(graph)
+
+    def uuid(self):
+        return None  # not cached: each test compiles, so the pass runs
+
+
+def _run(layer, options=None, also_read_lora=False):
+    torch._dynamo.reset()
+    layer.zero_grad(set_to_none=True)
+    x = _bf16(2, 160, 192, seed=7).requires_grad_()
+    forward = torch.compile(layer, dynamic=True, options=options) if options is not None else layer
+    loss = sum(forward(x, also_read_lora))
+    loss.backward()
+    return loss.detach(), [t.grad.float() for t in (x, layer.a, layer.b)]
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_compiled_lora_outputs_are_summed_by_the_gemm_and_train_the_same(three_blocks, bias):
+    layer = _LoraLinear(bias)
+    want_loss, want = _run(layer)
+    counting = _Counting()
+    got_loss, got = _run(layer, {"post_grad_custom_post_pass": counting})
+    # Forward: x @ W + (x A^T) B^T. Backward: x's gradient, g @ W + (g B) A, the same shape of sum. With a
+    # bias (Qwen's q/k/v), the forward's projection is an addmm: its sum is left to the add.
+    assert counting.replaced == [0 if bias else 1, 1]
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-2, atol=0)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=5e-2, atol=5e-2 * w.abs().max().item())
+
+
+def test_a_lora_output_read_elsewhere_is_left_to_the_add(three_blocks):
+    counting = _Counting()
+    _run(_LoraLinear(), {"post_grad_custom_post_pass": counting}, also_read_lora=True)
+    assert counting.replaced[0] == 0  # the forward's LoRA product has a second reader: no in-place sum

@@ -11,8 +11,9 @@ the compiled path: evaluation and generation run eagerly, so they neither trigge
 compilation nor depend on the compiler. The first layer of a LoRA model, whose input (the frozen
 embedding's output) needs no gradient, is given an input that asks for one, so it runs the same
 graph as the others rather than eagerly or through a graph of its own.
-The layers' graphs go through training/lora_fusion.py's pass (the LoRA A's of q/k/v and of
-gate/up, one matmul each) and rotate q and k in one pass each (models/rotary.py). The loss over
+The layers' graphs go through training/lora_fusion.py's passes (the LoRA A's of q/k/v and of
+gate/up, one matmul each; LoRA's output added into its projection's by the GEMM) and rotate q and k
+in one pass each (models/rotary.py). The loss over
 the LM head is compiled too: upcast, log-softmax and gather fuse into single passes over the
 logits. If compiling fails (no C++ compiler, no Python headers), training goes on eagerly.
 """
@@ -154,18 +155,18 @@ def compile_decoder_layers(model, matmul_rows: int = SHORT_ROWS) -> int:
     return how many layers were wrapped. Rows up to ``matmul_rows`` tokens take sdpa_fp32's matmul
     attention there (models/attention.py)."""
     cache_autocast_regions()
-    from lorasmith.training.lora_fusion import LORA_FUSION  # imports inductor: only when compiling
+    from lorasmith.training.lora_fusion import LORA_FUSION, LORA_POST_GRAD  # imports inductor: only when compiling
     from lorasmith.training.row_split import ROW_SPLIT
 
     shared = _Shared()  # one failure turns compiling off (or the C++ wrapper) for the whole model
     rotary.install(model)  # the rotation of q and k in one pass (models/rotary.py)
-    # One matmul for the LoRA A's of q/k/v and of gate/up, LoRA's scaling on the rank-r side
-    # (training/lora_fusion.py); the projections in row blocks where this CPU's GEMM would leave a thread
-    # idle (training/row_split.py). One options dict for
+    # One matmul for the LoRA A's of q/k/v and of gate/up, LoRA's scaling on the rank-r side, LoRA's output
+    # added into its projection's by the GEMM (training/lora_fusion.py); the projections in row blocks where
+    # this CPU's GEMM would leave a thread idle (training/row_split.py). One options dict for
     # all layers: dynamo keeps one compiled graph per backend, and backends are equal when their options
     # are; a pass object per layer made 29 backends, 29 graphs and a cache lookup walking them (+15%).
     wrapper = wrapper_options(model)
-    options = {"pre_grad_custom_pass": LORA_FUSION, "post_grad_custom_post_pass": ROW_SPLIT, **wrapper}
+    options = {"pre_grad_custom_pass": LORA_FUSION, "post_grad_custom_post_pass": LORA_POST_GRAD, **wrapper}
     layers = decoder_layers(model)
     for layer in layers:
         for module in layer.modules():
