@@ -103,7 +103,7 @@ def main() -> None:
             print(f"{e.count:5} calls {e.self_cpu_time_total / 1e3:8.1f} ms  {e.key}")
 
 
-MATMULS = ("aten::mm", "aten::addmm")
+MATMULS = ("aten::mm", "aten::addmm", "aten::addmm_")  # addmm_: lora_fusion.py's LoRA sums
 
 
 def is_direct_matmul(op: str) -> bool:

@@ -1,6 +1,7 @@
-"""Freed host memory kept for the next training step (training/host_memory.py), seen in glibc's own
-counters in a fresh process: a 24 MiB block comes from the heap, not a mapping of its own, and the
-heap keeps it once freed."""
+"""Host memory for the training steps (training/host_memory.py). Freed memory kept for the next step, seen in
+glibc's own counters in a fresh process: a 24 MiB block comes from the heap, not a mapping of its own, and the
+heap keeps it once freed. And tcmalloc, preloaded by starting the command again: once, in the same process, not
+passed on to what it starts unless asked."""
 
 import os
 import platform
@@ -8,6 +9,8 @@ import subprocess
 import sys
 
 import pytest
+
+from lorasmith.training.host_memory import find_tcmalloc
 
 pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
 
@@ -103,10 +106,7 @@ def test_plan_restarts_once_and_leaves_a_users_choice_alone(monkeypatch):
     assert restart_plan({"LD_PRELOAD": "/opt/libfaketime.so"}, 7, lib) == lib  # other preloads stay, after it
 
 
-@pytest.mark.skipif(
-    __import__("lorasmith.training.host_memory", fromlist=["x"]).find_tcmalloc() is None,
-    reason="tcmalloc is not installed here (.ci/run installs libtcmalloc-minimal4)",
-)
+@pytest.mark.skipif(find_tcmalloc() is None, reason="tcmalloc is not installed here (.ci/run installs libtcmalloc-minimal4)")
 def test_the_restart_runs_with_tcmalloc_and_its_children_without():
     starts, (_, pid, lib, preload, mark, child, same, kept), stderr = _restart()
     assert len(starts) == 2 and {s.split()[1] for s in starts} == {pid}, starts  # one exec, same process
