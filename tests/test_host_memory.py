@@ -127,3 +127,22 @@ def test_a_library_that_does_not_load_restarts_once_and_goes_on():
 def test_turned_off_it_does_not_restart():
     starts, (_, _, lib, *_), _ = _restart(LORASMITH_MALLOC="system")
     assert len(starts) == 1 and lib == "None"
+
+
+def test_when_the_interpreter_cannot_start_again_the_command_runs_as_it_is(monkeypatch):
+    from lorasmith.training import host_memory
+
+    monkeypatch.setattr(host_memory, "find_tcmalloc", lambda: "libtcmalloc_minimal.so.4")
+    monkeypatch.setattr(host_memory, "_glibc_linux", lambda: True)
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    monkeypatch.delenv("LORASMITH_MALLOC", raising=False)
+    calls = []
+
+    def execve(*args):
+        calls.append(args)
+        raise OSError(7, "Argument list too long")
+
+    monkeypatch.setattr(host_memory.os, "execve", execve)
+    assert host_memory.restart_with_tcmalloc(["python", "-m", "lorasmith", "train"]) is None
+    assert len(calls) == 1 and "libtcmalloc_minimal.so.4" in calls[0][2]["LD_PRELOAD"]
+    assert "LD_PRELOAD" not in os.environ  # this process's environment is as it was

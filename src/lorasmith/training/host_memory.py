@@ -14,7 +14,7 @@ cli.py) start again with it preloaded (``restart_with_tcmalloc``): the one way a
 allocator is to be started with it. On the AMX Xeon the step spent ~6% of the main thread's time in glibc's
 malloc and free of multi-MiB blocks (bin searches, consolidation; perf), while the second thread waited:
 with tcmalloc, whole steps are 7-11% faster and the bench's row ~14% (docs/benchmarks.md, fifteenth round),
-at a lower peak RSS; batched greedy generation ran 8-10% faster. tcmalloc is also what PyTorch's CPU launcher
+and batched greedy generation 8-10%. tcmalloc is also what PyTorch's CPU launcher
 (``torch.backends.xeon.run_cpu``) preloads first; the launcher itself runs a script as a child process,
 binds cores and sets OpenMP's variables, which a CLI's own process neither needs nor should inherit, so
 only its allocator choice is taken. jemalloc, with the launcher's settings, measured slower than glibc here,
@@ -115,7 +115,10 @@ def restart_with_tcmalloc(argv: list[str]) -> None:
     env.setdefault("TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD", str(1 << 40))
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, argv, env)
+    try:
+        os.execve(sys.executable, argv, env)
+    except OSError:  # the interpreter could not be started again (a limit, a vanished file): run as it is
+        return
 
 
 def settle_restart() -> None:
