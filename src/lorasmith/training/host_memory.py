@@ -57,6 +57,16 @@ def _glibc_linux() -> bool:
     return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 
 
+def _user_tuned(environ) -> list[str]:
+    """What says the user chose malloc's behaviour: glibc's variables they set, or an allocator they preloaded."""
+    return [k for k in TUNED if k in environ] + (["LD_PRELOAD"] if "malloc" in environ.get("LD_PRELOAD", "") else [])
+
+
+def _preloading(lib: str, env) -> dict[str, str]:
+    """``env`` with ``lib`` first in LD_PRELOAD, before anything the user preloads."""
+    return {**env, "LD_PRELOAD": " ".join(filter(None, (lib, env.get("LD_PRELOAD"))))}
+
+
 def preloaded_allocator() -> str | None:
     """The path of the allocator library that replaced malloc in this process (mapped, whoever preloaded it),
     or None for the C library's own."""
@@ -97,9 +107,7 @@ def restart_plan(environ, pid: int, found: str | None) -> str | None:
         return None
     if environ.get(MARK, "").split(" ")[0] == str(pid):  # this process is the restart (a failed preload included)
         return None
-    if any(k in environ for k in TUNED) or "malloc" in environ.get("LD_PRELOAD", ""):
-        return None
-    return found
+    return None if _user_tuned(environ) else found
 
 
 def restart_with_tcmalloc(argv: list[str]) -> None:
@@ -108,8 +116,7 @@ def restart_with_tcmalloc(argv: list[str]) -> None:
     lib = restart_plan(os.environ, os.getpid(), find_tcmalloc())
     if lib is None or not sys.executable:
         return
-    env = dict(os.environ)
-    env["LD_PRELOAD"] = " ".join(filter(None, (lib, env.get("LD_PRELOAD"))))
+    env = _preloading(lib, os.environ)
     env[MARK] = f"{os.getpid()} {lib}"
     # tcmalloc reports each allocation over 1 GiB on stderr, which a large model's weights are.
     env.setdefault("TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD", str(1 << 40))
@@ -144,7 +151,7 @@ def same_allocator(env: dict[str, str]) -> dict[str, str]:
     lib = preloaded_allocator()
     if lib is None or lib in env.get("LD_PRELOAD", ""):
         return env
-    return {**env, "LD_PRELOAD": " ".join(filter(None, (lib, env.get("LD_PRELOAD"))))}
+    return _preloading(lib, env)
 
 
 def keep_freed_memory() -> bool:
@@ -153,9 +160,9 @@ def keep_freed_memory() -> bool:
     malloc already (``MALLOC_*`` variables, or another allocator preloaded)."""
     if not _glibc_linux():
         return False
-    tuned = [k for k in TUNED if k in os.environ]
-    if tuned or "malloc" in os.environ.get("LD_PRELOAD", "") or preloaded_allocator():
-        log.debug("malloc left as set up by the environment (%s)", ", ".join(tuned) or "LD_PRELOAD")
+    tuned = _user_tuned(os.environ)
+    if tuned or preloaded_allocator():
+        log.debug("malloc left as set up by the environment (%s)", ", ".join(tuned) or "an allocator preloaded")
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")
