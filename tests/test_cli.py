@@ -1,6 +1,7 @@
 """The real entry point on a tiny model: a full run, bad input, and exact resume."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -276,3 +277,10 @@ def test_train_and_bench_restart_with_tcmalloc_from_their_own_command_line_only(
     assert main(["train", missing]) == 2 and len(restarts) == 1  # called from Python: nothing to restart
     monkeypatch.setattr(sys, "argv", ["lorasmith", "config"])
     assert main() == 0 and len(restarts) == 1  # a command that runs no training steps
+
+
+def test_an_unknown_malloc_setting_exits_2_with_the_settings_to_use():
+    env = {**os.environ, "LORASMITH_MALLOC": "off"}
+    proc = subprocess.run([sys.executable, "-m", "lorasmith", "train", "x.yaml"], capture_output=True, text=True, env=env)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "LORASMITH_MALLOC='off'" in proc.stderr and "LORASMITH_MALLOC=auto or LORASMITH_MALLOC=system" in proc.stderr

@@ -92,6 +92,7 @@ def _restart(*args, **env) -> tuple[list[str], list[str], str]:
 
 
 def test_plan_restarts_once_and_leaves_a_users_choice_alone(monkeypatch):
+    from lorasmith.errors import ConfigError
     from lorasmith.training.host_memory import MARK, restart_plan
 
     monkeypatch.setattr("lorasmith.training.host_memory._glibc_linux", lambda: True)
@@ -104,6 +105,8 @@ def test_plan_restarts_once_and_leaves_a_users_choice_alone(monkeypatch):
     assert restart_plan({"LD_PRELOAD": "/opt/libjemalloc.so.2"}, 7, lib) is None
     assert restart_plan({"MALLOC_MMAP_THRESHOLD_": "65536"}, 7, lib) is None
     assert restart_plan({"LD_PRELOAD": "/opt/libfaketime.so"}, 7, lib) == lib  # other preloads stay, after it
+    with pytest.raises(ConfigError, match="LORASMITH_MALLOC='off'"):  # a typo does not mean auto
+        restart_plan({"LORASMITH_MALLOC": "off"}, 7, None)
 
 
 @pytest.mark.skipif(find_tcmalloc() is None, reason="tcmalloc is not installed here (.ci/run installs libtcmalloc-minimal4)")

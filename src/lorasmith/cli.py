@@ -61,11 +61,11 @@ def main(argv: list[str] | None = None) -> int:
         args.config = None
     from lorasmith.training import host_memory
 
-    if own_command_line and args.command in RESTART_WITH_TCMALLOC:
-        host_memory.restart_with_tcmalloc(sys.orig_argv)  # returns only where it does not restart
     _setup_logging()
-    host_memory.settle_restart()
     try:
+        if own_command_line and args.command in RESTART_WITH_TCMALLOC:
+            host_memory.restart_with_tcmalloc(sys.orig_argv)  # returns only where it does not restart
+        host_memory.settle_restart()
         return args.func(args)
     except LorasmithError as e:
         if args.debug:

@@ -31,6 +31,8 @@ import platform
 import sys
 from pathlib import Path
 
+from lorasmith.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
@@ -102,8 +104,14 @@ def find_tcmalloc() -> str | None:
 
 def restart_plan(environ, pid: int, found: str | None) -> str | None:
     """The library to restart with, or None: where lorasmith may choose (glibc on Linux, not turned off with
-    LORASMITH_MALLOC=system, no allocator preloaded or malloc tuned by the user) and has not restarted already."""
-    if found is None or not _glibc_linux() or environ.get(SETTING, "auto") == "system":
+    LORASMITH_MALLOC=system, no allocator preloaded or malloc tuned by the user) and has not restarted already.
+    A LORASMITH_MALLOC other than auto or system is an error: a typo must not turn tcmalloc on unasked."""
+    setting = environ.get(SETTING, "auto")
+    if setting not in ("auto", "system"):
+        raise ConfigError(
+            f"environment variable {SETTING}={setting!r} is not a setting", hint=f"set {SETTING}=auto or {SETTING}=system"
+        )
+    if found is None or not _glibc_linux() or setting == "system":
         return None
     if environ.get(MARK, "").split(" ")[0] == str(pid):  # this process is the restart (a failed preload included)
         return None
