@@ -38,7 +38,7 @@ from lorasmith.models.adapter import add_lora, base_weights_dtype
 from lorasmith.models.hardware import choose_attention, choose_precision
 from lorasmith.models.loading import load_model, load_tokenizer
 from lorasmith.training import host_memory
-from lorasmith.training.compile import compile_decoder_layers, matmul_attention_rows, should_compile
+from lorasmith.training.compile import compile_decoder_layers, lora_gradient_kernel, matmul_attention_rows, should_compile
 from lorasmith.training.step import accumulate_gradients
 
 
@@ -73,6 +73,7 @@ def main() -> None:
     model = add_lora(load_model(cfg.model, device=cpu, attn_implementation=attention, dtype=dtype), cfg).train()
     compiled, why = should_compile(False if args.eager else cfg.train.compile, model, cpu, quantized=False)
     if compiled:
+        lora_gradient_kernel(cfg.model, precision, cpu)  # as `lorasmith train` compiles
         compile_decoder_layers(model, matmul_rows=matmul_attention_rows(cfg.model, attention, precision, cpu))
     rows = sorted((e for e in data.encoded if len(e.input_ids) >= args.length), key=lambda e: len(e.input_ids))[: args.rows]
     batch = collate(rows, tok.pad_token_id, cfg.train.pad_to_multiple_of)  # padded as training pads it
@@ -109,8 +110,9 @@ MATMULS = ("aten::mm", "aten::addmm", "aten::addmm_")  # addmm_: lora_fusion.py'
 def is_direct_matmul(op: str) -> bool:
     """A matmul inductor's C++ wrapper calls itself (recorded without shapes): in the compiled layers, those not
     routed through training/row_split.py, which at these shapes are LoRA's rank-r products only (every base
-    projection and the LM head have at least row_split.MIN_ROWS rows and MIN_WIDTH columns)."""
-    return op.startswith("aoti_torch_cpu_") and op.endswith("mm_out")
+    projection and the LM head have at least row_split.MIN_ROWS rows and MIN_WIDTH columns); and LoRA's gradient
+    products on models/cpu_lora.py's kernel (its ops' names end in the kernel's version)."""
+    return (op.startswith("aoti_torch_cpu_") and op.endswith("mm_out")) or op.startswith("lorasmith::lora_tn")
 
 
 def is_attention(op: str) -> bool:

@@ -29,6 +29,7 @@ def run(args) -> int:
 
     from lorasmith.config import ModelConfig
     from lorasmith.export import llama_runtime
+    from lorasmith.models.cpu_build import has_amx
     from lorasmith.models.hardware import choose_attention, choose_precision, default_device
     from lorasmith.models.loading import load_config
     from lorasmith.models.probe import ATTENTION_ROWS, ATTENTION_TOKENS, Shapes, cpu_name, matmul_peak
@@ -57,6 +58,7 @@ def run(args) -> int:
         "precision_auto": precision.name,
         "attention_auto": choose_attention("auto", device, precision, shapes, refresh=args.reprobe),
         "cpp_compiler": cpp_compiler(),
+        "amx": device.type == "cpu" and has_amx(),
         "tcmalloc": find_tcmalloc(),
         "malloc_setting": os.environ.get(SETTING, "auto"),
         "compile_auto_from_parameters": MIN_PARAMETERS,
@@ -125,6 +127,14 @@ def run(args) -> int:
         f"compile:    C++ compiler {found['cpp_compiler'] or 'not found'}; train.compile=auto compiles CPU runs of "
         f"bases with {MIN_PARAMETERS / 1e6:.0f}M+ parameters",
         *(_row_blocks(found["matmul_row_blocks"]) if "matmul_row_blocks" in found else []),
+        *(
+            [
+                "kernels:    AMX: compiled bf16 steps run lorasmith's causal attention and LoRA gradient kernels (C++, "
+                "built once per machine; model.cpu_attention_kernel / model.cpu_lora_kernel: false turn them off)"
+            ]
+            if found["amx"]
+            else []
+        ),
         "malloc:     "
         + (
             f"tcmalloc {found['tcmalloc']}: train, bench, eval, chat and serve start again with it preloaded "

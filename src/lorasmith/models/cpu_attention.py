@@ -10,10 +10,7 @@ PyTorch's own CPU flash kernel calls), the softmax in fp32. For the backward pas
 log-sum-exp, as flash kernels do, and computes the probabilities again there: the bmm path keeps them all (2 MB
 a layer at 8 x 112 tokens, 19 MB at 4 x 512), which its backward pass reads back from memory.
 
-The kernel is built on first use with torch's C++ extension builder (a C++ compiler, as torch.compile needs
-on a CPU, and ninja) into torch's extensions folder (``$TORCH_EXTENSIONS_DIR``, else
-``~/.cache/torch_extensions``), one build per CPU model, torch version and source, since it is compiled for
-this CPU's instructions (~30 s, once; torch's builder locks the folder, so a run's processes build it once).
+The kernel is built on first use for this machine (models/cpu_build.py: ~30 s, once).
 Taken on CPUs with AMX, where it was measured (docs/benchmarks.md, "Thirteenth round"). oneDNN's bf16 brgemm
 also runs on AVX512-BF16 alone (AMD Zen 4, Intel Cooper Lake), where neither path has been timed against the
 other, so there, where the build fails, or with ``model.cpu_attention_kernel: false``, attention keeps the bmm
@@ -23,18 +20,17 @@ opaque kernels and autograd reaches the backward one.
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
-import sys
 from pathlib import Path
 
 import torch
 
+from lorasmith.models import cpu_build
+
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "kernels" / "causal_attention.cpp"
-VERSION = hashlib.sha1(SOURCE.read_bytes() + Path(__file__).read_bytes()).hexdigest()[:8]
+SOURCE = cpu_build.KERNELS / "causal_attention.cpp"
+VERSION = cpu_build.source_version(SOURCE, Path(__file__))
 """In the ops' names: inductor's graph cache keys a compiled graph by the ops it calls, not by their fake
 shapes, so a graph cached before the kernel's layouts changed would otherwise be handed the new kernel."""
 
@@ -50,32 +46,12 @@ def _round_up(n, multiple: int):
 
 
 def _build():
-    from torch.utils.cpp_extension import load
-
-    from lorasmith.models.probe import cpu_name
-
-    try:  # the `ninja` wheel's binary, where the environment's bin folder is not on PATH
-        import ninja
-
-        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-    except ImportError:
-        pass
-    tag = f"{cpu_name()}|torch {torch.__version__}|{sys.version_info[:2]}|{VERSION}"
-    name = "lorasmith_attention_" + hashlib.sha1(tag.encode()).hexdigest()[:12]
-    # ATen's vector types for AVX-512, as inductor compiles its CPU kernels here; -march=native since the build is
-    # this machine's alone (the name carries the CPU model).
-    flags = ["-O3", "-march=native", "-fopenmp", "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"]
-    log.info("loading lorasmith's CPU attention kernel (built once per machine, ~30 s)")
-    return load(name, [str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"])
+    return cpu_build.build(SOURCE, "lorasmith_attention", VERSION)
 
 
 def _has_amx() -> bool:
-    """AVX-512 and AMX tiles (where the kernel was measured), asked of torch's CPU checks."""
-    cpu = torch.cpu
-    try:
-        return cpu._is_avx512_supported() and cpu._is_amx_tile_supported()
-    except AttributeError:  # a torch without these checks: not measured there either
-        return False
+    """AVX-512 and AMX tiles (where the kernel was measured)."""
+    return cpu_build.has_amx()
 
 
 def _has_bf16_brgemm() -> bool:

@@ -25,7 +25,7 @@ import shutil
 
 import torch
 
-from lorasmith.models import cpu_attention, rotary
+from lorasmith.models import cpu_attention, cpu_lora, rotary
 from lorasmith.models.attention import MATMUL_ROWS_ATTR, SDPA_FP32, SHORT_ROWS
 from lorasmith.models.loading import load_config
 from lorasmith.models.loss import causal_lm, token_losses, use_compiled_token_losses
@@ -68,6 +68,13 @@ def should_compile(setting: bool | str, model, device: torch.device, quantized: 
     if cpp_compiler() is None:
         return False, "train.compile=auto: no C++ compiler found for torch.compile's CPU backend"
     return True, "train.compile=auto: on CPU with a C++ compiler"
+
+
+def lora_gradient_kernel(model_cfg, precision, device: torch.device) -> bool:
+    """Whether the compiled layers' backward passes run LoRA's rank-r gradient products on models/cpu_lora.py's
+    AMX kernel: bf16 on a CPU with AMX tiles, unless model.cpu_lora_kernel is false. Called before compiling."""
+    wanted = model_cfg.cpu_lora_kernel and device.type == "cpu" and precision.autocast_dtype == torch.bfloat16
+    return cpu_lora.prepare(wanted)
 
 
 def matmul_attention_rows(model_cfg, attention: str, precision, device: torch.device) -> int:

@@ -31,6 +31,10 @@ out] tensor of its own, computed in the next fused kernel from the two products,
 where the backward pass keeps it (gate and up's, SiLU's inputs); now that kernel reads one tensor, not
 two. Measured on the AMX Xeon, LoRA on all linear layers: steps 2% faster (docs/benchmarks.md,
 fifteenth round). The sum is rounded to bf16 once rather than after each product.
+
+In the same pass, where models/cpu_lora.py's kernel is taken (CPUs with AMX), LoRA's gradient products that
+contract over the tokens, B's ``dY^T h`` and A's ``dh^T x``, go to that kernel, and B's together with the
+rank-r input gradient ``dY @ B`` that reads the same dY: one pass over dY for both.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from collections import defaultdict
 import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
+from lorasmith.models import cpu_lora
 from lorasmith.training import row_split
 
 MAX_RANK = 256
@@ -255,17 +260,123 @@ def sum_lora_into_base(graph: torch.fx.Graph) -> int:
     return replaced
 
 
+KERNEL_RANK = 64
+"""Widest rank-r side routed to models/cpu_lora.py's kernel, which reads the wide operand once per 16 of it."""
+
+
+def _transposed(node):
+    """``t`` for a node ``permute(t, [1, 0])``, else None."""
+    permute = isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target == torch.ops.aten.permute.default
+    return node.args[0] if permute and list(node.args[1]) == [1, 0] else None
+
+
+def _bf16_matrix(node):
+    value = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+    if isinstance(value, torch.Tensor) and value.dim() == 2 and value.dtype == torch.bfloat16 and value.device.type == "cpu":
+        return value
+    return None
+
+
+def _wide(width) -> bool:
+    return isinstance(width, int) and width >= row_split.MIN_WIDTH and width % cpu_lora.BLOCK == 0
+
+
+def _rank(width) -> bool:
+    return isinstance(width, int) and width <= KERNEL_RANK
+
+
+def _input_gradient(q, wide: int, rank: int, position: dict):
+    """A product ``q @ bt`` (the rank-r input gradient, bt [wide, rank]) among q's readers, or None."""
+    for user in q.users:
+        if _plain_mm(user) and not user.kwargs and user.args[0] is q and user in position:
+            bt = _bf16_matrix(user.args[1])
+            if bt is not None and tuple(bt.shape) == (wide, rank):
+                return user
+    return None
+
+
+def _defined_before(node, place: torch.fx.Node, position: dict) -> bool:
+    """Whether ``node`` is computed before ``place``, once views of earlier values (B's weight transposed, which
+    autograd puts where it is first read) are moved there; views cost nothing and have no effects."""
+    if position.get(node, len(position)) < position[place]:
+        return True
+    views = (*_VIEWS, torch.ops.aten.permute.default)
+    if not (isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target in views):
+        return False
+    if not all(_defined_before(arg, place, position) for arg in node.all_input_nodes):
+        return False
+    place.prepend(node)
+    position[node] = position[place] - 0.5
+    return True
+
+
+def route_lora_gradients(graph: torch.fx.Graph) -> int:
+    """Where models/cpu_lora.py's kernel is taken: each bf16 ``mm(permute(t), u)`` contracting over the tokens
+    with one side rank-r and the other wide (a multiple of 32), B's gradient ``dY^T h`` or A's ``dh^T x``, calls
+    the kernel; B's together with ``dY @ B`` where that reads the same dY and can be computed at the same point
+    of the graph. Returns how many products were routed."""
+    if not cpu_lora.taken:
+        return 0
+    position = {node: i for i, node in enumerate(graph.nodes)}
+    routed, erased = 0, set()
+    for node in list(graph.nodes):
+        t = _transposed(node.args[0]) if _plain_mm(node) and not node.kwargs and node not in erased else None
+        one, other = _bf16_matrix(t), _bf16_matrix(node.args[1]) if t is not None else None
+        if one is None or other is None or not _same_shape(one.shape[:1], other.shape[:1]):
+            continue
+        if _wide(one.shape[1]) and _rank(other.shape[1]):  # dY^T h: [wide, r]
+            q, p, flip = t, node.args[1], False
+        elif _rank(one.shape[1]) and _wide(other.shape[1]):  # dh^T x: [r, wide], the transpose of x^T dh
+            q, p, flip = node.args[1], t, True
+        else:
+            continue
+        wide, rank = q.meta["val"].shape[1], p.meta["val"].shape[1]
+        partner = None if flip else _input_gradient(q, wide, rank, position)
+        if partner is not None:  # computed where the earlier of the two was: the later one's inputs must be there
+            first, later_input = (node, partner.args[1]) if position[node] < position[partner] else (partner, p)
+            if not _defined_before(later_input, first, position):
+                partner = None
+        product = q.meta["val"].new_empty((wide, rank))
+        with graph.inserting_before(node if partner is None else first):
+            if partner is None:
+                out = graph.call_function(cpu_lora.op_tn(), (q, p))
+                out.meta["val"] = product
+            else:
+                both = graph.call_function(cpu_lora.op_tn_mm(), (q, p, partner.args[1]))
+                both.meta["val"] = (product, partner.meta["val"])
+                out = graph.call_function(operator.getitem, (both, 0))
+                out.meta["val"] = product
+                dh = graph.call_function(operator.getitem, (both, 1))
+                dh.meta["val"] = partner.meta["val"]
+                partner.replace_all_uses_with(dh)
+                graph.erase_node(partner)
+                erased.add(partner)
+            if flip:
+                out = graph.call_function(torch.ops.aten.permute.default, (out, [1, 0]))
+                out.meta["val"] = product.t()
+        node.replace_all_uses_with(out)
+        transpose = node.args[0]
+        graph.erase_node(node)
+        if not transpose.users:
+            graph.erase_node(transpose)
+        routed += 1 + (partner is not None)
+    return routed
+
+
 class LoraPostGrad(CustomGraphPass):
     """inductor's post-grad hook for the compiled layers (``post_grad_custom_post_pass``): LoRA's outputs
-    summed into their base projections' by the GEMM, then the projections routed through row_split's
-    row blocks. Its uuid, the two files' hash, keeps compiled graphs cached across runs."""
+    summed into their base projections' by the GEMM, LoRA's gradient products routed to models/cpu_lora.py's
+    kernel where it is taken, then the projections routed through row_split's row blocks. Its uuid (the files'
+    hash, and whether the kernel is taken) keeps compiled graphs cached across runs."""
 
     def __call__(self, graph: torch.fx.Graph) -> None:
         sum_lora_into_base(graph)
+        route_lora_gradients(graph)
         row_split.ROW_SPLIT(graph)
 
     def uuid(self) -> bytes:
-        return get_hash_for_files((__file__, row_split.__file__))
+        files = get_hash_for_files((__file__, row_split.__file__, cpu_lora.__file__, str(cpu_lora.SOURCE)))
+        return files + (b"|lora kernel" if cpu_lora.taken else b"")
 
 
 LORA_POST_GRAD = LoraPostGrad()

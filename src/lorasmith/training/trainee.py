@@ -17,7 +17,7 @@ from lorasmith.models.loading import load_model
 from lorasmith.models.target import resolve
 from lorasmith.runs import check_writable
 from lorasmith.training.checkpoint import seed_everything
-from lorasmith.training.compile import compile_decoder_layers, matmul_attention_rows, should_compile
+from lorasmith.training.compile import compile_decoder_layers, lora_gradient_kernel, matmul_attention_rows, should_compile
 from lorasmith.training.parallel import Parallel
 from lorasmith.training.phases import Hardware
 
@@ -51,6 +51,7 @@ def build_trainee(cfg: Config, hw: Hardware, dist: Dist, run_path: Path) -> Para
         compiled, why = False, "not measured with FSDP's per-layer gathers yet"
     log.info("decoder layers %s (%s)", "compiled" if compiled else "eager", why)
     if compiled:
+        lora_gradient_kernel(cfg.model, hw.precision, hw.device)
         compile_decoder_layers(model, matmul_rows=_matmul_attention_rows(cfg, hw, dist))
     trainable, total = count_parameters(model)
     if trainable == 0:
