@@ -44,7 +44,7 @@ def build(source: Path, prefix: str, version: str):
     # ATen's vector types for AVX-512, as inductor compiles its CPU kernels here; -march=native since the build is
     # this machine's alone (the name carries the CPU model).
     flags = ["-O3", "-march=native", "-fopenmp", "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"]
-    log.info("building lorasmith's %s kernel for this machine (once, ~30 s)", source.stem.replace("_", " "))
+    log.info("loading lorasmith's %s kernel (built once per machine, ~30 s)", source.stem.replace("_", " "))
     return load(name, [str(source)], extra_cflags=flags, extra_ldflags=["-fopenmp"])
 
 
