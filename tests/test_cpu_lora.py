@@ -95,7 +95,7 @@ def test_b_gradient_and_input_gradient_share_one_call_and_a_gradient_takes_the_t
 def test_products_the_kernel_does_not_take_stay_with_onednn(monkeypatch):
     monkeypatch.setattr(cpu_lora, "taken", True)
     assert route_lora_gradients(_backward_graph(wide=200)) == 1  # not a multiple of 32: only A's gradient moves
-    assert route_lora_gradients(_backward_graph(rank=128)) == 0  # past KERNEL_RANK
+    assert route_lora_gradients(_backward_graph(rank=48)) == 0  # past KERNEL_RANK: oneDNN is as fast there
     late = _backward_graph(late="value")
     assert route_lora_gradients(late) == 2  # B's and A's alone: dY @ B stays an mm
     assert torch.ops.aten.mm.default in _targets(late)

@@ -260,8 +260,11 @@ def sum_lora_into_base(graph: torch.fx.Graph) -> int:
     return replaced
 
 
-KERNEL_RANK = 64
-"""Widest rank-r side routed to models/cpu_lora.py's kernel, which reads the wide operand once per 16 of it."""
+KERNEL_RANK = 32
+"""Widest rank-r side routed to models/cpu_lora.py's kernel, which reads the wide operand once per 16 of it. AMX Xeon,
+896 rows, caches flushed, oneDNN against the kernel (ms): A's gradient with x 1,536 wide at 16 / 32 / 48 / 64 columns
+0.30 / 0.34 / 0.38 / 0.38 against 0.16 / 0.27 / 0.41 / 0.49; B's with dY @ B, 1,536 wide, 0.57 / 0.51 / 0.57 / 0.62
+against 0.23 / 0.37 / 0.53 / 0.70 (docs/benchmarks.md, "Sixteenth round")."""
 
 
 def _transposed(node):
