@@ -36,17 +36,12 @@ shapes, so a graph cached before the kernel's layouts changed would otherwise be
 
 _kernel = None
 """The built extension once load() built it on a CPU with bf16 brgemm; None before, or where it is not."""
-_loaded = False
 taken = False
 """Whether compiled attention takes the kernel (prepare() on a CPU with AMX)."""
 
 
 def _round_up(n, multiple: int):
     return (n + multiple - 1) // multiple * multiple
-
-
-def _build():
-    return cpu_build.build(SOURCE, "lorasmith_attention", VERSION)
 
 
 def _has_amx() -> bool:
@@ -65,19 +60,9 @@ def _has_bf16_brgemm() -> bool:
 
 def load() -> bool:
     """Build or load the kernel where this CPU can run it (once per process); True if it is loaded."""
-    global _kernel, _loaded
-    if _loaded:
-        return _kernel is not None
-    _loaded = True
-    if not _has_bf16_brgemm():
-        return False
-    try:
-        kernel = _build()
-    except Exception as e:  # no compiler, no ninja, no headers: the matmul path is there
-        log.warning("lorasmith's CPU attention kernel could not be built; the bmm path stays: %s", str(e).strip()[:300])
-        return False
-    if kernel.supported():
-        _kernel = kernel
+    global _kernel
+    if _kernel is None and _has_bf16_brgemm():
+        _kernel = cpu_build.load(SOURCE, "lorasmith_attention", VERSION, "the bmm path stays")
     return _kernel is not None
 
 

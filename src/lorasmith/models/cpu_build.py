@@ -8,6 +8,7 @@ a run's processes build it once). It needs a C++ compiler, as torch.compile does
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -46,6 +47,19 @@ def build(source: Path, prefix: str, version: str):
     flags = ["-O3", "-march=native", "-fopenmp", "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"]
     log.info("loading lorasmith's %s kernel (built once per machine, ~30 s)", source.stem.replace("_", " "))
     return load(name, [str(source)], extra_cflags=flags, extra_ldflags=["-fopenmp"])
+
+
+@functools.cache
+def load(source: Path, prefix: str, version: str, fallback: str):
+    """The kernel's module (:func:`build`, once per process), or None where it could not be built or its
+    ``supported()`` says this process cannot run it (``fallback``: what runs instead, for the warning)."""
+    try:
+        kernel = build(source, prefix, version)
+    except Exception as e:  # no compiler, no ninja, no headers
+        what = source.stem.replace("_", " ")
+        log.warning("lorasmith's %s kernel could not be built; %s: %s", what, fallback, str(e).strip()[:300])
+        return None
+    return kernel if kernel.supported() else None
 
 
 def has_amx() -> bool:

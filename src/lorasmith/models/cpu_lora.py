@@ -30,26 +30,15 @@ BLOCK = 32
 """The kernel takes q's columns 32 at a time: wider operands whose width is not a multiple are left to oneDNN."""
 
 _kernel = None
-_loaded = False
 taken = False
 """Whether the compiled layers' post-grad pass routes the products here (prepare() on a CPU with AMX)."""
 
 
 def load() -> bool:
     """Build or load the kernel where this CPU has AMX (once per process); True if it is loaded."""
-    global _kernel, _loaded
-    if _loaded:
-        return _kernel is not None
-    _loaded = True
-    if not cpu_build.has_amx():
-        return False
-    try:
-        kernel = cpu_build.build(SOURCE, "lorasmith_lora", VERSION)
-    except Exception as e:  # no compiler, no ninja, no headers: oneDNN's products are there
-        log.warning("lorasmith's LoRA gradient kernel could not be built; oneDNN keeps the products: %s", str(e).strip()[:300])
-        return False
-    if kernel.supported():  # the kernel may use AMX tiles in this process
-        _kernel = kernel
+    global _kernel
+    if _kernel is None and cpu_build.has_amx():
+        _kernel = cpu_build.load(SOURCE, "lorasmith_lora", VERSION, "oneDNN keeps the products")
     return _kernel is not None
 
 
