@@ -44,11 +44,6 @@ def _round_up(n, multiple: int):
     return (n + multiple - 1) // multiple * multiple
 
 
-def _has_amx() -> bool:
-    """AVX-512 and AMX tiles (where the kernel was measured)."""
-    return cpu_build.has_amx()
-
-
 def _has_bf16_brgemm() -> bool:
     """AVX-512 (the kernel's vector code) with AVX512-BF16 or AMX (oneDNN's bf16 brgemm)."""
     cpu = torch.cpu
@@ -73,7 +68,7 @@ def prepare(enabled: bool = True) -> bool:
     global taken
     if not enabled:
         taken = False
-    elif not taken and _has_amx() and load():
+    elif not taken and cpu_build.has_amx() and load():  # AMX: where it was measured
         taken = True
         log.info("attention: lorasmith's fused causal attention kernel (AMX) for the compiled short rows")
     return taken
