@@ -120,6 +120,18 @@ def test_the_restart_runs_with_tcmalloc_and_its_children_without():
     assert kept == "False"  # glibc's thresholds are not set where glibc does not allocate
 
 
+def test_a_tcmalloc_path_that_ld_preload_cannot_hold_is_not_taken(tmp_path, monkeypatch):
+    from lorasmith.training import host_memory
+
+    monkeypatch.setattr(host_memory.ctypes.util, "find_library", lambda name: None)
+    for prefix in ("env", "my env", "a:b"):
+        (tmp_path / prefix / "lib").mkdir(parents=True)
+        (tmp_path / prefix / "lib" / "libtcmalloc_minimal.so.4").touch()
+        monkeypatch.setattr(host_memory.sys, "prefix", str(tmp_path / prefix))
+        found = host_memory.find_tcmalloc()
+        assert found == (str(tmp_path / prefix / "lib" / "libtcmalloc_minimal.so.4") if prefix == "env" else None), prefix
+
+
 def test_a_library_that_does_not_load_restarts_once_and_goes_on():
     starts, (_, pid, lib, preload, mark, child, same, kept), stderr = _restart("/nonexistent/libtcmalloc_minimal.so.4")
     assert len(starts) == 2 and {s.split()[1] for s in starts} == {pid}, starts

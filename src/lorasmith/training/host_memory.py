@@ -94,7 +94,7 @@ def find_tcmalloc() -> str | None:
     (Debian/Ubuntu's libtcmalloc-minimal4, Fedora's gperftools-libs)."""
     for name in ("tcmalloc_minimal", "tcmalloc"):
         here = sorted(Path(sys.prefix, "lib").glob(f"lib{name}.so*"))
-        if here:
+        if here and not any(c in str(here[0]) for c in " :"):  # LD_PRELOAD's separators: a path holding one is not taken
             return str(here[0])
         found = ctypes.util.find_library(name)
         if found:
